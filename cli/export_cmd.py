@@ -1,0 +1,27 @@
+"""`fps-graph export`: PyTorch -> ONNX with the weight-name map recorded."""
+from __future__ import annotations
+
+import click
+
+from fps_graph_cli.common import parse_ints
+
+
+@click.command()
+@click.argument("factory")
+@click.option("--weights", type=click.Path(dir_okay=False), help="safetensors state dict to load first.")
+@click.option("--input-shape", required=True, help="Example input shape, e.g. 1,3,224,224.")
+@click.option("-o", "--output", required=True, help="ONNX file to write.")
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--input-name", default="input", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def export(factory: str, weights: str | None, input_shape: str, output: str, exporter: str, dynamic_batch: bool,
+           opset: int | None, input_name: str, force: bool) -> None:
+    """Export the model built by FACTORY (module:function or file.py:function) to ONNX."""
+    from fps_graph.export import export as do_export
+
+    report = do_export(factory, parse_ints(input_shape, "--input-shape"), output, weights=weights, exporter=exporter,
+                       dynamic_batch=dynamic_batch, opset=opset, input_name=input_name, force=force)
+    click.echo(f"wrote {report['output']} ({report['exporter']}): {report['layers']} scored layers, "
+               f"{report['mapped']} weights mapped to PyTorch names", err=True)

@@ -1,0 +1,36 @@
+"""`fps-graph inspect`: the selectable layers of a model, and the ones skipped."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from fps_graph.pipeline import describe, load_state_dict, make_plan
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--state-dict", type=click.Path(dir_okay=False), help="safetensors state dict to match names by value.")
+def inspect(model: str, as_json: bool, state_dict: str | None) -> None:
+    """List the layers of MODEL that selection scores (MatMul/Gemm/Conv with constant weights)."""
+    sd = load_state_dict(state_dict) if state_dict else None
+    view = describe(make_plan(model, state_dict=sd))
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    rows = [("node", "op", "weight (PyTorch name)", "shape", "input-feature layout", "params", "name from")]
+    for l in view["layers"]:
+        name = l["name"] if l["name"] == l["weight"] else f"{l['name']} <- {l['weight']}"
+        rows.append((l["node"], l["op"], name, "x".join(map(str, l["weight_shape"])), l["input_axis"],
+                     f"{l['params']:,}", l["name_source"]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            click.echo("  ".join("-" * w for w in widths))
+    click.echo(f"\n{len(view['layers'])} scored layers, {view['scored_params']:,} scored parameters")
+    if view["skipped"]:
+        click.echo(f"\nskipped ({len(view['skipped'])}):")
+        for s in view["skipped"]:
+            click.echo(f"  {s['node']} ({s['op']}): {s['reason']}")

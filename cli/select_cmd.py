@@ -1,0 +1,94 @@
+"""`fps-graph select`: choose the weights to fine-tune from one forward pass over calibration data."""
+from __future__ import annotations
+
+import click
+
+from fps_graph.data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+from fps_graph.errors import FpsGraphError
+from fps_graph.io import check_output_path
+from fps_graph.pipeline import SelectOptions, run_select, write_result, write_stats
+from fps_graph.scores import SCORES, STATS
+from fps_graph.select import GRANULARITIES, parse_budget
+from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", required=False)
+@click.option("-o", "--output", default="masks.safetensors", show_default=True, help="Masks file to write.")
+@click.option("--score", type=click.Choice(SCORES), default="fps", show_default=True,
+              help="fps: |W|*E|x|; wanda: |W|*sqrt(E x^2); magnitude; random (seeded); gd-fps: needs --anchor.")
+@click.option("--stat", type=click.Choice(STATS), default=None, help="Activation statistic (default: the score's).")
+@click.option("--k", "k", type=int, default=None, help="Top-K input connections per output neuron [default: 1].")
+@click.option("--budget", default=None, help="Instead of --k: a fraction (0.005), percentage (0.5%) or count.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="neuron", show_default=True,
+              help="How --budget is spread: evenly per neuron, per layer (by size), or one network-wide ranking.")
+@click.option("--include", multiple=True, help="Only layers whose name matches this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip layers whose name matches this glob (repeatable).")
+@click.option("--anchor", default=None, help="gd-fps: reference data (the pre-training domain).")
+@click.option("--anchor-stats", multiple=True, type=click.Path(dir_okay=False), help="gd-fps: saved anchor statistics.")
+@click.option("--eps", type=float, default=1e-6, show_default=True, help="gd-fps: added to the anchor statistic.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --score random and --shuffle.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
+@click.option("--shuffle", is_flag=True, help="Shuffle samples (seeded) before taking --max-samples.")
+@click.option("--image-size", default=None, help="H,W for images when the model input size is dynamic.")
+@click.option("--mean", default=None, help=f"Per-channel mean for images [default: {','.join(map(str, IMAGENET_MEAN))}].")
+@click.option("--std", default=None, help=f"Per-channel std for images [default: {','.join(map(str, IMAGENET_STD))}].")
+@click.option("--crop-pct", type=float, default=0.875, show_default=True, help="Resize to size/crop_pct, then crop.")
+@click.option("--reduce", type=click.Choice(["graph", "host"]), default="graph", show_default=True,
+              help="graph: reduce activations inside ONNX Runtime; host: return them raw and reduce in NumPy.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="ONNX Runtime graph optimisation level.")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--dense", is_flag=True, help="Write bool masks of each tensor's shape instead of indices.")
+@click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
+              help="Also save the raw statistics (sums and counts) here.")
+@click.option("--stats-in", multiple=True, type=click.Path(dir_okay=False),
+              help="Select from saved statistics (summed over several files) instead of running the model.")
+@click.option("--state-dict", type=click.Path(dir_okay=False), default=None,
+              help="safetensors state dict, to name weights by value where the graph does not say.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def select(model: str, data: str | None, output: str, score: str, stat: str | None, k: int | None,
+           budget: str | None, granularity: str, include: tuple[str, ...], exclude: tuple[str, ...],
+           anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
+           max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
+           crop_pct: float, reduce: str, provider: str, opt_level: str, threads: int | None, dense: bool,
+           stats_out: str | None, stats_in: tuple[str, ...], state_dict: str | None, force: bool,
+           quiet: bool) -> None:
+    """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA (folder or file)."""
+    if k is not None and budget is not None:
+        raise FpsGraphError("give either --k or --budget, not both")
+    if not 0 < crop_pct <= 1:
+        raise FpsGraphError("--crop-pct must be in (0, 1]")
+    check_output_path(output, force)
+    if stats_out:
+        check_output_path(stats_out, force)
+    size = parse_ints(image_size, "--image-size")
+    if size is not None and len(size) == 1:
+        size = (size[0], size[0])
+    opts = SelectOptions(
+        score=score, stat=stat, k=k if (k is not None or budget is not None) else 1,
+        budget=parse_budget(budget) if budget is not None else None, granularity=granularity,
+        include=include, exclude=exclude, seed=seed, eps=eps, reduce=reduce, provider=provider,
+        opt_level=opt_level, threads=threads or None, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
+        image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
+                           std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
+        stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict)
+    if budget is not None:
+        opts.k = None
+    result = run_select(model, data, opts, progress=None if quiet else tqdm_progress, stats_out=bool(stats_out))
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if stats_out and result.stats is not None:
+        write_stats(result.stats, stats_out, force)
+    write_result(result, output, dense=dense, force=force)
+    if not quiet:
+        s = result.summary
+        click.echo(
+            f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
+            f" ({s['layers']} layers); {s['samples']} samples on {s['provider']}"
+            f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
+            f" -> {output}", err=True)

@@ -1,0 +1,8 @@
+"""fps-graph: forward-only (FPS) parameter selection for sparse fine-tuning, at the ONNX graph level.
+
+Data flows one way: model -> augmented graph -> statistics -> scores -> masks -> training -> patched model.
+"""
+from fps_graph.errors import FpsGraphError
+
+__version__ = "0.1.0"
+__all__ = ["FpsGraphError", "__version__"]

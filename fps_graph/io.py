@@ -1,0 +1,52 @@
+"""Safe output files: written to a temporary file beside the target and renamed at the end."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from fps_graph.errors import FpsGraphError
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an output whose folder is missing, or that exists already unless force is set."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FpsGraphError(f"output folder does not exist: {parent}")
+    if out.is_dir():
+        raise FpsGraphError(f"output path is a folder: {out}")
+    if out.exists() and not force:
+        raise FpsGraphError(f"output file exists: {out} (use --force to overwrite)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in the target folder; rename it onto path only if the block succeeds."""
+    out = check_output_path(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so big models do not sit in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()

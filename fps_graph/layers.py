@@ -1,0 +1,379 @@
+"""Finding the selectable layers of an ONNX graph: MatMul/Gemm/Conv nodes whose weight is a constant.
+
+A weight may reach its node through Transpose, Cast, Identity, Reshape, Squeeze/Unsqueeze or DequantizeLinear;
+the chain is recorded so that weight values and element positions can be carried from the stored tensor to the
+layout the node uses, and from there to the "canonical" [out_features, fan_in] matrix in which FPS and GPS rank
+the input connections of every output neuron (conv kernels flattened to [out, in/groups * kh * kw]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from fps_graph.errors import FpsGraphError
+from fps_graph.model import OnnxModel
+
+SCORED_OPS = ("MatMul", "Gemm", "Conv")
+PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
+
+
+@dataclass
+class Layer:
+    """One scored node: which activation it reads, which stored constant is its weight, and how they line up."""
+
+    node: str                 # node name (generated as "<op>_<index>" when the graph has none)
+    op: str                   # MatMul, Gemm or Conv
+    activation: str           # name of the input tensor that the weight multiplies
+    weight: str               # stored constant (initializer or Constant node output)
+    chain: list[dict[str, Any]]   # transforms from the stored tensor to the node's weight input, in order
+    stored_shape: tuple[int, ...]
+    op_shape: tuple[int, ...]     # shape of the weight as the node sees it
+    feature_axis: int          # axis of the activation that holds the input features (MatMul/Gemm)
+    trans_b: bool = False      # Gemm only
+    conv: dict[str, Any] = field(default_factory=dict)   # Conv only: strides, pads, dilations, group, auto_pad
+    scope: str = ""            # module path taken from node metadata or name, when there is one
+
+    @property
+    def out_features(self) -> int:
+        """Number of output neurons."""
+        return self.canonical_shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        """Number of input connections per output neuron."""
+        return self.canonical_shape[1]
+
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        """[out_features, fan_in]."""
+        if self.op == "Conv":
+            return (self.op_shape[0], int(np.prod(self.op_shape[1:])))
+        if self.op == "Gemm" and self.trans_b:
+            return (self.op_shape[0], self.op_shape[1])
+        return (self.op_shape[1], self.op_shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of the per-input-feature statistic: [in] for MatMul/Gemm, [C, *kernel] for Conv."""
+        if self.op == "Conv":
+            group = self.conv["group"]
+            return (self.op_shape[1] * group, *self.op_shape[2:])
+        return (self.canonical_shape[1],)
+
+    def to_op(self, stored: np.ndarray) -> np.ndarray:
+        """Carry a stored-layout array (values or element positions) through the chain to the node's layout."""
+        return apply_chain(stored, self.chain)
+
+    def to_canonical(self, op_array: np.ndarray) -> np.ndarray:
+        """Rearrange a node-layout weight array to [out_features, fan_in]."""
+        if self.op == "Conv":
+            return op_array.reshape(op_array.shape[0], -1)
+        if self.op == "Gemm" and self.trans_b:
+            return op_array
+        return op_array.T
+
+    def canonical_index(self) -> np.ndarray:
+        """[out, fan_in] array of flat positions in the stored tensor (row-major)."""
+        n = int(np.prod(self.stored_shape))
+        idx = np.arange(n, dtype=np.int64).reshape(self.stored_shape)
+        return np.ascontiguousarray(self.to_canonical(self.to_op(idx)))
+
+    def canonical_weight(self, model: OnnxModel) -> np.ndarray:
+        """The weight as the node computes with it (dequantized, cast), as [out, fan_in] float64."""
+        stored = model.tensor(self.weight)
+        return np.ascontiguousarray(self.to_canonical(apply_chain(stored, self.chain, values=True, model=model)),
+                                    dtype=np.float64)
+
+    def stat_to_canonical(self, stat: np.ndarray) -> np.ndarray:
+        """Broadcast a per-input-feature statistic to [out or 1, fan_in] (conv groups respected)."""
+        if self.op != "Conv":
+            return stat.reshape(1, -1)
+        group = self.conv["group"]
+        out = self.op_shape[0]
+        rows = stat.reshape(group, -1)      # [group, C/group * prod(kernel)]
+        if group == 1:
+            return rows
+        return np.repeat(rows, out // group, axis=0)
+
+
+@dataclass
+class Skipped:
+    """A MatMul/Gemm/Conv-like node that is not scored, and why."""
+
+    node: str
+    op: str
+    reason: str
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique name for every node: its own name, or '<op>_<index>' when it has none (or a duplicate)."""
+    seen: set[str] = set()
+    names = []
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def apply_chain(arr: np.ndarray, chain: list[dict[str, Any]], values: bool = False,
+                model: OnnxModel | None = None) -> np.ndarray:
+    """Apply recorded pass-through ops; with values=False only the layout changes (positions), not the numbers."""
+    for step in chain:
+        op = step["op"]
+        if op == "Transpose":
+            perm = step["perm"] or list(range(arr.ndim))[::-1]
+            arr = np.transpose(arr, perm)
+        elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+            arr = arr.reshape(step["shape"])
+        elif op == "Cast" and values:
+            arr = arr.astype(step["dtype"])
+        elif op == "DequantizeLinear" and values:
+            assert model is not None
+            scale = model.tensor(step["scale"]).astype(np.float32)
+            zp = model.tensor(step["zero_point"]).astype(np.float32) if step["zero_point"] else np.float32(0)
+            axis = step["axis"] % arr.ndim if arr.ndim else 0
+            if scale.ndim == 1 and scale.size > 1:
+                shape = [1] * arr.ndim
+                shape[axis] = -1
+                scale = scale.reshape(shape)
+                if np.ndim(zp) == 1:
+                    zp = zp.reshape(shape)
+            arr = (arr.astype(np.float32) - zp) * scale
+    return arr
+
+
+def _resolve_weight(model: OnnxModel, name: str, producers: dict[str, onnx.NodeProto]
+                    ) -> tuple[str, list[dict[str, Any]]] | None:
+    """Follow pass-through ops back from a node input to a stored constant; None if it is computed at run time."""
+    chain: list[dict[str, Any]] = []
+    for _ in range(16):
+        if model.is_constant(name):
+            shape = model.tensor_shape(name)
+            return name, _finish_chain(list(reversed(chain)), shape)
+        node = producers.get(name)
+        if node is None or node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
+            return None
+        step: dict[str, Any] = {"op": node.op_type}
+        if node.op_type == "Transpose":
+            perm = _attr(node, "perm")
+            step["perm"] = list(perm) if perm is not None else None
+        elif node.op_type == "Cast":
+            step["dtype"] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+        elif node.op_type == "Reshape":
+            if len(node.input) < 2 or not model.is_constant(node.input[1]):
+                return None
+            step["target"] = [int(v) for v in model.tensor(node.input[1]).reshape(-1)]
+            step["allowzero"] = int(_attr(node, "allowzero", 0))
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            axes = _attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                if not model.is_constant(node.input[1]):
+                    return None
+                axes = [int(v) for v in model.tensor(node.input[1]).reshape(-1)]
+            step["axes"] = list(axes) if axes is not None else None
+        elif node.op_type == "Flatten":
+            step["axis"] = int(_attr(node, "axis", 1))
+        elif node.op_type == "DequantizeLinear":
+            if not all(model.is_constant(n) for n in node.input[1:] if n):
+                return None
+            step["scale"] = node.input[1]
+            step["zero_point"] = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+            step["axis"] = int(_attr(node, "axis", 1))
+            if _attr(node, "block_size", 0):
+                return None
+        chain.append(step)
+        name = node.input[0]
+    return None
+
+
+def _finish_chain(chain: list[dict[str, Any]], shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Turn reshape-like steps into explicit target shapes, following the tensor's shape through the chain."""
+    out = []
+    cur = tuple(shape)
+    for step in chain:
+        step = dict(step)
+        op = step["op"]
+        if op == "Transpose":
+            perm = step["perm"] or list(range(len(cur)))[::-1]
+            step["perm"] = list(perm)
+            cur = tuple(cur[p] for p in perm)
+        elif op == "Reshape":
+            target = list(step.pop("target"))
+            allowzero = step.pop("allowzero")
+            if not allowzero:
+                target = [cur[i] if v == 0 else v for i, v in enumerate(target)]
+            if -1 in target:
+                known = int(np.prod([v for v in target if v != -1]))
+                target[target.index(-1)] = int(np.prod(cur)) // max(known, 1)
+            step["shape"] = target
+            cur = tuple(target)
+        elif op == "Squeeze":
+            axes = step.pop("axes")
+            axes = [a % len(cur) for a in axes] if axes is not None else [i for i, d in enumerate(cur) if d == 1]
+            cur = tuple(d for i, d in enumerate(cur) if i not in axes)
+            step["shape"] = list(cur)
+        elif op == "Unsqueeze":
+            axes = sorted(a % (len(cur) + len(step["axes"])) for a in step.pop("axes"))
+            new = list(cur)
+            for a in axes:
+                new.insert(a, 1)
+            cur = tuple(new)
+            step["shape"] = list(cur)
+        elif op == "Flatten":
+            axis = step.pop("axis") % (len(cur) + 1) if cur else 0
+            cur = (int(np.prod(cur[:axis])), int(np.prod(cur[axis:])))
+            step["shape"] = list(cur)
+        out.append(step)
+    return out
+
+
+def _op_shape(stored_shape: tuple[int, ...], chain: list[dict[str, Any]]) -> tuple[int, ...]:
+    probe = np.empty(stored_shape, dtype=np.uint8)
+    return tuple(apply_chain(probe, chain).shape)
+
+
+def _scope_of(node: onnx.NodeProto) -> str:
+    """Module path of a node from exporter metadata (dynamo name_scopes) or its legacy '/a/b.0/c/Op' name."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in eval_list(p.value) if s]
+            except ValueError:
+                scopes = []
+            if len(scopes) >= 2:
+                return scopes[-2]
+            return ""
+    name = node.name
+    if name.startswith("/") and name.count("/") >= 2:
+        parts = [s for s in name.split("/")[1:-1] if s]
+        path: list[str] = []
+        for seg in parts:
+            if path and seg.startswith(path[-1] + "."):
+                path[-1] = seg
+            else:
+                path.append(seg)
+        return ".".join(path)
+    return ""
+
+
+def eval_list(text: str) -> list[str]:
+    """Parse a Python-literal list of strings as exporters write them in metadata."""
+    import ast
+
+    value = ast.literal_eval(text)
+    if not isinstance(value, list):
+        raise ValueError(text)
+    return [str(v) for v in value]
+
+
+def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
+    """All scored layers of the main graph, in graph order, and the candidates that were skipped (with reasons)."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    names = node_names(graph)
+    layers: list[Layer] = []
+    skipped: list[Skipped] = []
+    for node, name in zip(graph.node, names):
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if op in ("ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+            skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
+            continue
+        if op not in SCORED_OPS:
+            _scan_subgraphs(node, name, skipped)
+            continue
+        if len(node.input) < 2:
+            skipped.append(Skipped(name, op, "node has fewer than two inputs"))
+            continue
+        act, wname = node.input[0], node.input[1]
+        resolved = _resolve_weight(model, wname, producers)
+        if resolved is None:
+            if _resolve_weight(model, act, producers) is not None and op == "MatMul":
+                skipped.append(Skipped(name, op, f"constant is the left operand ({act}); only x @ W is scored"))
+            else:
+                skipped.append(Skipped(name, op, f"weight input {wname!r} is computed at run time, not a constant"))
+            continue
+        if _resolve_weight(model, act, producers) is not None:
+            skipped.append(Skipped(name, op, f"activation input {act!r} is a constant too"))
+            continue
+        stored, chain = resolved
+        stored_shape = model.tensor_shape(stored)
+        try:
+            op_shape = _op_shape(stored_shape, chain)
+        except ValueError as exc:
+            raise FpsGraphError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from None
+        layer = _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
+        if layer is not None:
+            layer.scope = _scope_of(node)
+            layers.append(layer)
+    return layers, skipped
+
+
+def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: list[dict[str, Any]],
+                stored_shape: tuple[int, ...], op_shape: tuple[int, ...], skipped: list[Skipped]) -> Layer | None:
+    """Build a Layer for a node whose weight resolved, or record why it cannot be scored."""
+    op = node.op_type
+    base = dict(node=name, op=op, activation=act, weight=stored, chain=chain, stored_shape=tuple(stored_shape),
+                op_shape=tuple(op_shape))
+    if op == "MatMul":
+        if len(op_shape) != 2:
+            skipped.append(Skipped(name, op, f"weight has {len(op_shape)} dimensions; only 2-D MatMul weights are scored"))
+            return None
+        return Layer(feature_axis=-1, **base)
+    if op == "Gemm":
+        if len(op_shape) != 2:
+            skipped.append(Skipped(name, op, "Gemm weight is not 2-D"))
+            return None
+        trans_a = bool(_attr(node, "transA", 0))
+        return Layer(feature_axis=0 if trans_a else 1, trans_b=bool(_attr(node, "transB", 0)), **base)
+    # Conv
+    if len(op_shape) < 3:
+        skipped.append(Skipped(name, op, "Conv weight has fewer than 3 dimensions"))
+        return None
+    nsp = len(op_shape) - 2
+    kernel = list(op_shape[2:])
+    conv = {
+        "group": int(_attr(node, "group", 1)),
+        "strides": list(_attr(node, "strides", None) or [1] * nsp),
+        "dilations": list(_attr(node, "dilations", None) or [1] * nsp),
+        "pads": list(_attr(node, "pads", None) or [0] * (2 * nsp)),
+        "auto_pad": (_attr(node, "auto_pad", b"NOTSET") or b"NOTSET"),
+        "kernel": kernel,
+    }
+    if isinstance(conv["auto_pad"], bytes):
+        conv["auto_pad"] = conv["auto_pad"].decode()
+    if op_shape[0] % conv["group"]:
+        skipped.append(Skipped(name, op, "output channels not divisible by group"))
+        return None
+    return Layer(feature_axis=1, conv=conv, **base)
+
+
+def _scan_subgraphs(node: onnx.NodeProto, name: str, skipped: list[Skipped]) -> None:
+    """List scored-op nodes inside If/Loop/Scan bodies as skipped."""
+    for attr in node.attribute:
+        graphs = []
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs = [attr.g]
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs = list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                inner_name = f"{name}/{attr.name}/{inner.name or inner.op_type}"
+                if inner.op_type in SCORED_OPS:
+                    skipped.append(Skipped(inner_name, inner.op_type, f"inside a {node.op_type} subgraph"))
+                else:
+                    _scan_subgraphs(inner, inner_name, skipped)

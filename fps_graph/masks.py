@@ -1,0 +1,96 @@
+"""Selection masks on disk: safetensors with one entry per weight, keyed by its PyTorch name where known.
+
+Sparse form (default): int32 sorted flat indices into the key tensor, row-major, in that tensor's own layout.
+Dense form (``--dense``): a bool tensor of the key tensor's shape. The header metadata (all strings, JSON where
+structured) says how the selection was made and, for every key, its ONNX initializer and layout; see
+``MASKS_FORMAT`` and README.md. Reading needs only NumPy and safetensors (no torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from fps_graph.errors import FpsGraphError
+
+MASKS_FORMAT = "fps-graph-masks"
+MASKS_VERSION = "1"
+
+
+def write_masks(path: str | os.PathLike, indices: dict[str, np.ndarray], tensors: dict[str, dict[str, Any]],
+                metadata: dict[str, Any], dense: bool = False) -> None:
+    """Write masks (sorted flat indices per key) with their metadata; path must be a fresh temp file."""
+    from safetensors.numpy import save_file
+
+    out: dict[str, np.ndarray] = {}
+    for key in sorted(indices):
+        idx = np.asarray(indices[key], dtype=np.int64)
+        shape = tuple(tensors[key]["shape"])
+        if dense:
+            m = np.zeros(int(np.prod(shape)), dtype=bool)
+            m[idx] = True
+            out[key] = m.reshape(shape)
+        else:
+            out[key] = idx.astype(np.int32)
+    meta = {"format": MASKS_FORMAT, "format_version": MASKS_VERSION, "layout": "dense" if dense else "indices"}
+    for k, v in metadata.items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    meta["tensors"] = json.dumps(tensors, sort_keys=True)
+    save_file(out, str(path), metadata=meta)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The header metadata of a masks file, JSON values decoded."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FpsGraphError(f"masks file not found: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:
+        raise FpsGraphError(f"cannot read masks file {path}: {exc}") from None
+    if raw.get("format") != MASKS_FORMAT:
+        raise FpsGraphError(f"{path} is not an fps-graph masks file")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
+    return meta
+
+
+def load_indices(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Sorted int64 flat indices per key, from either layout."""
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(path)
+    arrays = load_file(str(path))
+    out = {}
+    for key, arr in arrays.items():
+        out[key] = np.flatnonzero(arr.reshape(-1)) if arr.dtype == bool else arr.astype(np.int64)
+    del meta
+    return out
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Dense bool masks (True = selected, trainable) of each key tensor's shape, from either layout."""
+    from safetensors.numpy import load_file
+
+    meta = read_metadata(path)
+    tensors = meta.get("tensors", {})
+    out = {}
+    for key, arr in load_file(str(path)).items():
+        if arr.dtype == bool:
+            out[key] = arr
+            continue
+        if key not in tensors:
+            raise FpsGraphError(f"{path}: no shape recorded for {key!r}")
+        shape = tuple(tensors[key]["shape"])
+        m = np.zeros(int(np.prod(shape)), dtype=bool)
+        m[arr.astype(np.int64)] = True
+        out[key] = m.reshape(shape)
+    return out

@@ -1,0 +1,177 @@
+"""Loading ONNX models safely, and reading their constant tensors (initializers, Constant nodes) as NumPy."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fps_graph.errors import FpsGraphError
+from fps_graph.io import sha256_file
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX model whose external weights stay on disk until a tensor is asked for."""
+
+    path: Path
+    proto: onnx.ModelProto
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        """The main graph."""
+        return self.proto.graph
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that external data locations are relative to."""
+        return self.path.parent
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the model file (external data files are not included)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    @property
+    def opset(self) -> int:
+        """Opset version of the default ONNX domain."""
+        for imp in self.proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return 1
+
+    def has_external_data(self) -> bool:
+        """True when any initializer keeps its bytes in an external file."""
+        return any(_is_external(t) for t in self.initializers.values())
+
+    def is_constant(self, name: str) -> bool:
+        """True for a tensor that is an initializer (not overridable by an input) or a Constant node output."""
+        return name in self.initializers or name in self.constant_nodes
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The value of a constant tensor as a NumPy array (reads external data on demand)."""
+        if name in self.initializers:
+            try:
+                return numpy_helper.to_array(self.initializers[name], base_dir=str(self.base_dir))
+            except (OSError, ValueError) as exc:
+                raise FpsGraphError(f"{self.path}: cannot read initializer {name!r}: {exc}") from None
+        if name in self.constant_nodes:
+            return _constant_value(self.constant_nodes[name])
+        raise FpsGraphError(f"{self.path}: {name!r} is not a constant tensor")
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a constant tensor without reading its data."""
+        if name in self.initializers:
+            return tuple(int(d) for d in self.initializers[name].dims)
+        return tuple(self.tensor(name).shape)
+
+    def tensor_dtype(self, name: str) -> np.dtype:
+        """NumPy dtype of a constant tensor without reading its data where possible."""
+        if name in self.initializers:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type))
+        return self.tensor(name).dtype
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    """Value of a Constant node, whichever attribute holds it."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    raise FpsGraphError(f"Constant node {node.name!r} has no value this tool can read")
+
+
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data that points outside the model's folder or is missing."""
+    base = path.parent.resolve()
+    for t in model.graph.initializer:
+        if not _is_external(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or (base != target and base not in target.parents):
+            raise FpsGraphError(
+                f"{path}: external data of initializer {t.name!r} points outside the model's folder: {loc!r}"
+            )
+        if not target.is_file():
+            raise FpsGraphError(f"{path}: external data file of initializer {t.name!r} is missing: {loc}")
+
+
+def load_model(path: str | os.PathLike) -> OnnxModel:
+    """Load an ONNX model file, keeping external data on disk; raise FpsGraphError for anything unreadable."""
+    p = Path(path)
+    if not p.exists():
+        raise FpsGraphError(f"model file not found: {p}")
+    if p.is_dir():
+        raise FpsGraphError(f"model path is a folder, not an ONNX file: {p}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise FpsGraphError(f"cannot read model file {p}: {exc.strerror or exc}") from None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception:  # protobuf raises DecodeError and friends
+        raise FpsGraphError(f"{p} is not a valid ONNX model (cannot parse; truncated or not ONNX?)") from None
+    del data
+    if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise FpsGraphError(f"{p} is not a valid ONNX model (no graph or no nodes)")
+    _check_external_locations(proto, p)
+    model = OnnxModel(path=p, proto=proto)
+    graph_inputs = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        # An initializer that is also a graph input can be overridden at run time, but in practice (IR < 4
+        # exporters) it is a weight; treat it as constant.
+        model.initializers[t.name] = t
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            model.constant_nodes[node.output[0]] = node
+    del graph_inputs
+    return model
+
+
+def data_inputs(model: OnnxModel) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that must be fed (those that are not initializers)."""
+    return [i for i in model.graph.input if i.name not in model.initializers]
+
+
+def input_shape(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+    """Declared shape of an input: ints for fixed dims, names or None for dynamic ones."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return ()
+    dims: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    """NumPy dtype of an input."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))

@@ -1,0 +1,200 @@
+"""Mapping ONNX weight initializers back to PyTorch state_dict names and layouts.
+
+Sources, tried in order (each result records which one found it, in ``how``):
+
+1. ``export-metadata``: the map ``fps-graph export`` wrote into the model (checked by value at export time);
+2. ``initializer-name``: the initializer already has a parameter-like name (``blocks.0.attn.qkv.weight``);
+3. ``folded-from``: dynamo's value_info metadata ``pkg.onnxscript.optimizer.folded_from`` on a folded constant;
+4. ``node-scope``: the module path of the consuming node (dynamo ``pkg.torch.onnx.name_scopes`` or a legacy node
+   name such as ``/blocks.0/attn/qkv/MatMul``) plus ``.weight``;
+5. ``value-match``: a tensor of a user-given state dict equal to the initializer or to its transpose.
+
+With a state dict, sources 2-4 are accepted only if the values agree. A name found from a folded constant of a
+MatMul is taken to be a Linear weight, i.e. the transpose of the [in, out] initializer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fps_graph.layers import Layer, eval_list
+from fps_graph.model import OnnxModel
+
+META_KEY = "fps_graph.weight_map"
+_GENERATED = re.compile(r"^(onnx::|val_|_val|/|\d+$)")
+
+
+@dataclass
+class NameInfo:
+    """Where a stored ONNX weight lives in PyTorch, and how its layout differs."""
+
+    onnx: str
+    key: str                      # PyTorch name when known, else the ONNX name
+    torch: str | None
+    perm: list[int] | None        # key tensor = stored.transpose(perm); None = same layout
+    key_shape: tuple[int, ...]
+    how: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Metadata record for masks and stats files."""
+        return {"onnx": self.onnx, "torch": self.torch, "layout": {"transpose": self.perm},
+                "shape": list(self.key_shape), "name_source": self.how}
+
+    def key_index(self, stored_shape: tuple[int, ...]) -> np.ndarray:
+        """For each flat position of the key tensor, the flat position of the stored tensor it holds."""
+        idx = np.arange(int(np.prod(stored_shape)), dtype=np.int64).reshape(stored_shape)
+        if self.perm is not None:
+            idx = idx.transpose(self.perm)
+        return idx.reshape(-1)
+
+
+def looks_generated(name: str) -> bool:
+    """True for exporter-made names (onnx::MatMul_12, val_7, /x/Constant_output_0) that are no parameter names."""
+    return bool(_GENERATED.match(name))
+
+
+def export_map(model: OnnxModel) -> dict[str, dict[str, Any]]:
+    """The weight map recorded by ``fps-graph export``, if any."""
+    for p in model.proto.metadata_props:
+        if p.key == META_KEY:
+            try:
+                return json.loads(p.value)
+            except ValueError:
+                return {}
+    return {}
+
+
+def folded_from(model: OnnxModel) -> dict[str, list[str]]:
+    """Dynamo's record of which named values a folded constant was computed from."""
+    out: dict[str, list[str]] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        for p in vi.metadata_props:
+            if p.key == "pkg.onnxscript.optimizer.folded_from":
+                try:
+                    out[vi.name] = eval_list(p.value)
+                except ValueError:
+                    pass
+    for t in model.graph.initializer:
+        for p in t.metadata_props:
+            if p.key == "pkg.onnxscript.optimizer.folded_from":
+                try:
+                    out[t.name] = eval_list(p.value)
+                except ValueError:
+                    pass
+    return out
+
+
+def _derived_perm(layer: Layer) -> list[int] | None:
+    """Layout of a PyTorch weight relative to a derived (folded) initializer: Linear weights are [out, in]."""
+    has_transpose = any(s["op"] == "Transpose" for s in layer.chain)
+    if layer.op == "MatMul" and len(layer.stored_shape) == 2 and not has_transpose:
+        return [1, 0]
+    return None
+
+
+def _shape_after(shape: tuple[int, ...], perm: list[int] | None) -> tuple[int, ...]:
+    return tuple(shape[p] for p in perm) if perm else tuple(shape)
+
+
+def _digest(arr: np.ndarray) -> str:
+    a = np.ascontiguousarray(arr)
+    return hashlib.sha1(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+class _ValueIndex:
+    """Digests of a state dict's tensors (and their 2-D transposes), cast to a given dtype, for value matching."""
+
+    def __init__(self, state_dict: dict[str, np.ndarray]):
+        self.sd = state_dict
+        self._by_dtype: dict[str, dict[str, list[tuple[str, list[int] | None]]]] = {}
+
+    def lookup(self, stored: np.ndarray) -> list[tuple[str, list[int] | None]]:
+        """State-dict names (and layouts) whose value equals the stored tensor."""
+        key = str(stored.dtype)
+        if key not in self._by_dtype:
+            table: dict[str, list[tuple[str, list[int] | None]]] = {}
+            for name, t in self.sd.items():
+                if t.dtype.kind != "f":
+                    continue
+                c = np.asarray(t).astype(stored.dtype)
+                table.setdefault(_digest(c), []).append((name, None))
+                if c.ndim == 2:
+                    # key tensor = stored.transpose(perm)  <=>  stored = key.T
+                    table.setdefault(_digest(c.T), []).append((name, [1, 0]))
+            self._by_dtype[key] = table
+        return self._by_dtype[key].get(_digest(stored), [])
+
+
+def _agrees(sd: dict[str, np.ndarray] | None, name: str, stored: np.ndarray | None, perm: list[int] | None) -> bool:
+    """Without a state dict any candidate is accepted; with one, values must match."""
+    if sd is None:
+        return True
+    if name not in sd or stored is None:
+        return False
+    want = np.transpose(stored, perm) if perm else stored
+    t = sd[name]
+    return t.shape == want.shape and np.array_equal(np.asarray(t).astype(stored.dtype), want)
+
+
+def resolve_names(model: OnnxModel, layers: list[Layer],
+                  state_dict: dict[str, np.ndarray] | None = None) -> dict[str, NameInfo]:
+    """A NameInfo for every stored weight of the scored layers (keys are unique)."""
+    recorded = export_map(model)
+    folded = folded_from(model)
+    index = _ValueIndex(state_dict) if state_dict is not None else None
+    first: dict[str, Layer] = {}
+    for layer in layers:
+        first.setdefault(layer.weight, layer)
+    infos: dict[str, NameInfo] = {}
+    used: dict[str, str] = {}
+    for weight, layer in first.items():
+        info = _resolve_one(model, weight, layer, recorded, folded, state_dict, index)
+        if info.key in used:
+            info.notes.append(f"PyTorch name {info.key!r} also maps {used[info.key]!r}; keyed by ONNX name")
+            info = NameInfo(weight, weight, None, None, tuple(layer.stored_shape), "duplicate", info.notes)
+        used[info.key] = weight
+        infos[weight] = info
+    return infos
+
+
+def _resolve_one(model: OnnxModel, weight: str, layer: Layer, recorded: dict, folded: dict,
+                 sd: dict[str, np.ndarray] | None, index: _ValueIndex | None) -> NameInfo:
+    """Try the name sources in order for one stored weight."""
+    shape = tuple(layer.stored_shape)
+    stored = model.tensor(weight) if sd is not None else None
+
+    def make(name: str, perm: list[int] | None, how: str) -> NameInfo:
+        return NameInfo(weight, name, name, perm, _shape_after(shape, perm), how)
+
+    rec = recorded.get(weight)
+    if rec and rec.get("torch"):
+        perm = rec.get("transpose")
+        return make(rec["torch"], list(perm) if perm else None, "export-metadata")
+    if not looks_generated(weight) and _agrees(sd, weight, stored, None):
+        return make(weight, None, "initializer-name")
+    derived = _derived_perm(layer)
+    cands = [c for c in folded.get(weight, []) if not looks_generated(c)]
+    if sd is not None:
+        cands = [c for c in cands if c in sd]
+    if len(cands) == 1 and _agrees(sd, cands[0], stored, derived):
+        return make(cands[0], derived, "folded-from")
+    if layer.scope:
+        name = f"{layer.scope}.weight"
+        if _agrees(sd, name, stored, derived):
+            return make(name, derived, "node-scope")
+    if index is not None and stored is not None:
+        hits = index.lookup(stored)
+        if hits:
+            name, perm = hits[0]
+            info = make(name, perm, "value-match")
+            if len(hits) > 1:
+                info.notes.append(f"value matches several tensors {[h[0] for h in hits]}; took the first")
+                info.how = "value-match (ambiguous)"
+            return info
+    return NameInfo(weight, weight, None, None, shape, "onnx-name")

@@ -1,0 +1,307 @@
+"""The `select` job end to end: model -> layers -> statistics -> scores -> masks (and the `inspect` view)."""
+from __future__ import annotations
+
+import fnmatch
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fps_graph import __version__
+from fps_graph.calibrate import CalibrationInfo, Progress, collect_stats
+from fps_graph.data import ImageOptions, InputSpec, Loader, open_source
+from fps_graph.errors import FpsGraphError
+from fps_graph.io import atomic_output
+from fps_graph.layers import Layer, Skipped, find_layers
+from fps_graph.masks import write_masks
+from fps_graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
+from fps_graph.names import NameInfo, resolve_names
+from fps_graph.scores import SCORES, STATS, WeightGroup, default_stat, group_by_weight, score_weight
+from fps_graph.select import Budget, select
+from fps_graph.stats import Stats, load_merged
+
+ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
+
+
+@dataclass
+class Plan:
+    """A loaded model, its scored layers grouped by weight, names, and what was skipped."""
+
+    model: OnnxModel
+    layers: list[Layer]
+    groups: list[WeightGroup]
+    names: dict[str, NameInfo]
+    skipped: list[Skipped]
+
+
+@dataclass
+class SelectOptions:
+    """Every knob of `fps-graph select` (see the CLI help for each)."""
+
+    score: str = "fps"
+    stat: str | None = None
+    k: int | None = None
+    budget: Budget | None = None
+    granularity: str = "neuron"
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    seed: int = 0
+    eps: float = 1e-6
+    reduce: str = "graph"
+    provider: str = "auto"
+    opt_level: str = "all"
+    threads: int | None = None
+    batch_size: int = 32
+    max_samples: int | None = None
+    shuffle: bool = False
+    image: ImageOptions = field(default_factory=ImageOptions)
+    stats_in: Sequence[str] = ()
+    anchor: str | None = None
+    anchor_stats_in: Sequence[str] = ()
+    state_dict: str | None = None
+
+
+@dataclass
+class SelectResult:
+    """Selected flat indices per key, the per-key metadata, and what the run measured."""
+
+    indices: dict[str, np.ndarray]
+    tensors: dict[str, dict[str, Any]]
+    metadata: dict[str, Any]
+    stats: Stats | None
+    calibration: CalibrationInfo | None
+    warnings: list[str]
+    summary: dict[str, Any]
+
+
+def spec_list(model: OnnxModel) -> list[InputSpec]:
+    """The model inputs that data must feed."""
+    return [InputSpec(vi.name, input_shape(vi), input_dtype(vi)) for vi in data_inputs(model)]
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A safetensors state dict as NumPy arrays."""
+    from safetensors.numpy import load_file
+
+    if not Path(path).is_file():
+        raise FpsGraphError(f"state dict file not found: {path}")
+    try:
+        return load_file(path)
+    except Exception as exc:
+        raise FpsGraphError(f"cannot read state dict {path}: {exc}") from None
+
+
+def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
+              state_dict: dict[str, np.ndarray] | None = None) -> Plan:
+    """Load a model and find, filter and name its scored layers."""
+    model = load_model(model_path)
+    layers, skipped = find_layers(model)
+    names = resolve_names(model, layers, state_dict)
+    kept = []
+    for layer in layers:
+        ids = [names[layer.weight].key, layer.weight, layer.node]
+        if include and not _matches(include, ids):
+            skipped.append(Skipped(layer.node, layer.op, "not matched by --include"))
+        elif exclude and _matches(exclude, ids):
+            skipped.append(Skipped(layer.node, layer.op, "matched by --exclude"))
+        else:
+            kept.append(layer)
+    groups = group_by_weight(kept)
+    return Plan(model, kept, groups, {g.weight: names[g.weight] for g in groups}, skipped)
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """The `inspect` view: scored layers (with names and layouts) and skipped nodes."""
+    layers = []
+    for layer in plan.layers:
+        info = plan.names[layer.weight]
+        layers.append({
+            "node": layer.node, "op": layer.op, "weight": layer.weight, "name": info.key,
+            "name_source": info.how, "weight_shape": list(layer.stored_shape), "node_weight_shape": list(layer.op_shape),
+            "chain": [s["op"] for s in layer.chain], "canonical": list(layer.canonical_shape),
+            "input_axis": _axis_text(layer), "params": int(np.prod(layer.stored_shape)),
+            "activation": layer.activation,
+            "shared": len(next(g for g in plan.groups if g.weight == layer.weight).layers) > 1,
+        })
+    return {
+        "model": str(plan.model.path), "sha256": plan.model.sha256,
+        "layers": layers,
+        "skipped": [{"node": s.node, "op": s.op, "reason": s.reason} for s in plan.skipped],
+        "scored_params": int(sum(g.size for g in plan.groups)),
+        "inputs": [{"name": s.name, "shape": [d if isinstance(d, int) else str(d) for d in s.shape],
+                    "dtype": s.dtype.name} for s in spec_list(plan.model)],
+    }
+
+
+def _axis_text(layer: Layer) -> str:
+    """How the input features line up with the stored weight, in words."""
+    if layer.op == "Conv":
+        g = layer.conv["group"]
+        return f"[out, in/{g}, *kernel]; input channel axis 1 (im2col)" if g > 1 else "[out, in, *kernel]; input axis 1"
+    if layer.op == "Gemm":
+        return "[out, in] (transB=1)" if layer.trans_b else "[in, out] (transB=0)"
+    return "[in, out] (x @ W)"
+
+
+def _needed_kinds(score: str, stat: str | None, stats_out: bool) -> tuple[str, ...]:
+    if stats_out:
+        return ("abs", "sq")
+    s = stat or default_stat(score)
+    if s is None:
+        return ()
+    return ("abs",) if s == "mean-abs" else ("sq",)
+
+
+def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...],
+              progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
+    """Open the data, check it against the model inputs and collect statistics."""
+    specs = spec_list(plan.model)
+    source = open_source(data, specs, opts.image)
+    batch_size, max_samples = opts.batch_size, opts.max_samples
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if fixed:
+        batch_size = fixed.pop()
+        if batch_size != opts.batch_size:
+            warnings.append(f"the model's batch size is fixed at {batch_size}; using --batch-size {batch_size}")
+        n = min(len(source), max_samples or len(source))
+        if n % batch_size:
+            warnings.append(f"{n % batch_size} samples left over after whole batches of {batch_size} are not used")
+            max_samples = n - n % batch_size
+    loader = Loader(source, batch_size=batch_size, max_samples=max_samples, shuffle=opts.shuffle, seed=opts.seed)
+    if len(loader) == 0:
+        raise FpsGraphError(f"{data}: no samples to read")
+    cb = progress(len(loader), label) if progress else None
+    return collect_stats(plan.model, plan.layers, loader, kinds=kinds, reduce=opts.reduce, provider=opts.provider,
+                         opt_level=opts.opt_level, threads=opts.threads, progress=cb)
+
+
+def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
+    if st.model_sha256 and st.model_sha256 != plan.model.sha256:
+        raise FpsGraphError(f"{source}: statistics were collected on another model (sha256 differs)")
+    st.check_layers(plan.layers, source)
+
+
+def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
+               progress: ProgressFactory | None = None, stats_out: bool = False) -> SelectResult:
+    """Select the weights to fine-tune; nothing is written (see write_result)."""
+    t0 = time.perf_counter()
+    if opts.score not in SCORES:
+        raise FpsGraphError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
+    if opts.stat is not None and opts.stat not in STATS:
+        raise FpsGraphError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
+    stat = opts.stat or default_stat(opts.score)
+    if opts.score == "wanda" and opts.stat not in (None, "l2"):
+        raise FpsGraphError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
+    sd = load_state_dict(opts.state_dict) if opts.state_dict else None
+    plan = make_plan(model_path, opts.include, opts.exclude, sd)
+    if not plan.groups:
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
+        raise FpsGraphError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
+                            + (f"; skipped {reasons}" if reasons else ""))
+    kinds = _needed_kinds(opts.score, stat, stats_out)
+    run_warnings: list[str] = []
+    stats: Stats | None = None
+    calib: CalibrationInfo | None = None
+    if opts.stats_in:
+        stats = load_merged(list(opts.stats_in))
+        _check_stats_file(stats, plan, ", ".join(opts.stats_in))
+        missing = [k for k in kinds if k not in stats.kinds]
+        if missing and stat is not None and ({"mean-abs": "abs", "l2": "sq"}[stat] in missing):
+            raise FpsGraphError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs "
+                                f"{'abs' if stat == 'mean-abs' else 'sq'}")
+    elif kinds:
+        if data is None:
+            raise FpsGraphError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
+        stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", run_warnings)
+    anchor: Stats | None = None
+    if opts.score == "gd-fps":
+        if opts.anchor_stats_in:
+            anchor = load_merged(list(opts.anchor_stats_in))
+            _check_stats_file(anchor, plan, ", ".join(opts.anchor_stats_in))
+        elif opts.anchor:
+            anchor, _ = calibrate(plan, opts.anchor, opts, _needed_kinds(opts.score, stat, False), progress, "anchor",
+                                  run_warnings)
+        else:
+            raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
+
+    groups = plan.groups
+
+    def score_fn(i: int) -> np.ndarray:
+        return score_weight(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
+
+    shapes = [g.primary.canonical_shape for g in groups]
+    chosen, warnings = select(len(groups), shapes, score_fn, k=opts.k, budget=opts.budget,
+                              granularity=opts.granularity)
+    warnings = run_warnings + _name_warnings(warnings, groups, plan)
+    indices: dict[str, np.ndarray] = {}
+    tensors: dict[str, dict[str, Any]] = {}
+    for group, pos in zip(groups, chosen):
+        info = plan.names[group.weight]
+        stored_pos = group.primary.canonical_index().reshape(-1)[pos]
+        key_index = info.key_index(group.primary.stored_shape)
+        inverse = np.empty_like(key_index)
+        inverse[key_index] = np.arange(key_index.size)
+        key_pos = np.sort(inverse[stored_pos])
+        indices[info.key] = key_pos
+        rec = info.to_json()
+        rec.update({"selected": int(key_pos.size), "total": int(group.size), "nodes": [l.node for l in group.layers],
+                    "op": group.primary.op, "onnx_shape": list(group.primary.stored_shape)})
+        tensors[info.key] = rec
+    selected = int(sum(v.size for v in indices.values()))
+    total = int(sum(g.size for g in groups))
+    meta = {
+        "fps_graph_version": __version__,
+        "score": opts.score, "stat": stat or "none",
+        "k": "" if opts.k is None else str(opts.k),
+        "budget": "" if opts.budget is None else (
+            f"{opts.budget.fraction}" if opts.budget.fraction is not None else str(opts.budget.count)),
+        "granularity": opts.granularity if opts.budget is not None else "neuron",
+        "num_samples": str(stats.num_samples if stats else 0),
+        "anchor_samples": str(anchor.num_samples if anchor else 0),
+        "model_sha256": plan.model.sha256,
+        "model": Path(model_path).name,
+        "selected": str(selected), "total": str(total),
+        "options": {"seed": opts.seed, "eps": opts.eps, "include": list(opts.include),
+                    "exclude": list(opts.exclude), "reduce": opts.reduce, "batch_size": opts.batch_size,
+                    "max_samples": opts.max_samples, "shuffle": opts.shuffle},
+    }
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "layers": len(plan.layers), "weights": len(groups), "selected": selected, "total": total,
+        "fraction": selected / total if total else 0.0, "samples": stats.num_samples if stats else 0,
+        "seconds": elapsed, "calibration_seconds": calib.seconds if calib else 0.0,
+        "samples_per_s": (calib.samples / calib.seconds) if calib and calib.seconds > 0 else 0.0,
+        "provider": calib.provider if calib else "none", "peak_rss_mb": peak_mb,
+    }
+    return SelectResult(indices, tensors, meta, stats, calib, warnings, summary)
+
+
+def _name_warnings(warnings: list[str], groups: list[WeightGroup], plan: Plan) -> list[str]:
+    """Replace '#i' weight numbers in warnings by their key names."""
+    out = []
+    for w in warnings:
+        for i, g in enumerate(groups):
+            w = w.replace(f"weight #{i} ", f"weight {plan.names[g.weight].key} ")
+        out.append(w)
+    return out
+
+
+def write_result(result: SelectResult, out: str | Path, dense: bool = False, force: bool = False) -> None:
+    """Write the masks file atomically."""
+    with atomic_output(out, force) as tmp:
+        write_masks(tmp, result.indices, result.tensors, result.metadata, dense=dense)
+
+
+def write_stats(stats: Stats, out: str | Path, force: bool = False) -> None:
+    """Write the raw statistics atomically."""
+    with atomic_output(out, force) as tmp:
+        stats.save(tmp)

@@ -1,0 +1,114 @@
+"""ONNX Runtime sessions: provider choice that trusts what a created session reports, not what is listed."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from fps_graph.errors import FpsGraphError
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass
+class Session:
+    """An inference session and the provider it really runs on ('cuda' or 'cpu')."""
+
+    session: "object"
+    provider: str
+    _tmpdir: str | None = None
+
+    def close(self) -> None:
+        """Release the session and any temporary files it was loaded from."""
+        self.session = None
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+def _options(opt_level: str, threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def _external_folder(so, base_dir: Path | None, external: bool) -> None:
+    """Let a model given as bytes read its external data from the original model's folder (no copies)."""
+    if external and base_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir.resolve()))
+
+
+def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Path | None = None,
+                   external: bool = False, opt_level: str = "all", threads: int | None = None) -> Session:
+    """A session on CUDA when asked (or available, for auto) and really usable, else on CPU."""
+    import onnxruntime as ort
+
+    if provider not in ("auto", "cuda", "cpu"):
+        raise FpsGraphError(f"unknown provider {provider!r} (use auto, cuda or cpu)")
+    source = model.SerializeToString()
+    tmp = None
+    try:
+        so = _options(opt_level, threads)
+        _external_folder(so, base_dir, external)
+        want_cuda = provider == "cuda" or (
+            provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers())
+        if want_cuda:
+            sess = _try_cuda(source, so)
+            if sess is not None:
+                return Session(sess, "cuda", tmp)
+            if provider == "cuda":
+                raise FpsGraphError("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
+                                    " use --provider cpu")
+        try:
+            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types
+            raise FpsGraphError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        return Session(sess, "cpu", tmp)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _try_cuda(source: str | bytes, so) -> object | None:
+    """A CUDA session, or None when ORT silently fell back to CPU or failed to create one."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    ort.set_default_logger_severity(4)   # the fallback logs an error we report our own way
+    try:
+        sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return None
+    finally:
+        ort.set_default_logger_severity(2)
+    if sess.get_providers()[0] != "CUDAExecutionProvider":
+        return None
+    return sess
+
+
+def cuda_usable() -> bool:
+    """True when a CUDA session can really be created (a one-node probe model)."""
+    from onnx import helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    import onnxruntime as ort
+
+    return _try_cuda(m.SerializeToString(), _options("basic", None)) is not None

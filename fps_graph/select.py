@@ -1,0 +1,178 @@
+"""Ranking scores into a selection: top-K per output neuron, or a budget per neuron, layer or network.
+
+All rankings are by score, highest first, ties broken by the lower canonical position (row-major in
+[out_features, fan_in]; for the network budget, earlier weight in graph order first). Scores are produced one
+weight at a time by a callable, so memory stays O(largest weight) even for a network-wide budget, whose threshold
+is found by a radix select over the float64 bit patterns (four histogram passes).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fps_graph.errors import FpsGraphError
+
+GRANULARITIES = ("neuron", "layer", "network")
+ScoreFn = Callable[[int], np.ndarray]   # weight position -> float64 [out, fan_in] scores
+
+
+@dataclass
+class Budget:
+    """A budget as given: a fraction of the scored weights, or an absolute count."""
+
+    fraction: float | None = None
+    count: int | None = None
+
+    def resolve(self, total: int) -> int:
+        """Number of weights to select out of total."""
+        n = self.count if self.count is not None else int(round(self.fraction * total))
+        if n > total:
+            raise FpsGraphError(f"--budget {n} is more than the {total} scored weights")
+        return max(n, 1)
+
+
+def parse_budget(text: str) -> Budget:
+    """'0.005' or '0.5%' (fractions, 0 < f <= 1) or '1000' (a count)."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            frac = float(t[:-1]) / 100.0
+            if not 0 < frac <= 1:
+                raise FpsGraphError(f"--budget {text}: a percentage must be in (0, 100]")
+            return Budget(fraction=frac)
+        if re.fullmatch(r"[+-]?\d+", t):
+            n = int(t)
+            if n <= 0:
+                raise FpsGraphError(f"--budget {text}: a count must be positive")
+            return Budget(count=n)
+        frac = float(t)
+    except ValueError:
+        raise FpsGraphError(f"--budget {text!r}: expected a fraction (0.005), a percentage (0.5%) or a count (1000)"
+                            ) from None
+    if not 0 < frac <= 1:
+        raise FpsGraphError(f"--budget {text}: a fraction must be in (0, 1]")
+    return Budget(fraction=frac)
+
+
+def _order_rows(score: np.ndarray) -> np.ndarray:
+    """Per row, positions sorted by score descending, ties by lower position."""
+    return np.argsort(-score, axis=1, kind="stable")
+
+
+def topk_rows(score: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """Sorted flat canonical positions of the top-k entries of every row (k may differ per row)."""
+    rows, cols = score.shape
+    order = _order_rows(score)
+    ks = np.broadcast_to(np.minimum(np.asarray(k), cols), (rows,))
+    take = np.arange(cols)[None, :] < ks[:, None]
+    flat = (order + (np.arange(rows) * cols)[:, None])[take]
+    return np.sort(flat)
+
+
+def topn_flat(score: np.ndarray, n: int) -> np.ndarray:
+    """Sorted flat canonical positions of the n best entries of a whole weight."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-score.reshape(-1), kind="stable")
+    return np.sort(order[:n])
+
+
+def apportion(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split total over parts in proportion to their sizes (largest remainder, ties to the earlier part)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    exact = total * sizes / sizes.sum()
+    base = np.floor(exact).astype(np.int64)
+    rest = total - int(base.sum())
+    order = np.argsort(-(exact - base), kind="stable")
+    base[order[:rest]] += 1
+    return [int(b) for b in base]
+
+
+def per_row_counts(count: int, rows: int) -> np.ndarray:
+    """count spread over rows as evenly as possible, the earlier rows taking the remainder."""
+    ks = np.full(rows, count // rows, dtype=np.int64)
+    ks[: count % rows] += 1
+    return ks
+
+
+def _keys(score: np.ndarray) -> np.ndarray:
+    """uint64 keys that sort like the float64 scores (all scores are >= 0; -0.0 folded onto 0.0)."""
+    s = np.ascontiguousarray(score, dtype=np.float64).reshape(-1) + 0.0
+    if np.any(s < 0) or np.any(np.isnan(s)):
+        raise FpsGraphError("scores must be finite and non-negative")
+    return s.view(np.uint64)
+
+
+def network_threshold(n_weights: int, score_fn: ScoreFn, budget: int) -> tuple[np.uint64, int]:
+    """The key of the budget-th best score over all weights, and how many keys equal to it are to be taken.
+
+    Radix select on 16-bit digits, most significant first: each pass histograms only the keys that share the
+    prefix found so far, so memory is that of one weight's scores.
+    """
+    prefix = np.uint64(0)
+    need = budget
+    for shift in (48, 32, 16, 0):
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        high_mask = np.uint64(((1 << 64) - 1) ^ ((1 << (shift + 16)) - 1)) if shift < 48 else np.uint64(0)
+        for i in range(n_weights):
+            keys = _keys(score_fn(i))
+            if shift < 48:
+                keys = keys[(keys & high_mask) == prefix]
+            digits = ((keys >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
+            hist += np.bincount(digits, minlength=1 << 16)
+        above = np.cumsum(hist[::-1])          # above[j] = number of keys with digit >= 65535 - j
+        j = int(np.searchsorted(above, need))  # first digit (from the top) where the count reaches need
+        digit = (1 << 16) - 1 - j
+        more = int(above[j - 1]) if j > 0 else 0
+        need -= more
+        prefix = prefix | (np.uint64(digit) << np.uint64(shift))
+    return prefix, need
+
+
+def select_network(n_weights: int, score_fn: ScoreFn, budget: int) -> list[np.ndarray]:
+    """Sorted flat canonical positions per weight of the global top-budget scores."""
+    thr, ties = network_threshold(n_weights, score_fn, budget)
+    out = []
+    for i in range(n_weights):
+        keys = _keys(score_fn(i))
+        above = np.flatnonzero(keys > thr)
+        equal = np.flatnonzero(keys == thr)
+        take = equal[:ties]
+        ties -= len(take)
+        out.append(np.sort(np.concatenate([above, take])).astype(np.int64))
+    return out
+
+
+def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn, k: int | None = None,
+           budget: Budget | None = None, granularity: str = "neuron") -> tuple[list[np.ndarray], list[str]]:
+    """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in)."""
+    warnings: list[str] = []
+    if (k is None) == (budget is None):
+        raise FpsGraphError("give exactly one of --k or --budget")
+    if granularity not in GRANULARITIES:
+        raise FpsGraphError(f"unknown granularity {granularity!r} (use {', '.join(GRANULARITIES)})")
+    if k is not None:
+        if k < 1:
+            raise FpsGraphError(f"--k must be at least 1 (got {k})")
+        out = []
+        for i in range(n_weights):
+            rows, cols = shapes[i]
+            if k > cols:
+                warnings.append(f"K={k} exceeds the fan-in {cols} of weight #{i}; all {cols} connections selected")
+            out.append(topk_rows(score_fn(i), k))
+        return out, warnings
+    sizes = [r * c for r, c in shapes]
+    total = budget.resolve(int(sum(sizes)))
+    if granularity == "network":
+        return select_network(n_weights, score_fn, total), warnings
+    counts = apportion(total, sizes)
+    out = []
+    for i in range(n_weights):
+        if granularity == "layer":
+            out.append(topn_flat(score_fn(i), counts[i]))
+        else:
+            out.append(topk_rows(score_fn(i), per_row_counts(counts[i], shapes[i][0])))
+    return out, warnings
