@@ -50,3 +50,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.numpy.save_file with a canonical (sorted) header, so equal inputs give equal bytes.
+
+    safetensors writes its metadata map in hash order; we re-serialise the JSON header with sorted keys (tensor
+    offsets are relative to the data section, so the data bytes are kept as they are).
+    """
+    import json
+    import struct
+
+    from safetensors.numpy import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(raw[8 + n:])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
+from fps_graph.io import save_safetensors
 
 MASKS_FORMAT = "fps-graph-masks"
 MASKS_VERSION = "1"
@@ -22,8 +23,6 @@ MASKS_VERSION = "1"
 def write_masks(path: str | os.PathLike, indices: dict[str, np.ndarray], tensors: dict[str, dict[str, Any]],
                 metadata: dict[str, Any], dense: bool = False) -> None:
     """Write masks (sorted flat indices per key) with their metadata; path must be a fresh temp file."""
-    from safetensors.numpy import save_file
-
     out: dict[str, np.ndarray] = {}
     for key in sorted(indices):
         idx = np.asarray(indices[key], dtype=np.int64)
@@ -38,7 +37,7 @@ def write_masks(path: str | os.PathLike, indices: dict[str, np.ndarray], tensors
     for k, v in metadata.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     meta["tensors"] = json.dumps(tensors, sort_keys=True)
-    save_file(out, str(path), metadata=meta)
+    save_safetensors(out, path, meta)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

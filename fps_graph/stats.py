@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
+from fps_graph.io import save_safetensors
 from fps_graph.layers import Layer
 
 STATS_FORMAT = "fps-graph-stats"
@@ -127,8 +128,6 @@ class Stats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write sums and counts as safetensors (float64), with the model hash in the metadata."""
-        from safetensors.numpy import save_file
-
         tensors = {}
         for node, slot in self.sums.items():
             for kind, arr in slot.items():
@@ -136,7 +135,7 @@ class Stats:
             tensors[f"{node}::count"] = np.array([self.counts.get(node, 0.0)], dtype=np.float64)
         meta = {"format": STATS_FORMAT, "format_version": STATS_VERSION, "num_samples": str(self.num_samples),
                 "model_sha256": self.model_sha256, "kinds": json.dumps(list(self.kinds))}
-        save_file(tensors, str(path), metadata=meta)
+        save_safetensors(tensors, path, meta)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Stats":
