@@ -10,7 +10,7 @@ def tqdm_progress(total: int, label: str) -> Callable[[int], None]:
     """A per-batch callback that drives a tqdm bar on stderr (samples, samples/s, ETA)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=label, unit="sample", unit_scale=False, dynamic_ncols=True, leave=False,
+    bar = tqdm(total=total, desc=label, unit="sample", unit_scale=False, dynamic_ncols=True, leave=False, disable=None,
                file=click.get_text_stream("stderr"))
 
     def update(n: int) -> None:

@@ -200,6 +200,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     stat = opts.stat or default_stat(opts.score)
     if opts.score == "wanda" and opts.stat not in (None, "l2"):
         raise FpsGraphError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
+    if opts.score == "gd-fps" and not (opts.anchor or opts.anchor_stats_in):
+        raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
     sd = load_state_dict(opts.state_dict) if opts.state_dict else None
     plan = make_plan(model_path, opts.include, opts.exclude, sd)
     if not plan.groups:
