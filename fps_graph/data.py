@@ -43,6 +43,11 @@ class ImageOptions:
     crop_pct: float = 0.875
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """True for NumPy floats and the ml_dtypes ones ONNX uses (bfloat16, float8 variants)."""
+    return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat16", "float8"))
+
+
 def _fmt_shape(shape: Sequence) -> str:
     return "[" + ", ".join("?" if (d is None or isinstance(d, str)) else str(d) for d in shape) + "]"
 
@@ -57,7 +62,7 @@ def check_array(name: str, arr_shape: tuple, arr_dtype: np.dtype, spec: InputSpe
         if i > 0 and isinstance(w, int) and w != f:
             raise FpsGraphError(f"{source}: input {spec.name!r} expects shape {_fmt_shape(want)}, "
                                 f"found {_fmt_shape(arr_shape)}")
-    kind_ok = (np.issubdtype(spec.dtype, np.floating) and arr_dtype.kind in "fiub") or \
+    kind_ok = (is_float(spec.dtype) and (arr_dtype.kind in "fiub" or is_float(arr_dtype))) or \
               (np.issubdtype(spec.dtype, np.integer) and arr_dtype.kind in "iub") or \
               (spec.dtype == np.bool_ and arr_dtype.kind == "b")
     if not kind_ok:
@@ -216,7 +221,7 @@ class ImageSource(Source):
         self.spec = spec
         self.opts = opts
         self.layout, self.channels, self.size = image_layout(spec, opts)
-        if not np.issubdtype(spec.dtype, np.floating):
+        if not is_float(spec.dtype):
             raise FpsGraphError(f"input {spec.name!r} expects {spec.dtype.name}; images give floats")
 
     def __len__(self) -> int:

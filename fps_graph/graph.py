@@ -132,10 +132,10 @@ def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int
         nodes.append(_axes_node(f"{base}_{what}", axes, opset, ops[what], src, out, inits))
         outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
     if obs.kind == "features":
-        nodes.append(helper.make_node("Size", [obs.tensor], [obs.output("size")], name=f"{base}_size"))
+        nodes.append(helper.make_node("Size", [f32], [obs.output("size")], name=f"{base}_size"))
         outs.append(helper.make_tensor_value_info(obs.output("size"), onnx.TensorProto.INT64, None))
     else:
-        nodes.append(helper.make_node("Shape", [obs.tensor], [obs.output("shape")], name=f"{base}_shape"))
+        nodes.append(helper.make_node("Shape", [f32], [obs.output("shape")], name=f"{base}_shape"))
         outs.append(helper.make_tensor_value_info(obs.output("shape"), onnx.TensorProto.INT64, None))
     return nodes, inits, outs
 

@@ -241,8 +241,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
 
     shapes = [g.primary.canonical_shape for g in groups]
     chosen, warnings = select(len(groups), shapes, score_fn, k=opts.k, budget=opts.budget,
-                              granularity=opts.granularity)
-    warnings = run_warnings + _name_warnings(warnings, groups, plan)
+                              granularity=opts.granularity, names=[plan.names[g.weight].key for g in groups])
+    warnings = run_warnings + warnings
     indices: dict[str, np.ndarray] = {}
     tensors: dict[str, dict[str, Any]] = {}
     for group, pos in zip(groups, chosen):
@@ -285,16 +285,6 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "provider": calib.provider if calib else "none", "peak_rss_mb": peak_mb,
     }
     return SelectResult(indices, tensors, meta, stats, calib, warnings, summary)
-
-
-def _name_warnings(warnings: list[str], groups: list[WeightGroup], plan: Plan) -> list[str]:
-    """Replace '#i' weight numbers in warnings by their key names."""
-    out = []
-    for w in warnings:
-        for i, g in enumerate(groups):
-            w = w.replace(f"weight #{i} ", f"weight {plan.names[g.weight].key} ")
-        out.append(w)
-    return out
 
 
 def write_result(result: SelectResult, out: str | Path, dense: bool = False, force: bool = False) -> None:

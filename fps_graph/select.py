@@ -147,7 +147,8 @@ def select_network(n_weights: int, score_fn: ScoreFn, budget: int) -> list[np.nd
 
 
 def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn, k: int | None = None,
-           budget: Budget | None = None, granularity: str = "neuron") -> tuple[list[np.ndarray], list[str]]:
+           budget: Budget | None = None, granularity: str = "neuron",
+           names: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in)."""
     warnings: list[str] = []
     if (k is None) == (budget is None):
@@ -158,11 +159,16 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
         if k < 1:
             raise FpsGraphError(f"--k must be at least 1 (got {k})")
         out = []
+        clamped = []
         for i in range(n_weights):
             rows, cols = shapes[i]
             if k > cols:
-                warnings.append(f"K={k} exceeds the fan-in {cols} of weight #{i}; all {cols} connections selected")
+                clamped.append((cols, names[i] if names else f"#{i}"))
             out.append(topk_rows(score_fn(i), k))
+        if clamped:
+            cols, name = min(clamped)
+            warnings.append(f"K={k} exceeds the fan-in of {len(clamped)} tensor(s) (smallest: {cols} in {name}); "
+                            "K was clamped to the fan-in there, so all their connections are selected")
         return out, warnings
     sizes = [r * c for r, c in shapes]
     total = budget.resolve(int(sum(sizes)))

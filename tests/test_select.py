@@ -50,7 +50,7 @@ def test_k_larger_than_fan_in_is_clamped_with_a_warning():
     s = [np.ones((2, 3))]
     out, warnings = select(1, [(2, 3)], lambda i: s[i], k=5)
     assert out[0].tolist() == list(range(6))
-    assert warnings and "exceeds the fan-in 3" in warnings[0]
+    assert warnings and "smallest: 3 in #0" in warnings[0]
 
 
 @pytest.mark.parametrize("text,frac,count", [("0.005", 0.005, None), ("0.5%", 0.005, None), ("1000", None, 1000),
