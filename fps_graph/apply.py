@@ -191,8 +191,16 @@ def _update_shapes(model: OnnxModel, changed: set[str]) -> list[str]:
     notes = []
     for o in outs:
         t = o.type.tensor_type
-        if o.name in inferred:
-            t.shape.CopyFrom(inferred[o.name])
+        new = inferred.get(o.name)
+        if new is not None and t.HasField("shape") and len(t.shape.dim) == len(new.dim):
+            for d, n in zip(t.shape.dim, new.dim):   # keep symbolic dims; take the inferred sizes
+                if d.HasField("dim_value") and n.HasField("dim_value"):
+                    d.dim_value = n.dim_value
+                elif d.HasField("dim_value"):
+                    d.ClearField("dim_value")
+            notes.append(f"output {o.name!r} shape updated")
+        elif new is not None:
+            t.shape.CopyFrom(new)
             notes.append(f"output {o.name!r} shape updated")
         else:
             t.ClearField("shape")
@@ -222,7 +230,6 @@ def _infer_output_shapes(model: OnnxModel, names: set[str]) -> dict[str, onnx.Te
         vi.CopyFrom(o)
         if o.name in names:
             vi.type.tensor_type.ClearField("shape")
-    g.value_info.extend(proto.graph.value_info)
     copy.functions.extend(proto.functions)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
