@@ -12,6 +12,9 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +26,18 @@ from fps_graph.io import check_output_path
 from fps_graph.layers import find_layers
 from fps_graph.model import load_model
 from fps_graph.names import META_KEY, folded_from, resolve_names
+
+
+@contextlib.contextmanager
+def _quiet_torch_onnx():
+    """Silence the exporters' informational logging (e.g. 'torchvision is not installed')."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -110,8 +125,11 @@ def export(spec: str, input_shape: tuple[int, ...], output: str | Path, weights:
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
             else:
                 kwargs["dynamic_axes"] = {input_name: {0: "batch"}, "output": {0: "batch"}}
+        if exporter == "dynamo":
+            kwargs["verbose"] = False
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_onnx():
+                warnings.simplefilter("ignore")
                 torch.onnx.export(model, (example,), str(raw), **kwargs)
         except Exception as exc:
             raise FpsGraphError(f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
