@@ -67,12 +67,13 @@ def test_topk_masks_match_oracle(exported, name, exporter, score):
 
 @pytest.mark.parametrize("name,exporter", [("cnn", "dynamo"), ("transformer", "legacy"), ("mlp", "dynamo")])
 @pytest.mark.parametrize("granularity", ["neuron", "layer", "network"])
-def test_budget_masks_match_oracle(exported, name, exporter, granularity):
+@pytest.mark.parametrize("score", ["fps", "wanda", "magnitude"])
+def test_budget_masks_match_oracle(exported, name, exporter, granularity, score):
     model, path, dpath, data = exported(name, exporter)
     ref_stats, order = hook_stats(model, data)
-    scores = torch_scores(model, ref_stats, "fps")
+    scores = torch_scores(model, ref_stats, score)
     total = sum(s.size for s in scores.values())
-    res = run(path, dpath, budget=Budget(fraction=0.05), granularity=granularity)
+    res = run(path, dpath, budget=Budget(fraction=0.05), granularity=granularity, score=score)
     masks = dense(res)
     n = int(round(0.05 * total))
     assert sum(int(m.sum()) for m in masks.values()) == n
