@@ -128,6 +128,16 @@ def test_bad_input(files, tmp_path, label, args, message):
     assert list(tmp_path.iterdir()) == []          # no output, no temp file
 
 
+def test_cuda_requested_without_gpu_is_refused(tmp_path):
+    from fps_graph.runtime import cuda_usable
+
+    if cuda_usable():
+        pytest.skip("a GPU is present")
+    code, _, err = cli("select", SAMPLE, IMAGES, "--provider", "cuda", "-o", tmp_path / "m.safetensors", "-q")
+    assert code == 2 and err.count("\n") == 1 and "CUDA provider requested but not usable" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_is_refused_without_force(tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"precious")
