@@ -71,8 +71,8 @@ class DeltaFile:
 
 def write_delta(path: str | os.PathLike, sparse: dict[str, SparseEntry], full: dict[str, FullEntry],
                 tensors: dict[str, dict[str, Any]], head: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """Write a delta file to path (a fresh temporary file; the caller renames it)."""
-    from safetensors.numpy import save_file
+    """Write a delta file to path (a fresh temporary file; the caller renames it); equal inputs, equal bytes."""
+    from fps_graph.io import save_safetensors
 
     out: dict[str, np.ndarray] = {}
     for key in sorted(sparse):
@@ -91,7 +91,7 @@ def write_delta(path: str | os.PathLike, sparse: dict[str, SparseEntry], full: d
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     meta["tensors"] = json.dumps(tensors, sort_keys=True)
     meta["head"] = json.dumps(head, sort_keys=True)
-    save_file(out, str(path), metadata=meta)
+    save_safetensors(out, path, metadata=meta)
 
 
 def read_delta(path: str | os.PathLike) -> DeltaFile:

@@ -385,6 +385,10 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     handle = SparseFineTune(model)
     handle.masks = ms
     _check_masks(model, ms)
+    names0 = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for pat in train_full:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names0):
+            raise FpsGraphError(f"--train-full {pat!r} matches no parameter of the model")
 
     # the head, replaced when the number of classes changes
     head_name = None
@@ -433,9 +437,6 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
             full.setdefault(n, "embedding")
         if any(fnmatch.fnmatchcase(n, p) for p in train_full):
             full.setdefault(n, "train-full")
-    for pat in train_full:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in params):
-            raise FpsGraphError(f"--train-full {pat!r} matches no parameter of the model")
 
     # freeze everything, remember the flags for detach()
     seen: set[int] = set()
@@ -665,14 +666,17 @@ def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mappin
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
                     metadata: Mapping[str, str] | None = None) -> None:
-    """A state dict as safetensors, atomically (shared storage copied apart)."""
-    from safetensors.torch import save_file
-
-    from fps_graph.io import atomic_output
+    """A state dict as safetensors, atomically, with a canonical header (bfloat16 kept through torch)."""
+    from fps_graph.io import atomic_output, save_safetensors
 
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     with atomic_output(path, force) as tmp:
-        save_file(sd, str(tmp), metadata=dict(metadata or {}))
+        if any(v.dtype == torch.bfloat16 for v in sd.values()):
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata=dict(metadata or {}))
+        else:
+            save_safetensors({k: v.numpy() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))
 
 
 __all__ = ["attach", "load_delta", "save_delta", "save_state_dict", "find_head", "replace_head", "SparseFineTune",
