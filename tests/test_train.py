@@ -1,0 +1,189 @@
+"""`fps-graph train`: run folder contents, determinism, trainable counts, heads, data kinds, errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest_train import (SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, select_masks,  # noqa: E402
+                            token_data, token_net)
+
+from fps_graph import FpsGraphError  # noqa: E402
+from fps_graph.data import ImageOptions, InputSpec  # noqa: E402
+from fps_graph.delta import read_delta  # noqa: E402
+from fps_graph.masks import load_indices  # noqa: E402
+from fps_graph.train import TrainOptions, lr_factor, open_labeled, run_train  # noqa: E402
+from fps_graph_cli.main import entry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Token model weights, its legacy export, masks from select, and labelled train/val/6-class arrays."""
+    root = tmp_path_factory.mktemp("train")
+    model = token_net()
+    weights = save_weights(model, root / "w.safetensors")
+    onnx_path = export(model, TOKEN_SHAPE, root / "m.onnx", dynamo=False)
+    x, y = token_data(96, seed=0)
+    np.savez(root / "train.npz", x=x, y=y)
+    xv, yv = token_data(48, seed=1)
+    np.savez(root / "val.npz", inputs=xv, labels=yv)
+    x6, y6 = token_data(60, seed=2, classes=6)
+    np.savez(root / "six.npz", x=x6, y=y6)
+    masks = select_masks(onnx_path, x[:32], root / "masks.safetensors", k=3)
+    return {"root": root, "weights": str(weights), "onnx": onnx_path, "masks": str(masks),
+            "train": str(root / "train.npz"), "val": str(root / "val.npz"), "six": str(root / "six.npz")}
+
+
+def options(setup, out: Path, **kw) -> TrainOptions:
+    base = dict(factory=SPEC_TOKEN, weights=setup["weights"], masks=setup["masks"], data=setup["train"],
+                val=setup["val"], output=str(out), epochs=4, lr=2e-2, batch_size=16, warmup_epochs=1, seed=0,
+                threads=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_train_writes_run_and_is_deterministic(setup, tmp_path):
+    r1 = run_train(options(setup, tmp_path / "a"))
+    r2 = run_train(options(setup, tmp_path / "b"))
+    run = tmp_path / "a"
+    for name in ("delta.safetensors", "adapter_config.json", "metrics.json", "training_curve.png"):
+        assert (run / name).is_file(), name
+    assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((run / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2, 3, 4]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"} <= set(m["epochs"][0])
+    assert m["epochs"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)        # cosine to --min-lr 0
+    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"]
+    assert m["final"]["val_acc"] > m["initial"]["val_acc"]
+    assert m["memory"]["peak_rss_mb"] > 0 and m["memory"]["train_state"]["sparse_mb"] < \
+        m["memory"]["train_state"]["full_finetune_mb"]
+
+    # trainable values = the selection (the head's own mask is superseded: it trains in full) + full tensors
+    idx = load_indices(setup["masks"])
+    selected = sum(v.size for k, v in idx.items() if k != "head.weight")
+    full = {"embed.bias": 16, "fc1.bias": 32, "fc2.bias": 16, "head.weight": 64, "head.bias": 4}
+    assert set(idx) == {"embed.weight", "fc1.weight", "fc2.weight", "head.weight"}
+    t = m["trainable"]
+    assert t["selected"] == selected == 3 * (16 + 32 + 16)
+    assert t["full_tensors"] == sum(full.values()) and set(m["trained_in_full"]) == set(full)
+    assert t["trainable"] == selected + sum(full.values())
+    assert t["full_finetune"] == sum(p.numel() for p in token_net().parameters())
+    assert m["superseded"] == ["head.weight"]
+
+    # the delta file: indices, deltas and start values; metadata with the masks hash and settings
+    d1, d2 = read_delta(run / "delta.safetensors"), read_delta(tmp_path / "b" / "delta.safetensors")
+    assert sorted(d1.sparse) == ["embed.weight", "fc1.weight", "fc2.weight"]
+    assert sorted(d1.full) == sorted(full)
+    for k in d1.sparse:
+        assert np.array_equal(d1.sparse[k].indices, idx[k])
+        assert np.array_equal(d1.sparse[k].delta, d2.sparse[k].delta)      # bit-identical reruns
+        assert np.count_nonzero(d1.sparse[k].delta) == d1.sparse[k].delta.size
+    for k in d1.full:
+        assert np.array_equal(d1.full[k].value, d2.full[k].value)
+    from fps_graph.io import sha256_file
+
+    assert d1.metadata["masks_sha256"] == sha256_file(setup["masks"])
+    assert d1.metadata["training"]["lr"] == 2e-2 and d1.metadata["training"]["epochs"] == 4
+    assert [e["train_loss"] for e in r1.metrics["epochs"]] == [e["train_loss"] for e in r2.metrics["epochs"]]
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "FPS_SPARSE" and cfg["target_tensors"] == sorted(d1.sparse)
+    assert cfg["modules_to_save"] == sorted(full) and cfg["masks_sha256"] == d1.metadata["masks_sha256"]
+
+
+def test_new_head_and_save_merged(setup, tmp_path):
+    with pytest.raises(FpsGraphError, match="6 classes but the model predicts 4; pass --num-classes 6"):
+        run_train(options(setup, tmp_path / "x", data=setup["six"], val=None))
+    r = run_train(options(setup, tmp_path / "run", data=setup["six"], val=None, num_classes=6, save_merged=True,
+                          epochs=2))
+    assert r.metrics["head"] == {"name": "head", "replaced": True, "old_classes": 4, "num_classes": 6,
+                                 "in_features": 16, "bias": True}
+    d = read_delta(tmp_path / "run" / "delta.safetensors")
+    assert d.full["head.weight"].value.shape == (6, 16) and d.full["head.weight"].base is None
+    assert d.full["fc1.bias"].base is not None
+    from safetensors.torch import load_file
+
+    from fps_graph.torch import load_delta
+
+    fresh = token_net()
+    load_delta(fresh, tmp_path / "run" / "delta.safetensors")
+    merged = token_net(num_classes=6)
+    merged.load_state_dict(load_file(str(tmp_path / "run" / "merged.safetensors")))
+    x = torch.from_numpy(token_data(5, seed=9)[0])
+    with torch.no_grad():
+        assert torch.equal(fresh(x), merged(x))
+
+
+def test_cli_train_on_sample_images(tmp_path, capsys):
+    masks = tmp_path / "m.safetensors"
+    assert entry(["select", str(SAMPLES / "tiny_hybrid.onnx"), str(SAMPLES / "images"), "-o", str(masks),
+                  "--k", "2", "-q"]) == 0
+    args = ["train", f"{SAMPLES / 'tiny_model.py'}:tiny_hybrid", "--weights", str(SAMPLES / "tiny_hybrid.safetensors"),
+            "--masks", str(masks), "--data", str(SAMPLES / "images"), "-o", str(tmp_path / "run"),
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"]
+    assert entry(args) == 2
+    assert "pass --image-size" in capsys.readouterr().err
+    assert entry(args + ["--image-size", "32", "--val", str(SAMPLES / "images")]) == 0
+    err = capsys.readouterr().err
+    assert "epoch   2/2" in err and "of full fine-tuning's 20,900" in err and "peak RSS" in err
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["classes"] == ["disc", "hstripes", "square", "vstripes"] and m["samples"] == {"train": 64, "val": 64}
+    assert entry(args + ["--image-size", "32"]) == 2                     # the run exists
+    assert "--force" in capsys.readouterr().err
+
+
+def test_masks_from_another_model_are_a_clear_error(setup, tmp_path):
+    with pytest.raises(FpsGraphError, match=r"mask 'blocks.0.fc1.weight' \(.*sample_masks.safetensors\) names no parameter"):
+        run_train(options(setup, tmp_path / "r", masks=_sample_masks(tmp_path)))
+
+
+def _sample_masks(tmp_path: Path) -> str:
+    out = tmp_path / "sample_masks.safetensors"
+    assert entry(["select", str(SAMPLES / "tiny_hybrid.onnx"), str(SAMPLES / "images"), "-o", str(out), "--k", "1",
+                  "-q"]) == 0
+    return str(out)
+
+
+def test_plot_skipped_with_warning_without_matplotlib(setup, tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    r = run_train(options(setup, tmp_path / "r", epochs=1, val=None))
+    assert r.metrics["plot"] is None and "matplotlib" in r.metrics["plot_warning"]
+    assert not (tmp_path / "r" / "training_curve.png").exists()
+    assert any("matplotlib" in w for w in r.warnings)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 4, 20, 0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_image_folders_need_class_subfolders(tmp_path):
+    spec = lambda: InputSpec("input", (None, 3, 32, 32), np.dtype(np.float32))  # noqa: E731
+    data = open_labeled(str(SAMPLES / "images"), spec, ImageOptions())
+    assert data.classes == ["disc", "hstripes", "square", "vstripes"] and len(data) == 64
+    assert np.bincount(data.labels).tolist() == [16, 16, 16, 16]
+    batch = data.fetch(np.array([0, 63]))
+    assert batch["input"].shape == (2, 3, 32, 32) and batch["__label__"].tolist() == [0, 3]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes((SAMPLES / "images" / "disc" / "disc_000.png").read_bytes())
+    with pytest.raises(FpsGraphError, match="one subfolder per class"):
+        open_labeled(str(flat), spec, ImageOptions())
+    other = tmp_path / "other" / "triangle"
+    other.mkdir(parents=True)
+    (other / "t.png").write_bytes((SAMPLES / "images" / "disc" / "disc_000.png").read_bytes())
+    with pytest.raises(FpsGraphError, match=r"classes \['triangle'\] are not among the training classes"):
+        open_labeled(str(tmp_path / "other"), spec, ImageOptions(), classes=data.classes)
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((3, 2), np.float32))
+    with pytest.raises(FpsGraphError, match="integer labels"):
+        open_labeled(str(tmp_path / "nolabels.npz"), spec, ImageOptions())
