@@ -104,7 +104,8 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
         if not found:
             raise FpsGraphError(f"cannot find {key} (shape {list(shape)}) in {model.path}: no initializer holds it "
                                 "(by recorded layout, graph metadata, node scope or name); was the model exported "
-                                "from the network that was trained?")
+                                "from the network that was trained, without folding it into other constants (e.g. "
+                                "BatchNorm folded into a Conv by the legacy exporter)?")
         out[key] = list(found.values())
     return out
 
@@ -282,8 +283,8 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
             stored = model.tensor(t.name)
             if check and not _check_base(key, t, stored, df):
                 raise FpsGraphError(f"{t.name!r} in {mp} (the copy of {key}, found by {t.how}) does not hold the "
-                                    "values training started from: the delta belongs to another model or weights "
-                                    "(pass check=False / --no-check to apply anyway)")
+                                    "values training started from: the delta belongs to another model or weights, "
+                                    "or the exporter folded other constants into it (e.g. BatchNorm into a Conv)")
             new = _new_value(key, t, stored, df)
             if new.shape != stored.shape:
                 changed_shape.add(t.name)

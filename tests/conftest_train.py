@@ -15,6 +15,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 SPEC_TOKEN = f"{HERE / 'conftest_train.py'}:token_net"
 SPEC_CONV = f"{HERE / 'conftest_train.py'}:conv_net"
+SPEC_CONV_FOLDED = f"{HERE / 'conftest_train.py'}:conv_net_folded"
 TOKENS, FEATURES = 6, 10
 TOKEN_SHAPE = (2, TOKENS, FEATURES)
 CONV_SHAPE = (2, 3, 12, 12)
@@ -43,17 +44,19 @@ class TokenNet(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """Conv + BatchNorm + Conv, mean pool, Linear head."""
+    """BatchNorm, Conv, Conv, mean pool, Linear head. With folded=True the BatchNorm follows the first conv instead,
+    where both exporters fold it into the conv's weights (so those initializers are no trained tensor)."""
 
-    def __init__(self, num_classes: int = 4):
+    def __init__(self, num_classes: int = 4, folded: bool = False):
         super().__init__()
+        self.folded = folded
+        self.bn = nn.BatchNorm2d(8 if folded else 3)
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.bn(self.conv1(x))) if self.folded else torch.relu(self.conv1(self.bn(x)))
         return self.head(torch.relu(self.conv2(h)).mean((2, 3)))
 
 
@@ -77,6 +80,12 @@ def conv_net(num_classes: int = 4) -> ConvNet:
     """Seeded, perturbed ConvNet."""
     torch.manual_seed(1)
     return _perturb(ConvNet(num_classes))
+
+
+def conv_net_folded(num_classes: int = 4) -> ConvNet:
+    """Seeded, perturbed ConvNet with a BatchNorm that exporters fold into conv1."""
+    torch.manual_seed(1)
+    return _perturb(ConvNet(num_classes, folded=True))
 
 
 def token_data(n: int, seed: int = 0, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
