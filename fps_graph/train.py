@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from fps_graph.io import atomic_output, sha256_file
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 INPUT_KEYS = ("x", "inputs", "input", "images", "data")
 LABEL_KEYS = ("y", "labels", "label", "targets", "target")
+CACHE_BYTES = 1 << 30          # image sets up to this size (decoded) are decoded once and kept in memory
 FILES = {"delta": "delta.safetensors", "adapter_config": "adapter_config.json", "metrics": "metrics.json",
          "plot": "training_curve.png", "merged": "merged.safetensors"}
 
@@ -186,7 +187,28 @@ def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOpti
             raise FpsGraphError(f"{p}: classes {unknown} are not among the training classes {classes}")
     index = {c: i for i, c in enumerate(classes)}
     spec = image_spec()
-    return Labeled(ImageSource(images, spec, opts), np.array([index[c] for c in labels_text]), list(classes), spec.name)
+    source: Source = ImageSource(images, spec, opts)
+    if len(images) * int(np.prod([d for d in spec.shape[1:]])) * 4 <= CACHE_BYTES:
+        source = ArrayData(_decode_all(source, spec.name), spec.name)   # decode once, not every epoch
+    return Labeled(source, np.array([index[c] for c in labels_text]), list(classes), spec.name)
+
+
+def _decode_all(source: Source, name: str) -> np.ndarray:
+    """Every sample of a source, decoded on worker threads, in order."""
+    parts = [b[name] for b in Loader(source, batch_size=256)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def iterate(data: Labeled, batch_size: int, shuffle: bool = False, seed: int = 0,
+            max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in a seeded order: straight from memory for decoded data, through the threaded Loader otherwise."""
+    loader = Loader(data, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle, seed=seed)
+    if not isinstance(data.inner, ArrayData):
+        yield from loader
+        return
+    order = loader.order()
+    for i in range(0, len(order), batch_size):
+        yield data.fetch(order[i:i + batch_size])
 
 
 def image_size(model: Any, opts: ImageOptions) -> tuple[int, int]:
@@ -319,7 +341,7 @@ def _prepare_output(opts: TrainOptions) -> Path:
     return out
 
 
-def evaluate(model: Any, loader: Loader, input_name: str, device: str, label_smoothing: float = 0.0,
+def evaluate(model: Any, data: Labeled, batch_size: int, device: str, label_smoothing: float = 0.0,
              progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy of a model over labelled batches (eval mode, no gradients)."""
     import torch
@@ -330,8 +352,8 @@ def evaluate(model: Any, loader: Loader, input_name: str, device: str, label_smo
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     with torch.no_grad():
-        for batch in loader:
-            x = torch.from_numpy(batch[input_name]).to(device)
+        for batch in iterate(data, batch_size):
+            x = torch.from_numpy(batch[data.input_name]).to(device)
             y = torch.from_numpy(batch["__label__"]).to(device)
             logits = _logits(model(x)).float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum",
@@ -434,12 +456,9 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, warmup, total, min_ratio))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
 
-    def val_loader() -> Loader:
-        return Loader(val_data, batch_size=opts.batch_size)
-
     initial = None
     if val_data is not None:
-        initial = evaluate(model, val_loader(), name, device, opts.label_smoothing)
+        initial = evaluate(model, val_data, opts.batch_size, device, opts.label_smoothing)
     mem = PeakMemory(device)
     mem.start()
     epochs: list[dict[str, Any]] = []
@@ -447,12 +466,11 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
     seen = 0
     for epoch in range(1, opts.epochs + 1):
         te = time.perf_counter()
-        loader = Loader(train_data, batch_size=opts.batch_size, max_samples=opts.max_samples, shuffle=True,
-                        seed=opts.seed * 100003 + epoch)
-        cb = progress(len(loader), f"epoch {epoch}/{opts.epochs}") if progress else None
+        cb = progress(n_train, f"epoch {epoch}/{opts.epochs}") if progress else None
         handle.train(True)
         loss_sum, correct, n = 0.0, 0, 0
-        for batch in loader:
+        for batch in iterate(train_data, opts.batch_size, shuffle=True, seed=opts.seed * 100003 + epoch,
+                             max_samples=opts.max_samples):
             x = torch.from_numpy(batch[name]).to(device)
             y = torch.from_numpy(batch["__label__"]).to(device)
             logits = _logits(model(x))
@@ -476,7 +494,7 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
         rec: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
                                "lr": optim.param_groups[0]["lr"]}
         if val_data is not None:
-            v = evaluate(model, val_loader(), name, device, opts.label_smoothing)
+            v = evaluate(model, val_data, opts.batch_size, device, opts.label_smoothing)
             rec.update(val_loss=v["loss"], val_acc=v["acc"])
         rec["seconds"] = round(time.perf_counter() - te, 3)
         epochs.append(rec)

@@ -178,3 +178,17 @@ def test_wrong_base_model_and_unmappable_tensors_are_clear_errors(built, tmp_pat
         train(conv, tmp_path / f"conv_{exporter}")
         with pytest.raises(FpsGraphError, match=message):
             apply_delta(conv["onnx"], tmp_path / f"conv_{exporter}" / "delta.safetensors", tmp_path / "z.onnx")
+
+
+def test_end_to_end_sample_runs(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "samples" / "end_to_end.py"
+    spec = importlib.util.spec_from_file_location("end_to_end_sample", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    summary = mod.main(["--workdir", str(tmp_path), "--per-class", "12", "--test-per-class", "8", "--epochs", "3"])
+    assert summary["test_images"] == 32 and summary["onnx_vs_pytorch_max_rel_error"] <= 1e-4
+    assert summary["accuracy"]["finetuned_onnx"] == summary["accuracy"]["finetuned_pytorch"]
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "tiny_hybrid_finetuned.onnx").is_file()
+    assert "held-out accuracy" in capsys.readouterr().out

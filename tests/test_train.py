@@ -127,7 +127,7 @@ def test_cli_train_on_sample_images(tmp_path, capsys):
                   "--k", "2", "-q"]) == 0
     args = ["train", f"{SAMPLES / 'tiny_model.py'}:tiny_hybrid", "--weights", str(SAMPLES / "tiny_hybrid.safetensors"),
             "--masks", str(masks), "--data", str(SAMPLES / "images"), "-o", str(tmp_path / "run"),
-            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"]
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--threads", "1"]
     assert entry(args) == 2
     assert "pass --image-size" in capsys.readouterr().err
     assert entry(args + ["--image-size", "32", "--val", str(SAMPLES / "images")]) == 0
