@@ -84,6 +84,8 @@ def train(factory: str, weights: str | None, masks: str, data: str, val: str | N
     if quiet:
         return
     m = result.metrics
+    for n in m.get("notes", []):
+        click.echo(f"note: {n}", err=True)
     t, mem = m["trainable"], m["memory"]
     click.echo(f"trainable: {t['trainable']:,} values ({t['selected']:,} selected in {t['sparse_tensors']} tensors "
                f"+ {t['full_tensors']:,} in {len(m['trained_in_full'])} tensors trained in full) = "

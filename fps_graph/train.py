@@ -603,6 +603,15 @@ def plot_curves(epochs: list[dict[str, Any]], path: Path, initial: dict[str, Any
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed; no training-curve plot (pip install matplotlib)"
+    try:
+        _draw(epochs, path, initial, Figure, FigureCanvasAgg)
+    except Exception as exc:   # a plot is a nicety: never lose a finished run to it
+        return f"could not draw the training curve: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _draw(epochs: list[dict[str, Any]], path: Path, initial: dict[str, Any] | None, Figure: Any,
+          FigureCanvasAgg: Any) -> None:
     fig = Figure(figsize=(9, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
@@ -625,7 +634,6 @@ def plot_curves(epochs: list[dict[str, Any]], path: Path, initial: dict[str, Any
     fig.tight_layout()
     with atomic_output(path, force=True) as tmp:
         fig.savefig(str(tmp), format="png")
-    return None
 
 
 __all__ = ["TrainOptions", "TrainResult", "run_train", "evaluate", "open_labeled", "image_size", "lr_factor",

@@ -177,6 +177,14 @@ def test_mask_errors_name_key_and_shapes(tmp_path):
     with pytest.raises(FpsGraphError, match=r"'fc2.weight' \(.*m.safetensors\).*expected shape \[16, 32\].*found "
                                             r"\[16, 8\]"):
         attach(token_net(), path)
+    # dense (bool) masks files work like index files
+    dense = tmp_path / "dense.safetensors"
+    keep = np.zeros((32, 16), dtype=bool)
+    keep[:, 3] = True
+    with atomic_output(dense) as tmp:
+        write_masks(tmp, {"fc1.weight": np.flatnonzero(keep)}, {"fc1.weight": {"shape": [32, 16]}}, {}, dense=True)
+    h = attach(token_net(), dense)
+    assert torch.equal(h.deltas["fc1.weight"].index, torch.from_numpy(np.flatnonzero(keep)))
     # nothing was left half-attached by a failed call
     fresh = token_net()
     with pytest.raises(FpsGraphError):
