@@ -494,6 +494,9 @@ def _check_masks(model: nn.Module, ms: MaskSet) -> None:
     """Every mask key must name a floating-point parameter of the model, with the recorded shape."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, idx in ms.indices.items():
+        prefix, _, attr = key.rpartition(".")
+        if f"{prefix + '.' if prefix else ''}parametrizations.{attr}.original" in params:
+            raise FpsGraphError(f"{key} carries a sparse delta already (attach called twice? detach() first)")
         if key not in params:
             if looks_generated(key):
                 raise FpsGraphError(

@@ -105,6 +105,8 @@ def test_merge_unmerge_roundtrip_and_detach():
         handle.merge()
         handle.unmerge()
         assert all(torch.equal(handle._originals[k], raw[k]) for k in raw)
+    with pytest.raises(FpsGraphError, match="embed.weight carries a sparse delta already"):
+        attach(model, {"embed.weight": np.array([0])})
     plain = handle.detach(merge=True)
     assert not any("parametrizations" in k for k in plain.state_dict())
     assert all(p.requires_grad for p in plain.parameters())
