@@ -73,18 +73,12 @@ def export_map(model: OnnxModel) -> dict[str, dict[str, Any]]:
 def folded_from(model: OnnxModel) -> dict[str, list[str]]:
     """Dynamo's record of which named values a folded constant was computed from."""
     out: dict[str, list[str]] = {}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        for p in vi.metadata_props:
+    g = model.graph
+    for item in [*g.value_info, *g.input, *g.output, *g.initializer]:
+        for p in item.metadata_props:
             if p.key == "pkg.onnxscript.optimizer.folded_from":
                 try:
-                    out[vi.name] = eval_list(p.value)
-                except ValueError:
-                    pass
-    for t in model.graph.initializer:
-        for p in t.metadata_props:
-            if p.key == "pkg.onnxscript.optimizer.folded_from":
-                try:
-                    out[t.name] = eval_list(p.value)
+                    out[item.name] = eval_list(p.value)
                 except ValueError:
                     pass
     return out
