@@ -91,7 +91,8 @@ def train(factory: str, weights: str | None, masks: str, data: str, val: str | N
                f"+ {t['full_tensors']:,} in {len(m['trained_in_full'])} tensors trained in full) = "
                f"{100 * t['fraction']:.2f}% of full fine-tuning's {t['full_finetune']:,}", err=True)
     st = mem["train_state"]
-    click.echo(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB ({mem['peak_rss_scope']}); training state "
+    click.echo(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB ({mem['peak_rss_scope']}, +{mem['peak_increase_mb']:.0f} MB"
+               f" over the loaded model and data); training state "
                f"{st['sparse_mb']:.2f} MB vs {st['full_finetune_mb']:.2f} MB for full fine-tuning"
                + (f"; CUDA peak {mem['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in mem else ""),
                err=True)

@@ -272,6 +272,7 @@ class PeakMemory:
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
         out = {"peak_rss_mb": round(peak, 1), "rss_before_mb": round(self.before_mb or 0.0, 1),
+               "peak_increase_mb": round(max(0.0, peak - (self.before_mb or 0.0)), 1),
                "peak_rss_scope": "training" if self.reset_ok else "process"}
         if self.device.startswith("cuda"):
             import torch
