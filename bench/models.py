@@ -142,6 +142,30 @@ def model_files(name: str) -> tuple[Path, Path]:
     return d / f"{name}.onnx", d / f"{name}.safetensors"
 
 
+def onnx_variant(info: dict, layout: str) -> str:
+    """The model's ONNX file with its weights embedded ('embedded') or in a side file ('external', made once).
+
+    With external data, fps-graph leaves the weights on disk and ONNX Runtime maps and pre-packs them itself, so
+    they are held once; embedded weights are parsed into Python first (see bench/README.md).
+    """
+    src = Path(info["onnx"])
+    if layout == "embedded":
+        return str(src)
+    if layout != "external":
+        raise ValueError(layout)
+    dst = CACHE / "models" / (src.stem + "-ext.onnx")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+        import onnx
+
+        proto = onnx.load(str(src))
+        tmp = dst.with_name(dst.stem + ".tmp.onnx")
+        onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=dst.name + ".data", size_threshold=1024)
+        tmp.rename(dst)
+    return str(dst)
+
+
 def ensure_model(name: str, log=print) -> dict:
     """Export (once) and return {'onnx', 'weights', 'exporter', ...} for a model."""
     onnx_path, w_path = model_files(name)

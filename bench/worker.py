@@ -11,7 +11,8 @@ Methods (all read the same .npy through fps_graph's Loader, same batch size, sam
   sum |x| per input feature (Conv: F.unfold windows), then |W| * E|x| and top-K per output neuron;
 * ``gps``   - GPS-style: forward + backward (cross-entropy on the labels) over all batches, .grad accumulated,
   then top-K |grad| per output neuron;
-* ``plain`` - ONNX Runtime inference of the unmodified model over the same data (same session options).
+* ``plain`` - ONNX Runtime inference of the unmodified model file (InferenceSession(path), the session options
+  fps-graph uses) over the same data: the floor.
 
 Memory: RSS after the imports (``baseline``), the process high-water RSS (``ru_maxrss``) at the end (``peak``),
 and an RSS timeline sampled every 10 ms. On CUDA, torch.cuda.max_memory_allocated/reserved for the PyTorch methods
@@ -125,24 +126,33 @@ def run_ours(a, reduce: str) -> dict:
 
 
 def run_plain(a) -> dict:
-    from fps_graph.data import Loader, open_source
-    from fps_graph.model import load_model
-    from fps_graph.pipeline import spec_list
-    from fps_graph.runtime import create_session
+    """What a user would write: an InferenceSession on the model file, same options as fps-graph's sessions."""
+    import onnxruntime as ort
 
-    model = load_model(a.onnx)
-    sess = create_session(model.proto, a.provider, base_dir=model.base_dir, external=model.has_external_data(),
-                          opt_level=a.opt_level, threads=a.threads)
-    loader = Loader(open_source(a.data, spec_list(model)), batch_size=a.batch_size, max_samples=a.samples)
-    names = [i.name for i in sess.session.get_inputs()]
+    import numpy as np
+
+    from fps_graph.data import InputSpec, Loader, open_source
+    from fps_graph.runtime import _options
+
+    so = _options(a.opt_level, a.threads)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if a.device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(a.onnx, so, providers=providers)
+    provider = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    if a.device == "cuda" and provider != "cuda":
+        raise SystemExit("plain: the CUDA provider is not usable")
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+    specs = [InputSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(types[i.type]))
+             for i in sess.get_inputs()]
+    loader = Loader(open_source(a.data, specs), batch_size=a.batch_size, max_samples=a.samples)
+    names = [i.name for i in sess.get_inputs()]
     n = 0
     t0 = time.perf_counter()
     for batch in loader:
-        sess.session.run(None, {k: batch[k] for k in names})
+        sess.run(None, {k: batch[k] for k in names})
         n += int(next(iter(batch.values())).shape[0])
     pass_s = time.perf_counter() - t0
-    sess.close()
-    return {"pass_s": pass_s, "provider": sess.provider, "selected": 0, "samples_seen": n}
+    return {"pass_s": pass_s, "provider": provider, "selected": 0, "samples_seen": n}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +327,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(a.threads)
         torch.set_num_interop_threads(a.threads)
+        import torch._dynamo  # noqa: F401  (imported lazily by the meta-device build otherwise)
         import transformers  # noqa: F401
         import bench.models  # noqa: F401
         if a.device == "cuda":
