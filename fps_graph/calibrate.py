@@ -81,10 +81,10 @@ def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[
     users: dict[int, list[Layer]] = {}
     for layer in layers:
         users.setdefault(of_layer[layer.node].index, []).append(layer)
-    observed = augment(model.proto, observers, mode=reduce, stats=kinds)
-    sess = create_session(observed, provider, base_dir=model.base_dir, external=model.has_external_data(),
-                          opt_level=opt_level, threads=threads)
-    del observed
+    # the observed model is passed without a name here, so create_session can free it before ORT loads the file
+    sess = create_session(augment(model.proto, observers, mode=reduce, stats=kinds), provider,
+                          base_dir=model.base_dir, external=model.has_external_data(), opt_level=opt_level,
+                          threads=threads, consume=True)
     feed_names = [i.name for i in sess.session.get_inputs()]
     out_names = [o.name for o in sess.session.get_outputs()]
     st = Stats(model_sha256=model.sha256, kinds=tuple(kinds))

@@ -62,14 +62,40 @@ def _order_rows(score: np.ndarray) -> np.ndarray:
     return np.argsort(-score, axis=1, kind="stable")
 
 
-def topk_rows(score: np.ndarray, k: int | np.ndarray) -> np.ndarray:
-    """Sorted flat canonical positions of the top-k entries of every row (k may differ per row)."""
+def _topk_rows_sorted(score: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """topk_rows by a full stable sort of every row (the reference; used when scores are not all finite)."""
     rows, cols = score.shape
     order = _order_rows(score)
-    ks = np.broadcast_to(np.minimum(np.asarray(k), cols), (rows,))
     take = np.arange(cols)[None, :] < ks[:, None]
     flat = (order + (np.arange(rows) * cols)[:, None])[take]
     return np.sort(flat)
+
+
+def topk_rows(score: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """Sorted flat canonical positions of the top-k entries of every row (k may differ per row).
+
+    A partial partition finds each row's k-th best score; every entry above it is taken, then the entries equal
+    to it by lower position until the row has k: the same result as a stable sort, ~10x faster on ViT-B weights.
+    """
+    rows, cols = score.shape
+    ks = np.broadcast_to(np.minimum(np.asarray(k), cols), (rows,)).astype(np.int64)
+    if rows == 0 or cols == 0 or not np.all(np.isfinite(score)):
+        return _topk_rows_sorted(score, ks)
+    if np.all(ks == 1):   # argmax returns the first (lowest) position of each row's maximum
+        return np.argmax(score, axis=1) + np.arange(rows) * cols
+    live = ks > 0
+    pos = np.where(live, cols - ks, 0)
+    kth = np.unique(pos)
+    thr = np.partition(score, int(kth[0]) if kth.size == 1 else kth, axis=1)[np.arange(rows), pos]
+    thr = np.where(live, thr, np.inf)[:, None]
+    take = score > thr
+    equal = score == thr
+    need = ks - take.sum(axis=1)
+    crowded = np.flatnonzero(equal.sum(axis=1) > need)   # rows with more ties at the threshold than places
+    if crowded.size:
+        equal[crowded] &= np.cumsum(equal[crowded], axis=1) <= need[crowded, None]
+    take |= equal
+    return np.flatnonzero(take)
 
 
 def topn_flat(score: np.ndarray, n: int) -> np.ndarray:
