@@ -321,7 +321,10 @@ def main(argv=None) -> int:
     import fps_graph.data  # noqa: F401
     if not torch_method:
         import fps_graph.pipeline  # noqa: F401
-        import onnxruntime  # noqa: F401
+        import onnxruntime
+
+        if a.device == "cuda" and hasattr(onnxruntime, "preload_dlls"):
+            onnxruntime.preload_dlls()   # CUDA/cuDNN libraries from pip's nvidia-* packages, where installed
     else:
         import torch
 
