@@ -66,17 +66,12 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a (sub)graph's nodes read, including names used by nested subgraphs."""
     refs: set[str] = set()
     for node in graph.node:
-        refs.update(i for i in node.input if i)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                refs |= _outer_refs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    refs |= _outer_refs(g)
+        refs |= _node_inputs(node)
     return refs
 
 
 def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads: its inputs and whatever its subgraphs (If/Loop bodies) read from outside."""
     refs = {i for i in node.input if i}
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
