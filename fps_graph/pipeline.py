@@ -189,63 +189,52 @@ def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
     st.check_layers(plan.layers, source)
 
 
-def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
-               progress: ProgressFactory | None = None, stats_out: bool = False) -> SelectResult:
-    """Select the weights to fine-tune; nothing is written (see write_result)."""
-    t0 = time.perf_counter()
+def _check_options(opts: SelectOptions) -> str | None:
+    """Refuse contradictory options early; return the activation statistic the score uses."""
     if opts.score not in SCORES:
         raise FpsGraphError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
     if opts.stat is not None and opts.stat not in STATS:
         raise FpsGraphError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
-    stat = opts.stat or default_stat(opts.score)
     if opts.score == "wanda" and opts.stat not in (None, "l2"):
         raise FpsGraphError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
     if opts.score == "gd-fps" and not (opts.anchor or opts.anchor_stats_in):
         raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
-    sd = load_state_dict(opts.state_dict) if opts.state_dict else None
-    plan = make_plan(model_path, opts.include, opts.exclude, sd)
-    if not plan.groups:
-        reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
-        raise FpsGraphError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
-                            + (f"; skipped {reasons}" if reasons else ""))
+    return opts.stat or default_stat(opts.score)
+
+
+def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str | None, stats_out: bool,
+                  progress: ProgressFactory | None, warnings: list[str]
+                  ) -> tuple[Stats | None, CalibrationInfo | None, Stats | None]:
+    """Statistics of the data (run or loaded), and of the anchor for gd-fps."""
     kinds = _needed_kinds(opts.score, stat, stats_out)
-    run_warnings: list[str] = []
     stats: Stats | None = None
     calib: CalibrationInfo | None = None
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
-        missing = [k for k in kinds if k not in stats.kinds]
-        if missing and stat is not None and ({"mean-abs": "abs", "l2": "sq"}[stat] in missing):
-            raise FpsGraphError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs "
-                                f"{'abs' if stat == 'mean-abs' else 'sq'}")
+        need = {"mean-abs": "abs", "l2": "sq"}.get(stat or "")
+        if need and need not in stats.kinds:
+            raise FpsGraphError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
     elif kinds:
         if data is None:
             raise FpsGraphError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
-        stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", run_warnings)
+        stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
     anchor: Stats | None = None
     if opts.score == "gd-fps":
         if opts.anchor_stats_in:
             anchor = load_merged(list(opts.anchor_stats_in))
             _check_stats_file(anchor, plan, ", ".join(opts.anchor_stats_in))
-        elif opts.anchor:
-            anchor, _ = calibrate(plan, opts.anchor, opts, _needed_kinds(opts.score, stat, False), progress, "anchor",
-                                  run_warnings)
         else:
-            raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
+            anchor, _ = calibrate(plan, opts.anchor, opts, _needed_kinds(opts.score, stat, False), progress,
+                                  "anchor", warnings)
+    return stats, calib, anchor
 
-    groups = plan.groups
 
-    def score_fn(i: int) -> np.ndarray:
-        return score_weight(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
-
-    shapes = [g.primary.canonical_shape for g in groups]
-    chosen, warnings = select(len(groups), shapes, score_fn, k=opts.k, budget=opts.budget,
-                              granularity=opts.granularity, names=[plan.names[g.weight].key for g in groups])
-    warnings = run_warnings + warnings
+def _to_keys(plan: Plan, chosen: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Canonical positions -> sorted flat indices in each key tensor's own layout, and the per-key records."""
     indices: dict[str, np.ndarray] = {}
     tensors: dict[str, dict[str, Any]] = {}
-    for group, pos in zip(groups, chosen):
+    for group, pos in zip(plan.groups, chosen):
         info = plan.names[group.weight]
         stored_pos = group.primary.canonical_index().reshape(-1)[pos]
         key_index = info.key_index(group.primary.stored_shape)
@@ -257,15 +246,19 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         rec.update({"selected": int(key_pos.size), "total": int(group.size), "nodes": [l.node for l in group.layers],
                     "op": group.primary.op, "onnx_shape": list(group.primary.stored_shape)})
         tensors[info.key] = rec
-    selected = int(sum(v.size for v in indices.values()))
-    total = int(sum(g.size for g in groups))
-    meta = {
+    return indices, tensors
+
+
+def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str | None, stats: Stats | None,
+              anchor: Stats | None, selected: int, total: int) -> dict[str, Any]:
+    """The masks file header (see README: Masks format)."""
+    budget = opts.budget
+    return {
         "fps_graph_version": __version__,
         "score": opts.score, "stat": stat or "none",
         "k": "" if opts.k is None else str(opts.k),
-        "budget": "" if opts.budget is None else (
-            f"{opts.budget.fraction}" if opts.budget.fraction is not None else str(opts.budget.count)),
-        "granularity": opts.granularity if opts.budget is not None else "neuron",
+        "budget": "" if budget is None else (f"{budget.fraction}" if budget.fraction is not None else str(budget.count)),
+        "granularity": opts.granularity if budget is not None else "neuron",
         "num_samples": str(stats.num_samples if stats else 0),
         "anchor_samples": str(anchor.num_samples if anchor else 0),
         "model_sha256": plan.model.sha256,
@@ -275,16 +268,46 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                     "exclude": list(opts.exclude), "reduce": opts.reduce, "batch_size": opts.batch_size,
                     "max_samples": opts.max_samples, "shuffle": opts.shuffle},
     }
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
-    elapsed = time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+
+
+def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
+               progress: ProgressFactory | None = None, stats_out: bool = False) -> SelectResult:
+    """Select the weights to fine-tune; nothing is written (see write_result)."""
+    t0 = time.perf_counter()
+    stat = _check_options(opts)
+    sd = load_state_dict(opts.state_dict) if opts.state_dict else None
+    plan = make_plan(model_path, opts.include, opts.exclude, sd)
+    if not plan.groups:
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
+        raise FpsGraphError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
+                            + (f"; skipped {reasons}" if reasons else ""))
+    warnings: list[str] = []
+    stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
+    groups = plan.groups
+
+    def score_fn(i: int) -> np.ndarray:
+        return score_weight(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
+
+    chosen, select_warnings = select(len(groups), [g.primary.canonical_shape for g in groups], score_fn, k=opts.k,
+                                     budget=opts.budget, granularity=opts.granularity,
+                                     names=[plan.names[g.weight].key for g in groups])
+    indices, tensors = _to_keys(plan, chosen)
+    selected = int(sum(v.size for v in indices.values()))
+    total = int(sum(g.size for g in groups))
+    meta = _metadata(model_path, plan, opts, stat, stats, anchor, selected, total)
     summary = {
         "layers": len(plan.layers), "weights": len(groups), "selected": selected, "total": total,
         "fraction": selected / total if total else 0.0, "samples": stats.num_samples if stats else 0,
-        "seconds": elapsed, "calibration_seconds": calib.seconds if calib else 0.0,
+        "seconds": time.perf_counter() - t0, "calibration_seconds": calib.seconds if calib else 0.0,
         "samples_per_s": (calib.samples / calib.seconds) if calib and calib.seconds > 0 else 0.0,
-        "provider": calib.provider if calib else "none", "peak_rss_mb": peak_mb,
+        "provider": calib.provider if calib else "none", "peak_rss_mb": peak_rss_mb(),
     }
-    return SelectResult(indices, tensors, meta, stats, calib, warnings, summary)
+    return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary)
 
 
 def write_result(result: SelectResult, out: str | Path, dense: bool = False, force: bool = False) -> None:
