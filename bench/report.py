@@ -53,7 +53,9 @@ def markdown(res: dict) -> str:
                  + (f" (**shared machine: other jobs ran on the {m.get('cpu_count')} cores; timings are noisy**)"
                     if busy > 0.5 * (m.get("cpu_count") or 1) else "") + " |")
     lines += ["", "Time is from after the imports to the masks written (model load or build, session creation, the "
-              "pass over the data, top-K); *pass* is the pass over the data alone (samples/s is taken from it). Peak "
+              "pass over the data, top-K); *CPU* is the user+system CPU time of the process over the same span (all "
+              "threads; less sensitive to other jobs on the machine than wall time); *pass* is the pass over the data "
+              "alone (samples/s is taken from it). Peak "
               "memory is the process's high-water RSS (`ru_maxrss`); *above baseline* subtracts the RSS after the "
               "imports (torch+transformers ~240 MB, numpy+onnx+onnxruntime ~60 MB)."
               + (" On CUDA, *torch max alloc* is torch.cuda.max_memory_allocated and *device* is the process's "
@@ -63,8 +65,8 @@ def markdown(res: dict) -> str:
     for model, batch, samples in configs:
         rows = [s for s in res["summary"] if (s["model"], s["batch_size"], s["samples"]) == (model, batch, samples)]
         lines += ["", f"## {model}, batch {batch}, {samples} samples", ""]
-        head = "| method | time s | pass s | samples/s | peak RSS MB | above baseline MB |"
-        sep = "|---|---:|---:|---:|---:|---:|"
+        head = "| method | time s | CPU s | pass s | samples/s | peak RSS MB | above baseline MB |"
+        sep = "|---|---:|---:|---:|---:|---:|---:|"
         if cuda:
             head += " torch max alloc MB | device MB |"
             sep += "---:|---:|"
@@ -73,20 +75,21 @@ def markdown(res: dict) -> str:
             cells = [f"{SHORT[s['method']]}: {LABELS[s['method']]}"]
             if not s["ok"]:
                 cells += ["failed: " + s.get("error", "").replace("\n", " ").replace("|", "/")[:120]] + \
-                    ["-"] * (6 if cuda else 4)
+                    ["-"] * (7 if cuda else 5)
             else:
-                cells += [_cell(s.get("total_s")), _cell(s.get("pass_s")), _cell(s.get("samples_per_s")),
+                cells += [_cell(s.get("total_s")), _cell(s.get("cpu_s")), _cell(s.get("pass_s")),
+                          _cell(s.get("samples_per_s")),
                           _cell(s.get("peak_rss_mb"), "{:.0f}"), _cell(s.get("peak_above_baseline_mb"), "{:.0f}")]
                 if cuda:
                     cells += [_cell(s.get("cuda_max_allocated_mb"), "{:.0f}"), _cell(s.get("smi_peak_mb"), "{:.0f}")]
             lines.append("| " + " | ".join(cells) + " |")
         r = next(x for x in res["ratios"] if (x["model"], x["batch_size"], x["samples"]) == (model, batch, samples))
-        lines += ["", "| ratio of medians | time | pass | peak RSS | above baseline |" + (" device |" if cuda else ""),
-                  "|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+        lines += ["", "| ratio of medians | time | CPU | pass | peak RSS | above baseline |"
+                  + (" device |" if cuda else ""), "|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
         for key in ("gps/ours", "hooks/ours", "host/ours", "ours/plain"):
             q = r[key]
-            row = f"| {key} | {_x(q['total_s'])} | {_x(q['pass_s'])} | {_x(q['peak_rss_mb'])} | " \
-                  f"{_x(q['peak_above_baseline_mb'])} |"
+            row = f"| {key} | {_x(q['total_s'])} | {_x(q.get('cpu_s'))} | {_x(q['pass_s'])} | " \
+                  f"{_x(q['peak_rss_mb'])} | {_x(q['peak_above_baseline_mb'])} |"
             if cuda:
                 row += f" {_x(q['smi_peak_mb'])} |"
             lines.append(row)
@@ -221,6 +224,22 @@ def render(json_path: str | Path, with_plot: bool = True) -> tuple[str, str | No
     return str(md), (str(png) if png else None)
 
 
+def resummarize(json_path: str | Path) -> None:
+    """Recompute the summary, ratios and targets of a results file from its runs (after a change of metrics)."""
+    from bench.selection import summarize, targets
+
+    json_path = Path(json_path)
+    res = json.loads(json_path.read_text())
+    configs = [tuple(c) for c in res["settings"]["configs"]]
+    res["summary"], res["ratios"] = summarize(res["runs"], configs, res["settings"]["methods"])
+    res["targets"] = targets(res["ratios"], res["settings"]["device"])
+    json_path.write_text(json.dumps(res, indent=1))
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
+    args = sys.argv[1:]
+    again = "--resummarize" in args
+    for arg in [a for a in args if a != "--resummarize"]:
+        if again:
+            resummarize(arg)
         print(render(arg))

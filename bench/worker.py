@@ -44,6 +44,12 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads (less sensitive than wall time to other jobs)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class Sampler(threading.Thread):
     """RSS (and, on CUDA, this process's device memory via nvidia-smi) sampled in the background."""
 
@@ -341,6 +347,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
     import_s = time.perf_counter() - T_START
     baseline = rss_mb()
+    cpu0 = cpu_s()
     t0 = time.perf_counter()
     sampler = Sampler(t0, smi=a.device == "cuda")
     sampler.start()
@@ -351,11 +358,12 @@ def main(argv=None) -> int:
     else:
         res = run_torch(a, a.method)
     total_s = time.perf_counter() - t0
+    cpu_total = cpu_s() - cpu0
     sampler.stop()
     peak = maxrss_mb()
     res.update({
         "method": a.method, "model": a.model, "batch_size": a.batch_size, "samples": a.samples, "k": a.k,
-        "threads": a.threads, "device": a.device, "import_s": import_s, "total_s": total_s,
+        "threads": a.threads, "device": a.device, "import_s": import_s, "total_s": total_s, "cpu_s": cpu_total,
         "samples_per_s": res["samples_seen"] / res["pass_s"] if res["pass_s"] > 0 else 0.0,
         "baseline_rss_mb": baseline, "peak_rss_mb": peak, "peak_above_baseline_mb": peak - baseline,
         "end_rss_mb": rss_mb(), "timeline": sampler.timeline(), "pid": os.getpid(),
