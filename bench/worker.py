@@ -44,6 +44,16 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_used_mb() -> float | None:
+    """The GPU's memory.used (MB) from nvidia-smi, or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return float(out.strip().splitlines()[0])
+    except Exception:
+        return None
+
+
 def cpu_s() -> float:
     """User + system CPU seconds of this process, all threads (less sensitive than wall time to other jobs)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -53,9 +63,10 @@ def cpu_s() -> float:
 class Sampler(threading.Thread):
     """RSS (and, on CUDA, this process's device memory via nvidia-smi) sampled in the background."""
 
-    def __init__(self, t0: float, interval: float = 0.01, smi: bool = False):
+    def __init__(self, t0: float, interval: float = 0.01, smi: bool = False, smi_base: float | None = None):
         super().__init__(daemon=True)
         self.t0, self.interval, self.smi = t0, interval, smi
+        self.smi_base = smi_base   # device memory.used before this process touched CUDA
         self.samples: list[tuple[float, float]] = []
         self.smi_peak_mb = 0.0
         self.smi_how = ""
@@ -72,7 +83,7 @@ class Sampler(threading.Thread):
 
     def _poll_smi(self) -> None:
         pid = os.getpid()
-        base = None
+        base = self.smi_base
         while not self._halt.is_set():
             try:
                 out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
@@ -90,7 +101,7 @@ class Sampler(threading.Thread):
                     if base is None:
                         base = used
                     if not self.smi_how.startswith("nvidia-smi per-process"):
-                        self.smi_how = "nvidia-smi device memory.used minus its value at start"
+                        self.smi_how = "nvidia-smi device memory.used minus its value at process start"
                         self.smi_peak_mb = max(self.smi_peak_mb, used - base)
             except Exception:
                 pass
@@ -321,6 +332,7 @@ def main(argv=None) -> int:
     a.provider = a.device
 
     torch_method = a.method in ("hooks", "gps")
+    smi_base = device_used_mb() if a.device == "cuda" else None   # before any CUDA context of ours
     # Imports first: they are not part of the job, their memory is the baseline.
     import numpy  # noqa: F401
 
@@ -330,7 +342,10 @@ def main(argv=None) -> int:
         import onnxruntime
 
         if a.device == "cuda" and hasattr(onnxruntime, "preload_dlls"):
-            onnxruntime.preload_dlls()   # CUDA/cuDNN libraries from pip's nvidia-* packages, where installed
+            try:
+                onnxruntime.preload_dlls()   # CUDA/cuDNN libraries from pip's nvidia-* packages, where installed
+            except Exception:
+                pass
     else:
         import torch
 
@@ -349,7 +364,7 @@ def main(argv=None) -> int:
     baseline = rss_mb()
     cpu0 = cpu_s()
     t0 = time.perf_counter()
-    sampler = Sampler(t0, smi=a.device == "cuda")
+    sampler = Sampler(t0, smi=a.device == "cuda", smi_base=smi_base)
     sampler.start()
     if a.method in ("ours", "host"):
         res = run_ours(a, "graph" if a.method == "ours" else "host")
