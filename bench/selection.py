@@ -1,6 +1,6 @@
 """Selection memory and speed, side by side: fps-graph against GPS-style selection and the alternatives.
 
-    python -m bench.selection --quick                                       # tiny sample + a small ViT-B/16 run
+    python -m bench.selection --quick                     # tiny sample + a small ViT-B/16 run (~3 min on 2 cores)
     python -m bench.selection --model vit-b16 --batch-size 32 --samples 256 # one configuration, 3 repetitions
     python -m bench.selection --model vit-b16 --batch-size 32 --samples 64,256,1024   # time vs data, memory flat
     python -m bench.selection --model resnet50 --batch-size 16,32,64 --samples 256
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--layout", default="external", choices=["external", "embedded"],
                    help="ONNX weights in a side file (default) or inside the .onnx (bench/README.md)")
-    p.add_argument("--quick", action="store_true", help="tiny sample (b32, n256) + ViT-B/16 (b16, n32), 3 reps")
+    p.add_argument("--quick", action="store_true", help="tiny sample (b32, n256) + ViT-B/16 (b16, n16), 3 reps")
     p.add_argument("--name", default=None, help="results file stem (default from the settings)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--timeout", type=int, default=3600, help="per measurement, seconds")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown methods {bad}")
     if args.quick:
-        configs = [("tiny", 32, 256), ("vit-b16", 16, 32)]
+        configs = [("tiny", 32, 256), ("vit-b16", 16, 16)]
     else:
         models = [m.strip() for m in args.model.split(",")]
         for m in models:
