@@ -192,3 +192,16 @@ def test_aggregate_and_paired_diff():
     assert agg["a"]["acc"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     d = common.paired_diff(runs, "a", "b", "acc")
     assert d["n"] == 2 and d["mean"] == pytest.approx(0.0) and d["a_ge_b"] == 0.5
+
+
+def test_row_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from bench.quality.diagnose import row_spearman
+
+    rng = np.random.default_rng(3)
+    a = rng.random((5, 40))
+    b = a + rng.normal(0, 0.3, a.shape)
+    want = np.mean([stats.spearmanr(a[i], b[i]).statistic for i in range(5)])
+    assert row_spearman(a, b) == pytest.approx(want, abs=1e-12)
+    assert row_spearman(a, a) == pytest.approx(1.0)
+    assert row_spearman(a, -a) == pytest.approx(-1.0)

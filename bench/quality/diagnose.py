@@ -10,7 +10,9 @@ statistics and masks). Writes bench/results/quality_crepe_diagnosis.{json,md}.
    GPS's |gradient| scores. Where E|x| is flat, FPS ranks like magnitude.
 2. Which layers: at K=4, FPS's selection with one layer's entries replaced by GPS's (and GPS's with one layer
    replaced by FPS's), trained with the same recipe: how much of the FPS-GPS gap each layer carries.
-3. Recipe: FPS and GPS at K=4 with the learning rate a factor 3 lower and higher.
+3. Granularity: at the layer budgets every method gets the same count per tensor, but may spread it over few or
+   many output neurons; the share of output neurons that receive at least one trainable entry, per layer.
+4. Recipe: FPS and GPS at K=4 with the learning rate a factor 3 lower and higher.
 """
 from __future__ import annotations
 
@@ -71,9 +73,34 @@ def statistic_table(onnx_path: Path, stats_path: Path, grads: dict[str, np.ndarr
     return rows
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
+    """Per method and layer: the share of output neurons with at least one selected entry at a point."""
+    from fps_graph.masks import load_indices, read_metadata
+
+    out: dict[str, dict[str, float]] = {}
+    for method in ("fps", "gd-fps", "wanda", "gps", "magnitude", "random"):
+        name = f"masks_gps_{_slug(label)}.safetensors" if method == "gps" else \
+            f"masks_{method}_{_slug(label)}_s{seed}.safetensors"
+        path = sdir / "select" / name
+        if not path.is_file():
+            continue
+        tensors = read_metadata(path)["tensors"]
+        row = {}
+        for key, idx in load_indices(path).items():
+            rows, fan = canonical_shape(tensors[key]["shape"])
+            row[key] = float(np.unique(idx // fan).size / rows)
+        out[method] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=2, help="seeds of the main run to diagnose (default 2)")
+    ap.add_argument("--reverse", action="store_true", help="also GPS with one layer taken from FPS")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-swap", action="store_true")
     ap.add_argument("--no-lr", action="store_true")
@@ -95,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     out: dict[str, Any] = {"point": point.label, "recipe": recipe.__dict__, "seeds": list(range(args.seeds))}
 
-    stat_rows, runs = [], []
+    stat_rows, runs, cover = [], [], []
     for seed in range(args.seeds):
         sdir = work / f"seed{seed}"
         tr = np.load(sdir / "train.npz")
@@ -108,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = sorted(load_indices(template))
         grads = gradient_scores(C.load_pretrained(), batches, torch.nn.functional.cross_entropy, keys)
         stat_rows.append(statistic_table(onnx_path, sdir / "select" / "stats.safetensors", grads))
+        cover.append({p["label"]: coverage(sdir, seed, p["label"]) for p in full["points"] if p["k"] is None})
         fps = load_indices(sdir / "select" / f"masks_fps_K_4_s{seed}.safetensors")
         gps = select_from_scores(grads, point)
 
@@ -123,19 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_swap:
             for key in keys:
                 train(f"fps + gps@{key}", {k: (gps[k] if k == key else fps[k]) for k in keys})
-                train(f"gps + fps@{key}", {k: (fps[k] if k == key else gps[k]) for k in keys})
+                if args.reverse:
+                    train(f"gps + fps@{key}", {k: (fps[k] if k == key else gps[k]) for k in keys})
         if not args.no_lr:
             for f in (1 / 3, 3):
                 r = replace(recipe, lr=recipe.lr * f)
                 train(f"fps lr x{f:.2g}", fps, r)
                 train(f"gps lr x{f:.2g}", gps, r)
-        write(out, stat_rows, runs, full, t_start)
-    write(out, stat_rows, runs, full, t_start, final=True)
+        write(out, stat_rows, runs, cover, full, t_start)
+    write(out, stat_rows, runs, cover, full, t_start, final=True)
     return 0
 
 
 def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list[dict[str, Any]],
-          full: dict[str, Any], t_start: float, final: bool = False) -> None:
+          cover: list[dict[str, Any]], full: dict[str, Any], t_start: float, final: bool = False) -> None:
     layers = [r["layer"] for r in stat_rows[0]]
     stat = []
     for i, layer in enumerate(layers):
@@ -155,7 +184,8 @@ def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list
         d = np.array([r["metrics"]["rpa_noisy"] - base.get((ref, r["seed"]), np.nan) for r in rs])
         agg[label] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                       "diff_vs_" + ref: float(np.nanmean(d)), "n": int(len(v))}
-    doc = {**out, "final": final, "statistic": stat, "statistic_per_seed": stat_rows, "runs": runs, "aggregate": agg,
+    doc = {**out, "final": final, "statistic": stat, "statistic_per_seed": stat_rows, "coverage_per_seed": cover,
+           "runs": runs, "aggregate": agg,
            "baseline_k4": {f"{m}/{s}": v for (m, s), v in base.items()}, "seconds": round(time.perf_counter() - t_start)}
     write_json(RESULTS / "quality_crepe_diagnosis.json", doc)
     md = [f"# CREPE: why FPS and GPS differ ({'final' if final else 'partial'})", "",
@@ -165,6 +195,14 @@ def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list
     for s in stat:
         md.append(f"| {s['layer']} | {s['shape'][0]}x{s['shape'][1]} | {s['act_cv']:.2f} | {s['rho_fps_mag']:.2f} | "
                   f"{s['rho_fps_grad']:.2f} | {s['rho_mag_grad']:.2f} |")
+    for label in (cover[0] if cover else {}):
+        methods = list(cover[0][label])
+        md += ["", f"## Granularity: share of output neurons with a trainable entry at {label} (mean over seeds)", "",
+               "| layer | " + " | ".join(methods) + " |", "|" + " --- |" * (len(methods) + 1)]
+        for s in stat:
+            k = s["layer"]
+            md.append(f"| {k} | " + " | ".join(f"{np.mean([c[label][m][k] for c in cover]):.2f}" for m in methods)
+                      + " |")
     fk = {k: v for k, v in base.items()}
     if fk:
         f = np.mean([v for (m, _), v in fk.items() if m == "fps"]) if any(m == "fps" for m, _ in fk) else float("nan")
