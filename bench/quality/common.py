@@ -373,30 +373,34 @@ def _count(n: int | None) -> str:
 
 def plot(agg: list[dict[str, Any]], metric: str, methods: Sequence[str], refs: Sequence[str], path: Path,
          title: str, models: Sequence[str] = ("",), ylabel: str = "accuracy") -> None:
-    """Accuracy against trainable parameters, one line per method (error bars: std over seeds), references as
-    markers; one panel per model."""
+    """Accuracy against trainable parameters, one line per method (solid: top-K per output neuron; dashed: layer
+    budgets), error bars: std over seeds, methods slightly offset sideways; references as black markers; one panel
+    per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.6 * len(models), 4.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, model in zip(axes[0], models):
         rows = [r for r in agg if r["model"] == model]
         for i, m in enumerate(methods):
-            rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["trainable"])
-            if not rs:
-                continue
-            x = [r["trainable"] for r in rs]
-            y = [100 * r[metric]["mean"] for r in rs]
-            e = [100 * r[metric]["std"] for r in rs]
-            ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, label=LABELS.get(m, m), color=colors[i % 10],
-                        lw=2.2 if m in ("fps", "gps") else 1.2)
+            jitter = 1.0 + 0.025 * (i - (len(methods) - 1) / 2)
+            for kind, style, marker in (("K", "-", "o"), ("budget", "--", "s")):
+                rs = sorted((r for r in rows if r["method"] == m and (r["point"].startswith("K=") == (kind == "K"))),
+                            key=lambda r: r["trainable"])
+                if not rs:
+                    continue
+                x = [r["trainable"] * jitter for r in rs]
+                y = [100 * r[metric]["mean"] for r in rs]
+                e = [100 * r[metric]["std"] for r in rs]
+                ax.errorbar(x, y, yerr=e, marker=marker, ms=4, capsize=2, ls=style, color=colors[i % 10],
+                            lw=2.2 if m in ("fps", "gps") else 1.1, elinewidth=0.8,
+                            label=LABELS.get(m, m) if kind == "K" else None)
         markers = {"none": "x", "bias": "s", "bias+head": "D", "full": "*", "head": "v"}
         for m in refs:
-            rs = [r for r in rows if r["method"] == m]
-            for r in rs:
+            for r in (r for r in rows if r["method"] == m):
                 ax.errorbar([max(r["trainable"], 1)], [100 * r[metric]["mean"]], yerr=[100 * r[metric]["std"]],
                             marker=markers.get(m, "^"), ms=9, color="k", ls="none", capsize=3,
                             label=LABELS.get(m, m), alpha=0.7)
@@ -404,14 +408,25 @@ def plot(agg: list[dict[str, Any]], metric: str, methods: Sequence[str], refs: S
         ax.set_xlabel("trainable parameters (selected entries + biases + head)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.set_title(f"{title}{' - ' + model if model else ''}", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{title}{' - ' + model if model else ''}\n(solid: top-K per neuron; dashed: layer budgets)",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def replot(json_path: Path, metric: str, title: str, ylabel: str) -> None:
+    """Redraw an experiment's PNG from its JSON."""
+    doc = json.loads(Path(json_path).read_text())
+    agg = doc["aggregate"]
+    methods = [m for m in SELECT_METHODS if any(r["method"] == m for r in agg)]
+    refs = [m for m in ("none", "head", "bias", "bias+head", "full") if any(r["method"] == m for r in agg)]
+    models = list(dict.fromkeys(r["model"] for r in agg))
+    plot(agg, metric, methods, refs, Path(json_path).with_suffix(".png"), title, models=models, ylabel=ylabel)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,6 +1,7 @@
 """Why does FPS pick differently from GPS? Diagnostics on the CREPE experiment's saved selections.
 
     python -m bench.quality.diagnose [--seeds N] [--no-swap] [--no-lr]
+    python -m bench.quality.diagnose --experiment vision
 
 Run after ``python -m bench.quality.crepe`` (it reads bench/.cache/quality/crepe/: the per-seed training splits,
 statistics and masks). Writes bench/results/quality_crepe_diagnosis.{json,md}.
@@ -83,11 +84,12 @@ def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
 
     out: dict[str, dict[str, float]] = {}
     for method in ("fps", "gd-fps", "wanda", "gps", "magnitude", "random"):
-        name = f"masks_gps_{_slug(label)}.safetensors" if method == "gps" else \
-            f"masks_{method}_{_slug(label)}_s{seed}.safetensors"
-        path = sdir / "select" / name
-        if not path.is_file():
+        names = [f"masks_gps_{_slug(label)}.safetensors", f"masks_gps_{_slug(label)}_.safetensors"] \
+            if method == "gps" else [f"masks_{method}_{_slug(label)}_s{seed}.safetensors"]
+        found = [sdir / "select" / n for n in names if (sdir / "select" / n).is_file()]
+        if not found:
             continue
+        path = found[0]
         tensors = read_metadata(path)["tensors"]
         row = {}
         for key, idx in load_indices(path).items():
@@ -97,8 +99,58 @@ def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def vision_statistics(seeds: int, work: Path) -> None:
+    """The statistic table (and neuron coverage at the layer budgets) for the vision models of the main run."""
+    from fps_graph.masks import load_indices
+
+    from bench.quality import vision as V
+
+    full = json.loads((RESULTS / "quality_vision.json").read_text())
+    md = ["# Vision: why FPS and GPS differ (statistics of the main run's selections)", "",
+          "CV: coefficient of variation of FPS's E|x_i| over a neuron's inputs. rho: within-row Spearman rank "
+          "correlation of the scores (GPS: |gradient| of the supervised-contrastive loss), mean over output neurons "
+          f"and seeds 0-{seeds - 1}. Coverage: share of output neurons with at least one trainable entry.", ""]
+    doc: dict[str, Any] = {}
+    for name in full["models"]:
+        weights, _ = V.pretrained_weights(name)
+        onnx_path = work / name / f"{name}.onnx"
+        per_seed, cover = [], []
+        for seed in range(seeds):
+            sdir = work / name / f"seed{seed}"
+            split = V.transfer_splits(full["shots_per_class"], seed)
+            keys = sorted(load_indices(sorted((sdir / "select").glob("masks_magnitude_K_1_*.safetensors"))[0]))
+            grads = V.supcon_gradient_scores(V.load_model(name, weights), split["x_train"], split["y_train"], keys,
+                                             seed)
+            per_seed.append(statistic_table(onnx_path, sdir / "select" / "stats.safetensors", grads))
+            cover.append({p["label"]: coverage(sdir, seed, p["label"]) for p in full["points"] if p["k"] is None})
+        layers = [r["layer"] for r in per_seed[0]]
+        rows = []
+        for i, layer in enumerate(layers):
+            rs = [ps[i] for ps in per_seed]
+            rows.append({"layer": layer, "shape": rs[0]["shape"],
+                         **{k: float(np.mean([r[k] for r in rs])) for k in ("act_cv", "rho_fps_mag", "rho_fps_grad",
+                                                                             "rho_mag_grad")}})
+        doc[name] = {"statistic": rows, "coverage_per_seed": cover}
+        label = next(iter(cover[0]), None)
+        md += [f"## {name}", "", "| layer | shape | CV of E\\|x\\| | rho(FPS, mag) | rho(FPS, GPS) | rho(mag, GPS) | "
+               + (f"coverage at {label}: FPS / GPS / random |" if label else ""),
+               "| --- | --- | --- | --- | --- | --- |" + (" --- |" if label else "")]
+        for r in rows:
+            cov = ""
+            if label:
+                cv = [np.mean([c[label][m][r["layer"]] for c in cover]) for m in ("fps", "gps", "random")]
+                cov = f" {cv[0]:.2f} / {cv[1]:.2f} / {cv[2]:.2f} |"
+            md.append(f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['act_cv']:.2f} | {r['rho_fps_mag']:.2f} |"
+                      f" {r['rho_fps_grad']:.2f} | {r['rho_mag_grad']:.2f} |" + cov)
+        md.append("")
+    write_json(RESULTS / "quality_vision_diagnosis.json", doc)
+    (RESULTS / "quality_vision_diagnosis.md").write_text("\n".join(md) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experiment", choices=("crepe", "vision"), default="crepe",
+                    help="vision: only the statistics and coverage tables (no training)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the main run to diagnose (default 2)")
     ap.add_argument("--reverse", action="store_true", help="also GPS with one layer taken from FPS")
     ap.add_argument("--threads", type=int, default=1)
@@ -110,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.experiment == "vision":
+        vision_statistics(args.seeds, CACHE / "vision")
+        return 0
     work = Path(args.work)
     full = json.loads((RESULTS / "quality_crepe.json").read_text())
     rec = full["recipe"]
