@@ -148,11 +148,13 @@ def test_existing_output_is_refused_without_force(tmp_path):
 
 def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
     data = tmp_path / "many.npy"
-    np.lib.format.open_memmap(data, mode="w+", dtype=np.float32, shape=(20000, 3, 32, 32)).flush()
+    # a sparse file of zeros: far more samples than the run can get through before the signal
+    np.lib.format.open_memmap(data, mode="w+", dtype=np.float32, shape=(400000, 3, 32, 32)).flush()
     out = tmp_path / "m.safetensors"
     p = subprocess.Popen([sys.executable, "-m", "fps_graph_cli.main", "select", str(SAMPLE), str(data), "-o", str(out),
                           "--batch-size", "1", "-q"], stderr=subprocess.PIPE, text=True)
     time.sleep(3.0)
+    assert p.poll() is None, "the run ended before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
