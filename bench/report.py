@@ -57,7 +57,7 @@ def markdown(res: dict) -> str:
               "threads; less sensitive to other jobs on the machine than wall time); *pass* is the pass over the data "
               "alone (samples/s is taken from it). Peak "
               "memory is the process's high-water RSS (`ru_maxrss`); *above baseline* subtracts the RSS after the "
-              "imports (torch+transformers ~240 MB, numpy+onnx+onnxruntime ~60 MB)."
+              "imports (torch+transformers ~310 MB, numpy+onnx+onnxruntime ~60 MB)."
               + (" On CUDA, *torch max alloc* is torch.cuda.max_memory_allocated and *device* is the process's "
                  "memory in nvidia-smi (context included)." if cuda else "")
               + " Cells: median (min-max)."]
