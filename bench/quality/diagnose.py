@@ -78,6 +78,23 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def channel_overlap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], shapes: dict[str, list[int]]
+                    ) -> dict[str, dict[str, float]]:
+    """Per layer: exact overlap of two selections, and the share of A's entries whose input channel (conv: the
+    kernel's input channel; Linear: the input feature) is among the channels B chose in the same output row."""
+    out = {}
+    for key in a:
+        rows, fan = canonical_shape(shapes[key])
+        taps = int(np.prod(shapes[key][2:])) if len(shapes[key]) > 2 else 1
+        ra, ca = a[key] // fan, (a[key] % fan) // taps
+        rb, cb = b[key] // fan, (b[key] % fan) // taps
+        chan_b = set(zip(rb.tolist(), cb.tolist()))
+        same = np.mean([(r, c) in chan_b for r, c in zip(ra.tolist(), ca.tolist())]) if len(ra) else float("nan")
+        out[key] = {"exact": float(len(np.intersect1d(a[key], b[key])) / max(len(a[key]), 1)),
+                    "channel": float(same)}
+    return out
+
+
 def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
     """Per method and layer: the share of output neurons with at least one selected entry at a point."""
     from fps_graph.masks import load_indices, read_metadata
@@ -178,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"point": point.label, "recipe": recipe.__dict__, "seeds": list(range(args.seeds))}
 
     stat_rows, runs, cover = [], [], []
+    previous = RESULTS / "quality_crepe_diagnosis.json"
+    if args.no_swap and args.no_lr and previous.is_file():
+        runs = json.loads(previous.read_text()).get("runs", [])   # statistics only: keep the earlier training runs
     for seed in range(args.seeds):
         sdir = work / f"seed{seed}"
         tr = np.load(sdir / "train.npz")
@@ -190,9 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         keys = sorted(load_indices(template))
         grads = gradient_scores(C.load_pretrained(), batches, torch.nn.functional.cross_entropy, keys)
         stat_rows.append(statistic_table(onnx_path, sdir / "select" / "stats.safetensors", grads))
+        from fps_graph.masks import read_metadata
+
+        shapes = {k: v["shape"] for k, v in read_metadata(template)["tensors"].items()}
         cover.append({p["label"]: coverage(sdir, seed, p["label"]) for p in full["points"] if p["k"] is None})
         fps = load_indices(sdir / "select" / f"masks_fps_K_4_s{seed}.safetensors")
         gps = select_from_scores(grads, point)
+        chan = channel_overlap(fps, gps, shapes)
+        for row in stat_rows[-1]:
+            row["k4_exact_overlap"] = chan[row["layer"]]["exact"]
+            row["k4_channel_overlap"] = chan[row["layer"]]["channel"]
 
         def train(label: str, idx: dict[str, np.ndarray], r: Recipe = recipe) -> None:
             mp = write_masks_like(template, idx, sdir / "select" / "diag_masks.safetensors", "diagnosis")
@@ -226,7 +253,8 @@ def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list
         rs = [s[i] for s in stat_rows]
         stat.append({"layer": layer, "shape": rs[0]["shape"],
                      **{k: float(np.mean([r[k] for r in rs])) for k in ("act_cv", "rho_fps_mag", "rho_fps_grad",
-                                                                         "rho_mag_grad")}})
+                                                                         "rho_mag_grad", "k4_exact_overlap",
+                                                                         "k4_channel_overlap")}})
     base = {}
     for r in full["runs"]:
         if r["point"] == out["point"] and r["method"] in ("fps", "gps") and r["seed"] in out["seeds"]:
@@ -245,11 +273,15 @@ def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list
     write_json(RESULTS / "quality_crepe_diagnosis.json", doc)
     md = [f"# CREPE: why FPS and GPS differ ({'final' if final else 'partial'})", "",
           "## Statistic: spread of E|x| and within-row rank agreement (mean over seeds)", "",
+          "rho: within-row Spearman rank correlation of two scores, mean over output neurons. Overlap at K=4: the "
+          "share of FPS's entries that GPS also chose (exact), or whose input channel GPS also chose in that row "
+          "(channel).", "",
           "| layer | shape [out, fan_in] | CV of E\\|x\\| over the fan-in | rho(FPS, magnitude) | rho(FPS, GPS) | "
-          "rho(magnitude, GPS) |", "| --- | --- | --- | --- | --- | --- |"]
+          "rho(magnitude, GPS) | overlap K=4 exact / channel |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in stat:
         md.append(f"| {s['layer']} | {s['shape'][0]}x{s['shape'][1]} | {s['act_cv']:.2f} | {s['rho_fps_mag']:.2f} | "
-                  f"{s['rho_fps_grad']:.2f} | {s['rho_mag_grad']:.2f} |")
+                  f"{s['rho_fps_grad']:.2f} | {s['rho_mag_grad']:.2f} | {s['k4_exact_overlap']:.2f} / "
+                  f"{s['k4_channel_overlap']:.2f} |")
     for label in (cover[0] if cover else {}):
         methods = list(cover[0][label])
         md += ["", f"## Granularity: share of output neurons with a trainable entry at {label} (mean over seeds)", "",
@@ -258,12 +290,14 @@ def write(out: dict[str, Any], stat_rows: list[list[dict[str, Any]]], runs: list
             k = s["layer"]
             md.append(f"| {k} | " + " | ".join(f"{np.mean([c[label][m][k] for c in cover]):.2f}" for m in methods)
                       + " |")
-    fk = {k: v for k, v in base.items()}
+    seeds_run = sorted({r["seed"] for r in runs})
+    fk = {k: v for k, v in base.items() if k[1] in seeds_run}
     if fk:
         f = np.mean([v for (m, _), v in fk.items() if m == "fps"]) if any(m == "fps" for m, _ in fk) else float("nan")
         g = np.mean([v for (m, _), v in fk.items() if m == "gps"]) if any(m == "gps" for m, _ in fk) else float("nan")
         md += ["", f"## Swaps and learning rates at {out['point']} (noisy RPA %, mean ± std over seeds)", "",
-               f"Main run at {out['point']}: FPS {100 * f:.1f}, GPS {100 * g:.1f}.", "",
+               f"Main run at {out['point']}, seeds {seeds_run}: FPS {100 * f:.1f}, GPS {100 * g:.1f}. "
+               "'vs. its base': paired difference to the main run's FPS (or GPS) at the same seed.", "",
                "| run | RPA | vs. its base (pp) | n |", "| --- | --- | --- | --- |"]
         for label, a in agg.items():
             d = a.get("diff_vs_fps", a.get("diff_vs_gps"))
