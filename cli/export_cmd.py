@@ -15,13 +15,17 @@ from fps_graph_cli.common import parse_ints
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--input-name", default="input", show_default=True)
+@click.option("--fold/--no-fold", default=False, show_default=True,
+              help="Let the exporter fold constants (BatchNorm into Conv, transposed Linear weights). Without it the"
+                   " ONNX weights are the module's own tensors; ONNX Runtime folds them when it loads the model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def export(factory: str, weights: str | None, input_shape: str, output: str, exporter: str, dynamic_batch: bool,
-           opset: int | None, input_name: str, force: bool) -> None:
+           opset: int | None, input_name: str, force: bool, fold: bool) -> None:
     """Export the model built by FACTORY (module:function or file.py:function) to ONNX."""
     from fps_graph.export import export as do_export
 
     report = do_export(factory, parse_ints(input_shape, "--input-shape"), output, weights=weights, exporter=exporter,
-                       dynamic_batch=dynamic_batch, opset=opset, input_name=input_name, force=force)
+                       dynamic_batch=dynamic_batch, opset=opset, input_name=input_name, force=force,
+                       fold=fold)
     click.echo(f"wrote {report['output']} ({report['exporter']}): {report['layers']} scored layers, "
                f"{report['mapped']} weights mapped to PyTorch names", err=True)

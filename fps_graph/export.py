@@ -102,7 +102,7 @@ def weight_map(onnx_path: str | Path, state_dict: dict[str, np.ndarray]) -> dict
 
 def export(spec: str, input_shape: tuple[int, ...], output: str | Path, weights: str | None = None,
            exporter: str = "dynamo", dynamic_batch: bool = True, opset: int | None = None,
-           input_name: str = "input", force: bool = False) -> dict[str, Any]:
+           input_name: str = "input", force: bool = False, fold: bool = False) -> dict[str, Any]:
     """Export the model to ONNX at output (atomically), record the weight map; return a short report."""
     import torch
 
@@ -120,6 +120,10 @@ def export(spec: str, input_shape: tuple[int, ...], output: str | Path, weights:
         kwargs: dict[str, Any] = {"input_names": [input_name], "output_names": ["output"], "dynamo": exporter == "dynamo"}
         if opset:
             kwargs["opset_version"] = opset
+        if not fold:
+            # keep weights as the module holds them: no BatchNorm folded into Conv weights, Linear weights used
+            # through a Transpose node under their own names (ONNX Runtime folds both when it loads the model)
+            kwargs["optimize" if exporter == "dynamo" else "do_constant_folding"] = False
         if dynamic_batch:
             if exporter == "dynamo":
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)

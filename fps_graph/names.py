@@ -170,18 +170,30 @@ def _resolve_one(model: OnnxModel, weight: str, layer: Layer, recorded: dict, fo
     if rec and rec.get("torch"):
         perm = rec.get("transpose")
         return make(rec["torch"], list(perm) if perm else None, "export-metadata")
+    notes = []
+    if recorded and sd is None:
+        # fps-graph export checked every scored weight by value; one it left out differs from its PyTorch tensor
+        notes.append(f"{weight}: its values did not match the PyTorch state dict at export (a BatchNorm folded into"
+                     " it?); top-K per neuron is unaffected, budgets across neurons rank the folded values")
+    sources = [c for c in folded.get(weight, []) if not looks_generated(c)]
+    if len(sources) > 1 and sd is None:
+        notes.append(f"{weight} was folded from {sources} (a BatchNorm folded into a weight?); top-K per neuron is"
+                     " unaffected, budgets across neurons rank the folded values")
+
+    def noted(info: NameInfo) -> NameInfo:
+        info.notes.extend(notes)
+        return info
+
     if not looks_generated(weight) and _agrees(sd, weight, stored, None):
-        return make(weight, None, "initializer-name")
+        return noted(make(weight, None, "initializer-name"))
     derived = _derived_perm(layer)
-    cands = [c for c in folded.get(weight, []) if not looks_generated(c)]
-    if sd is not None:
-        cands = [c for c in cands if c in sd]
+    cands = [c for c in sources if sd is None or c in sd]
     if len(cands) == 1 and _agrees(sd, cands[0], stored, derived):
-        return make(cands[0], derived, "folded-from")
+        return noted(make(cands[0], derived, "folded-from"))
     if layer.scope:
         name = f"{layer.scope}.weight"
         if _agrees(sd, name, stored, derived):
-            return make(name, derived, "node-scope")
+            return noted(make(name, derived, "node-scope"))
     if index is not None and stored is not None:
         hits = index.lookup(stored)
         if hits:
@@ -191,4 +203,4 @@ def _resolve_one(model: OnnxModel, weight: str, layer: Layer, recorded: dict, fo
                 info.notes.append(f"value matches several tensors {[h[0] for h in hits]}; took the first")
                 info.how = "value-match (ambiguous)"
             return info
-    return NameInfo(weight, weight, None, None, shape, "onnx-name")
+    return noted(NameInfo(weight, weight, None, None, shape, "onnx-name"))

@@ -286,7 +286,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
         raise FpsGraphError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
                             + (f"; skipped {reasons}" if reasons else ""))
-    warnings: list[str] = []
+    warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
     groups = plan.groups
 

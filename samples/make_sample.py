@@ -60,7 +60,7 @@ def main() -> None:
     make_images(HERE / "images", per_class=16, seed=0)
     save_file(tiny_hybrid().state_dict(), str(HERE / "tiny_hybrid.safetensors"))
     export(str(HERE / "tiny_model.py") + ":tiny_hybrid", (1, 3, 32, 32), HERE / "tiny_hybrid.onnx",
-           weights=str(HERE / "tiny_hybrid.safetensors"), force=True)
+           weights=str(HERE / "tiny_hybrid.safetensors"), force=True, fold=True)
     print("wrote", HERE / "images", HERE / "tiny_hybrid.safetensors", HERE / "tiny_hybrid.onnx")
 
 

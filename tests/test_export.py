@@ -110,3 +110,69 @@ def test_value_match_names_a_bare_export(project, tmp_path):
     assert {i.torch for i in infos.values()} == {"conv.weight", "proj.weight", "mlp.0.weight", "mlp.2.weight",
                                                  "head.weight"}
     assert {i.how for i in infos.values()} == {"initializer-name", "value-match"}
+
+
+BN_PY = '''
+import torch
+from torch import nn
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2))
+
+def build():
+    torch.manual_seed(2)
+    m = ConvBN()
+    with torch.no_grad():
+        m.bn.running_var.uniform_(0.5, 4.0)
+        m.bn.weight.uniform_(0.5, 3.0)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+'''
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_default_export_keeps_module_weights_for_budgets(tmp_path, exporter):
+    """Without --fold, BatchNorm is not folded into the conv weight, so network budgets rank the real weights."""
+    (tmp_path / "bnmodels.py").write_text(BN_PY)
+    sys.path.insert(0, str(tmp_path))
+    import importlib
+
+    import bnmodels
+    importlib.reload(bnmodels)
+    from oracle import hook_stats, network_oracle, torch_scores
+
+    from fps_graph.pipeline import SelectOptions, run_select
+    from fps_graph.select import Budget
+
+    out = tmp_path / "m.onnx"
+    p = subprocess.run([sys.executable, "-m", "fps_graph_cli.main", "export", "bnmodels:build", "--input-shape",
+                        "1,3,5,5", "-o", str(out), "--exporter", exporter], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    model = bnmodels.build().eval()
+    data = np.random.default_rng(0).standard_normal((12, 3, 5, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    res = run_select(out, str(tmp_path / "x.npy"), SelectOptions(budget=Budget(fraction=0.2), granularity="network",
+                                                                  provider="cpu", batch_size=4))
+    assert res.warnings == []
+    stats, order = hook_stats(model, data)
+    scores = torch_scores(model, stats, "fps")
+    want = network_oracle(scores, [f"{m}.weight" for m in order], int(round(0.2 * sum(s.size for s in scores.values()))))
+    for key, m in want.items():
+        assert res.indices[key].tolist() == np.flatnonzero(m).tolist(), key
+    # a folded export says so when selecting
+    folded = tmp_path / "folded.onnx"
+    p = subprocess.run([sys.executable, "-m", "fps_graph_cli.main", "export", "bnmodels:build", "--input-shape",
+                        "1,3,5,5", "-o", str(folded), "--exporter", exporter, "--fold"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = run_select(folded, str(tmp_path / "x.npy"), SelectOptions(k=1, provider="cpu", batch_size=4))
+    assert any("BatchNorm" in w for w in res.warnings), res.warnings
