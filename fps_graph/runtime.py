@@ -90,7 +90,7 @@ def _spill(model: onnx.ModelProto) -> tuple[str, str]:
 
 def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Path | None = None,
                    external: bool = False, opt_level: str = "all", threads: int | None = None,
-                   consume: bool = False) -> Session:
+                   consume: bool = False, disabled_optimizers: tuple[str, ...] = ()) -> Session:
     """A session on CUDA when asked (or available, for auto) and really usable, else on CPU.
 
     consume=True lets a model whose weights are embedded (over SPILL_BYTES) be written to a temporary folder with
@@ -115,14 +115,15 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
         want_cuda = provider == "cuda" or (
             provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers())
         if want_cuda:
-            sess = _try_cuda(source, so)
+            sess = _try_cuda(source, so, disabled_optimizers)
             if sess is not None:
                 return Session(sess, "cuda", tmp)
             if provider == "cuda":
                 raise FpsGraphError("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
                                     " use --provider cpu")
         try:
-            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:  # ORT raises its own exception types
             raise FpsGraphError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
         return Session(sess, "cpu", tmp)
@@ -132,7 +133,7 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
         raise
 
 
-def _try_cuda(source: str | bytes, so) -> object | None:
+def _try_cuda(source: str | bytes, so, disabled_optimizers: tuple[str, ...] = ()) -> object | None:
     """A CUDA session, or None when ORT silently fell back to CPU or failed to create one."""
     import onnxruntime as ort
 
@@ -140,7 +141,8 @@ def _try_cuda(source: str | bytes, so) -> object | None:
         return None
     ort.set_default_logger_severity(4)   # the fallback logs an error we report our own way
     try:
-        sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers))
     except Exception:
         return None
     finally:
