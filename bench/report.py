@@ -171,8 +171,9 @@ def plot(res: dict, path: Path) -> bool:
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+        axes[1].set_yscale("log")   # log-log: linear growth is a straight line of slope 1
         axes[0].set_title(f"peak memory vs {sweep.replace('_', ' ')}, {configs[0][0]}", fontsize=9)
-        axes[1].set_title(f"time vs {sweep.replace('_', ' ')}", fontsize=9)
+        axes[1].set_title(f"time vs {sweep.replace('_', ' ')} (log-log)", fontsize=9)
         timeline_axis(axes[2], max(configs, key=lambda c: (c[2], c[1])))
     else:
         fig, axes = plt.subplots(len(configs), 3, figsize=(16, 4.4 * len(configs)), squeeze=False)
