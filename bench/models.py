@@ -6,7 +6,7 @@ Models (random weights, perturbed so that no two tensors are bit-identical and t
 * ``vit-b16``  - transformers ViTForImageClassification(ViTConfig(num_labels=1000)): ViT-B/16, 224x224, 86.6M;
 * ``resnet50`` - transformers ResNetForImageClassification(ResNetConfig(num_labels=1000)): ResNet-50, 25.6M.
 
-Exports are made once with fps_graph.export.export (legacy TorchScript exporter, dynamic batch) and cached under
+Exports are made once with fps_graph.integrations.torch_export.export (legacy TorchScript exporter, dynamic batch) and cached under
 bench/.cache/ (git-ignored), keyed by the model name and the torch/transformers versions.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def factory(name: str):
     return perturb(_hf(name)).eval()
 
 
-# Factories importable as MODULE:FACTORY by fps_graph.export.
+# Factories importable as MODULE:FACTORY by fps_graph.integrations.torch_export.
 def vit_b16():
     return factory("vit-b16")
 
@@ -180,7 +180,7 @@ def ensure_model(name: str, log=print) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from fps_graph.export import export
+    from fps_graph.integrations.torch_export import export
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"[bench] exporting {name} to {onnx_path} (once; cached) ...")
@@ -192,7 +192,7 @@ def ensure_model(name: str, log=print) -> dict:
     rep = export(f"bench.models:{name.replace('-', '_')}", (1, *SPECS[name].input_shape), onnx_path,
                  weights=str(w_path), exporter="legacy", force=True)
     info = {"onnx": str(onnx_path), "weights": str(w_path), "exporter": "torch.onnx.export(dynamo=False) via "
-            "fps_graph.export.export(exporter='legacy')", "export_seconds": time.perf_counter() - t0,
+            "fps_graph.integrations.torch_export.export(exporter='legacy')", "export_seconds": time.perf_counter() - t0,
             "layers": rep["layers"], "mapped": rep["mapped"], "params": _count_params(w_path),
             "torch": torch.__version__}
     info_path.write_text(json.dumps(info, indent=1))

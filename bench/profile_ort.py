@@ -23,10 +23,10 @@ def build_session(onnx_path: str, mode: str, threads: int, arena: bool, pattern:
                   profile_dir: str | None, extra: dict[str, str], order: str | None = None):
     import onnxruntime as ort
 
-    from fps_graph.graph import augment, plan_observers
-    from fps_graph.layers import find_layers
-    from fps_graph.model import load_model
-    from fps_graph.runtime import _options
+    from fps_graph.graph.observe import augment, plan_observers
+    from fps_graph.graph.layers import find_layers
+    from fps_graph.graph.model import load_model
+    from fps_graph.runtime.session import _options
 
     model = load_model(onnx_path)
     proto = model.proto
@@ -37,7 +37,7 @@ def build_session(onnx_path: str, mode: str, threads: int, arena: bool, pattern:
     so = _options(opt_level, threads)
     so.enable_cpu_mem_arena = arena
     so.enable_mem_pattern = pattern
-    if order:   # else whatever fps_graph.runtime sets
+    if order:   # else whatever fps_graph.runtime.session sets
         so.execution_order = {"default": ort.ExecutionOrder.DEFAULT, "priority": ort.ExecutionOrder.PRIORITY_BASED,
                               "memory": ort.ExecutionOrder.MEMORY_EFFICIENT}[order]
     for k, v in extra.items():

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 import onnxruntime as ort
 if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()
-from fps_graph.runtime import cuda_usable
+from fps_graph.runtime.session import cuda_usable
 if not cuda_usable():
     sys.exit(f"onnxruntime {ort.__version__}: CUDAExecutionProvider is not usable "
              f"(available: {ort.get_available_providers()}; onnxruntime-gpu with matching CUDA/cuDNN libraries needed)")

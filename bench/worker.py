@@ -5,7 +5,7 @@
 
 Methods (all read the same .npy through fps_graph's Loader, same batch size, same samples, same thread count):
 
-* ``ours``  - fps_graph.pipeline.run_select + write_result, i.e. exactly ``fps-graph select`` (in-graph reduction);
+* ``ours``  - fps_graph.selection.pipeline.run_select + write_result, i.e. exactly ``fps-graph select`` (in-graph reduction);
 * ``host``  - the same with ``--reduce host`` (raw activations leave ONNX Runtime, reduced in NumPy);
 * ``hooks`` - FPS the obvious PyTorch way: forward pre-hooks on every nn.Linear / nn.Conv2d under torch.no_grad(),
   sum |x| per input feature (Conv: F.unfold windows), then |W| * E|x| and top-K per output neuron;
@@ -131,7 +131,7 @@ class Sampler(threading.Thread):
 
 
 def run_ours(a, reduce: str) -> dict:
-    from fps_graph.pipeline import SelectOptions, run_select, write_result
+    from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
     opts = SelectOptions(k=a.k, reduce=reduce, provider=a.provider, threads=a.threads, batch_size=a.batch_size,
                          max_samples=a.samples, opt_level=a.opt_level)
@@ -148,8 +148,8 @@ def run_plain(a) -> dict:
 
     import numpy as np
 
-    from fps_graph.data import InputSpec, Loader, open_source
-    from fps_graph.runtime import _options
+    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.runtime.session import _options
 
     so = _options(a.opt_level, a.threads)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if a.device == "cuda" else ["CPUExecutionProvider"]
@@ -214,7 +214,7 @@ def _write_masks(path: str, masks: dict) -> None:
 def _loader(a, model_name: str):
     """The same Loader over the same .npy as the ONNX methods (single input)."""
     from bench.models import SPECS
-    from fps_graph.data import InputSpec, Loader, open_source
+    from fps_graph.data.sources import InputSpec, Loader, open_source
     import numpy as np
 
     spec = InputSpec("input", (None, *SPECS[model_name].input_shape), np.dtype(np.float32))
@@ -336,9 +336,9 @@ def main(argv=None) -> int:
     # Imports first: they are not part of the job, their memory is the baseline.
     import numpy  # noqa: F401
 
-    import fps_graph.data  # noqa: F401
+    import fps_graph.data.sources  # noqa: F401
     if not torch_method:
-        import fps_graph.pipeline  # noqa: F401
+        import fps_graph.selection.pipeline  # noqa: F401
         import onnxruntime
 
         if a.device == "cuda" and hasattr(onnxruntime, "preload_dlls"):

@@ -13,7 +13,7 @@ import click
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def apply(model: str, delta: str, output: str, no_check: bool, force: bool, quiet: bool) -> None:
     """Patch the initializers of MODEL (ONNX) with the fine-tuned values in DELTA (from `fps-graph train`)."""
-    from fps_graph.apply import apply_delta
+    from fps_graph.graph.apply import apply_delta
 
     report = apply_delta(model, delta, output, force=force, check=not no_check)
     if quiet:

@@ -22,7 +22,7 @@ from fps_graph_cli.common import parse_ints
 def export(factory: str, weights: str | None, input_shape: str, output: str, exporter: str, dynamic_batch: bool,
            opset: int | None, input_name: str, force: bool, fold: bool) -> None:
     """Export the model built by FACTORY (module:function or file.py:function) to ONNX."""
-    from fps_graph.export import export as do_export
+    from fps_graph.integrations.torch_export import export as do_export
 
     report = do_export(factory, parse_ints(input_shape, "--input-shape"), output, weights=weights, exporter=exporter,
                        dynamic_batch=dynamic_batch, opset=opset, input_name=input_name, force=force,

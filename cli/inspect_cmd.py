@@ -5,7 +5,7 @@ import json
 
 import click
 
-from fps_graph.pipeline import describe, load_state_dict, make_plan
+from fps_graph.selection.pipeline import describe, load_state_dict, make_plan
 
 
 @click.command()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from fps_graph.data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import check_output_path
-from fps_graph.pipeline import SelectOptions, run_select, write_result, write_stats
-from fps_graph.scores import SCORES, STATS
-from fps_graph.select import GRANULARITIES, parse_budget
+from fps_graph.formats.io import check_output_path
+from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
+from fps_graph.selection.scores import SCORES, STATS
+from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fps_graph.data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from fps_graph.errors import FpsGraphError
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 
@@ -53,7 +53,7 @@ def train(factory: str, weights: str | None, masks: str, data: str, val: str | N
           max_samples: int | None, image_size: str | None, mean: str | None, std: str | None, crop_pct: float,
           save_merged: bool, no_plot: bool, device: str, threads: int | None, force: bool, quiet: bool) -> None:
     """Fine-tune the selected weights of the model built by FACTORY (module:function or file.py:function)."""
-    from fps_graph.train import TrainOptions, run_train
+    from fps_graph.training.train import TrainOptions, run_train
 
     if not 0 < crop_pct <= 1:
         raise FpsGraphError("--crop-pct must be in (0, 1]")

@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     # evaluate on held-out images, preprocessed exactly as for training
     import torch
 
-    from fps_graph.data import ImageOptions, InputSpec
-    from fps_graph.export import build_model
-    from fps_graph.torch import load_delta
-    from fps_graph.train import open_labeled
+    from fps_graph.data.sources import ImageOptions, InputSpec
+    from fps_graph.integrations.torch_export import build_model
+    from fps_graph.training.sparse import load_delta
+    from fps_graph.training.train import open_labeled
 
     metrics = json.loads((runs / "metrics.json").read_text())
     spec = lambda: InputSpec("input", (None, 3, 32, 32), np.dtype(np.float32))  # noqa: E731

@@ -55,7 +55,7 @@ def main() -> None:
     from safetensors.torch import save_file
     from tiny_model import tiny_hybrid
 
-    from fps_graph.export import export
+    from fps_graph.integrations.torch_export import export
 
     make_images(HERE / "images", per_class=16, seed=0)
     save_file(tiny_hybrid().state_dict(), str(HERE / "tiny_hybrid.safetensors"))

@@ -121,7 +121,7 @@ def export(model: nn.Module, shape: tuple, path: Path, dynamo: bool) -> Path:
 
 def select_masks(onnx_path: Path, data: np.ndarray, out: Path, k: int = 2) -> Path:
     """fps-graph select with k per neuron on the given inputs."""
-    from fps_graph.pipeline import SelectOptions, run_select, write_result
+    from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
     npy = out.with_suffix(".calib.npy")
     np.save(npy, data)

@@ -16,8 +16,8 @@ from conftest_train import (CONV_SHAPE, SPEC_CONV, SPEC_CONV_FOLDED, SPEC_TOKEN,
                             token_net)
 
 from fps_graph import FpsGraphError  # noqa: E402
-from fps_graph.apply import apply_delta  # noqa: E402
-from fps_graph.train import TrainOptions, run_train  # noqa: E402
+from fps_graph.graph.apply import apply_delta  # noqa: E402
+from fps_graph.training.train import TrainOptions, run_train  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
 
 MODELS = {"token": (token_net, TOKEN_SHAPE, token_data, SPEC_TOKEN),

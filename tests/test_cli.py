@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fps_graph.masks import load_indices, load_masks, read_metadata
+from fps_graph.formats.masks import load_indices, load_masks, read_metadata
 from fps_graph_cli.main import entry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fps_graph.data import ArraySource, ImageOptions, InputSpec, Loader, load_image, open_source
+from fps_graph.data.sources import ArraySource, ImageOptions, InputSpec, Loader, load_image, open_source
 from fps_graph.errors import FpsGraphError
 
 

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from safetensors.torch import save_file
 
-from fps_graph.layers import find_layers
-from fps_graph.model import load_model
-from fps_graph.names import META_KEY, resolve_names
+from fps_graph.graph.layers import find_layers
+from fps_graph.graph.model import load_model
+from fps_graph.graph.names import META_KEY, resolve_names
 
 MODELS_PY = '''
 import torch
@@ -149,8 +149,8 @@ def test_default_export_keeps_module_weights_for_budgets(tmp_path, exporter):
     importlib.reload(bnmodels)
     from oracle import hook_stats, network_oracle, torch_scores
 
-    from fps_graph.pipeline import SelectOptions, run_select
-    from fps_graph.select import Budget
+    from fps_graph.selection.pipeline import SelectOptions, run_select
+    from fps_graph.selection.ranking import Budget
 
     out = tmp_path / "m.onnx"
     p = subprocess.run([sys.executable, "-m", "fps_graph_cli.main", "export", "bnmodels:build", "--input-shape",

@@ -10,10 +10,10 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
-from fps_graph.layers import find_layers
-from fps_graph.model import load_model
-from fps_graph.pipeline import SelectOptions, run_select
-from fps_graph.stats import conv_window_sums
+from fps_graph.graph.layers import find_layers
+from fps_graph.graph.model import load_model
+from fps_graph.selection.pipeline import SelectOptions, run_select
+from fps_graph.selection.stats import conv_window_sums
 
 from oracle import topk_oracle
 

@@ -158,7 +158,7 @@ class SmallBlk(torch.nn.Module):
 def test_gradient_masks_share_the_onnx_masks_geometry(tmp_path):
     """|W| ranked on the PyTorch tensors by select_from_scores == `fps-graph select --score magnitude` on the
     model exported by export_unfolded, so GPS masks index the same entries as the ONNX path's masks."""
-    from fps_graph.masks import load_indices
+    from fps_graph.formats.masks import load_indices
 
     torch.manual_seed(0)
     model = SmallBlk()

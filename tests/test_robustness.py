@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from fps_graph.layers import find_layers
-from fps_graph.model import load_model
-from fps_graph.pipeline import SelectOptions, run_select
-from fps_graph.stats import Stats
+from fps_graph.graph.layers import find_layers
+from fps_graph.graph.model import load_model
+from fps_graph.selection.pipeline import SelectOptions, run_select
+from fps_graph.selection.stats import Stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny_hybrid.onnx"
@@ -129,7 +129,7 @@ def test_bad_input(files, tmp_path, label, args, message):
 
 
 def test_cuda_requested_without_gpu_is_refused(tmp_path):
-    from fps_graph.runtime import cuda_usable
+    from fps_graph.runtime.session import cuda_usable
 
     if cuda_usable():
         pytest.skip("a GPU is present")
@@ -338,7 +338,7 @@ def test_text_encoder_with_two_inputs(tmp_path):
     out = tmp_path / "m.safetensors"
     code, _, err = cli("select", path, tmp_path / "text.npz", "-o", out, "--batch-size", "5", "-q")
     assert code == 0, err
-    from fps_graph.masks import read_metadata
+    from fps_graph.formats.masks import read_metadata
 
     from oracle import hook_stats
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.select import Budget, apportion, parse_budget, select, select_network, topk_rows
+from fps_graph.selection.ranking import Budget, apportion, parse_budget, select, select_network, topk_rows
 
 
 def brute_network(scores, n):

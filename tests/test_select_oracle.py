@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fps_graph.pipeline import SelectOptions, run_select, write_result, write_stats
-from fps_graph.masks import load_masks
-from fps_graph.select import Budget, parse_budget
-from fps_graph.stats import Stats
+from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
+from fps_graph.formats.masks import load_masks
+from fps_graph.selection.ranking import Budget, parse_budget
+from fps_graph.selection.stats import Stats
 
 from oracle import hook_stats, network_oracle, topk_oracle, torch_scores
 

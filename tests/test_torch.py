@@ -1,4 +1,4 @@
-"""fps_graph.torch: sparse deltas on frozen weights, what trains in full, merge/unmerge, delta files, errors."""
+"""fps_graph.training.sparse: sparse deltas on frozen weights, what trains in full, merge/unmerge, delta files, errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from torch import nn  # noqa: E402
 from conftest_train import conv_data, conv_net, token_data, token_net  # noqa: E402
 
 from fps_graph import FpsGraphError  # noqa: E402
-from fps_graph.torch import SparseDelta, attach, find_head, load_delta  # noqa: E402
+from fps_graph.training.sparse import SparseDelta, attach, find_head, load_delta  # noqa: E402
 
 
 def random_masks(model: nn.Module, keys: list[str], k: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -170,8 +170,8 @@ def test_mask_errors_name_key_and_shapes(tmp_path):
     with pytest.raises(FpsGraphError, match="index 512 is outside"):
         attach(token_net(), {"fc1.weight": np.array([1, 512])})
     # a masks file whose recorded shape does not fit
-    from fps_graph.io import atomic_output
-    from fps_graph.masks import write_masks
+    from fps_graph.formats.io import atomic_output
+    from fps_graph.formats.masks import write_masks
 
     path = tmp_path / "m.safetensors"
     with atomic_output(path) as tmp:

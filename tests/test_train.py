@@ -14,10 +14,10 @@ from conftest_train import (SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, selec
                             token_data, token_net)
 
 from fps_graph import FpsGraphError  # noqa: E402
-from fps_graph.data import ImageOptions, InputSpec  # noqa: E402
-from fps_graph.delta import read_delta  # noqa: E402
-from fps_graph.masks import load_indices  # noqa: E402
-from fps_graph.train import TrainOptions, lr_factor, open_labeled, run_train  # noqa: E402
+from fps_graph.data.sources import ImageOptions, InputSpec  # noqa: E402
+from fps_graph.formats.delta import read_delta  # noqa: E402
+from fps_graph.formats.masks import load_indices  # noqa: E402
+from fps_graph.training.train import TrainOptions, lr_factor, open_labeled, run_train  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_train_writes_run_and_is_deterministic(setup, tmp_path):
         assert np.count_nonzero(d1.sparse[k].delta) == d1.sparse[k].delta.size
     for k in d1.full:
         assert np.array_equal(d1.full[k].value, d2.full[k].value)
-    from fps_graph.io import sha256_file
+    from fps_graph.formats.io import sha256_file
 
     assert d1.metadata["masks_sha256"] == sha256_file(setup["masks"])
     assert d1.metadata["training"]["lr"] == 2e-2 and d1.metadata["training"]["epochs"] == 4
@@ -110,7 +110,7 @@ def test_new_head_and_save_merged(setup, tmp_path):
     assert d.full["fc1.bias"].base is not None
     from safetensors.torch import load_file
 
-    from fps_graph.torch import load_delta
+    from fps_graph.training.sparse import load_delta
 
     fresh = token_net()
     load_delta(fresh, tmp_path / "run" / "delta.safetensors")

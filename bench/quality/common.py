@@ -1,15 +1,15 @@
 """Shared machinery of the selection-quality experiments: selections, the training loop, reporting.
 
 Selections
-* ONNX path (the product): fps, gd-fps, wanda, magnitude, random through ``fps_graph.pipeline.run_select`` on the
+* ONNX path (the product): fps, gd-fps, wanda, magnitude, random through ``fps_graph.selection.pipeline.run_select`` on the
   exported model; statistics are collected once per data set (``stats_out``) and reused (``stats_in``), exactly as
   ``fps-graph select --stats-out/--stats-in`` does.
 * GPS-style gradient selection (``gps``): |sum of the training loss's gradients over one pass of the training
-  split| per weight entry, ranked by the same ``fps_graph.select.select`` (top-K per output neuron, conv kernels
+  split| per weight entry, ranked by the same ``fps_graph.selection.ranking.select`` (top-K per output neuron, conv kernels
   flattened to [out, in*kh*kw]) and written with the ONNX masks' own tensor records, so every method has exactly
   the same keys, layouts and counts.
 
-Training: ``fps_graph.train.run_train`` (the project's trainer, ``fps-graph train``) with one recipe for every
+Training: ``fps_graph.training.train.run_train`` (the project's trainer, ``fps-graph train``) with one recipe for every
 method; the experiment's own metric is computed on the trained model it returns.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Point:
         return f"{self.budget * 100:g}% ({self.granularity})"
 
     def select_kwargs(self) -> dict[str, Any]:
-        from fps_graph.select import Budget
+        from fps_graph.selection.ranking import Budget
 
         if self.k is not None:
             return {"k": self.k, "budget": None, "granularity": "neuron"}
@@ -75,7 +75,7 @@ class Point:
 
 def export_unfolded(model: Any, example: Any, path: Path) -> Path:
     """torch.onnx.export (dynamo, optimize=False, dynamic batch): initializers keep their state_dict names and
-    values. fps_graph.export.export runs the dynamo optimiser, which folds a BatchNorm that directly follows a
+    values. fps_graph.integrations.torch_export.export runs the dynamo optimiser, which folds a BatchNorm that directly follows a
     Conv into that Conv's weight while keeping the name `conv.weight`, so FPS/magnitude scores would see
     W * gamma / sigma instead of the PyTorch weight (per-neuron top-K is unaffected, layer budgets are not)."""
     import contextlib
@@ -130,7 +130,7 @@ class Selector:
 
     def __init__(self, onnx_path: Path, calib: Path, anchor: Path | None, workdir: Path, threads: int = 1,
                  batch_size: int = 64):
-        from fps_graph.pipeline import SelectOptions, run_select, write_stats
+        from fps_graph.selection.pipeline import SelectOptions, run_select, write_stats
 
         self.onnx = Path(onnx_path)
         self.workdir = Path(workdir)
@@ -155,7 +155,7 @@ class Selector:
 
     def onnx_masks(self, score: str, point: Point, seed: int = 0) -> Path:
         """fps-graph select through the product path (statistics from the saved files)."""
-        from fps_graph.pipeline import SelectOptions, run_select, write_result
+        from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
         out = self.workdir / f"masks_{score}_{_slug(point.label)}_s{seed}.safetensors"
         kw = point.select_kwargs()
@@ -177,7 +177,7 @@ class Selector:
 
 def read_template(template: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The per-key tensor records and header metadata of a masks file."""
-    from fps_graph.masks import read_metadata
+    from fps_graph.formats.masks import read_metadata
 
     meta = read_metadata(template)
     return meta["tensors"], meta
@@ -190,8 +190,8 @@ def canonical_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 def select_from_scores(scores: dict[str, np.ndarray], point: Point) -> dict[str, np.ndarray]:
     """Flat indices (PyTorch layout, sorted) per key of the top entries of arbitrary per-weight scores, ranked by
-    the product's own fps_graph.select.select (same K / budget / granularity rules, same tie-breaking)."""
-    from fps_graph.select import select
+    the product's own fps_graph.selection.ranking.select (same K / budget / granularity rules, same tie-breaking)."""
+    from fps_graph.selection.ranking import select
 
     keys = list(scores)
     shapes = [canonical_shape(scores[k].shape) for k in keys]
@@ -203,8 +203,8 @@ def select_from_scores(scores: dict[str, np.ndarray], point: Point) -> dict[str,
 def write_masks_like(template: Path, indices: dict[str, np.ndarray], out: Path, score: str,
                      extra: dict[str, Any] | None = None) -> Path:
     """A masks file with the template's keys and tensor records, holding these indices."""
-    from fps_graph.io import atomic_output
-    from fps_graph.masks import write_masks
+    from fps_graph.formats.io import atomic_output
+    from fps_graph.formats.masks import write_masks
 
     tensors, meta = read_template(template)
     if set(indices) != set(tensors):
@@ -252,7 +252,7 @@ def _slug(text: str) -> str:
 
 def mask_overlap(a: Path, b: Path) -> dict[str, float]:
     """Per key: |A & B| / |A| (A and B select the same number of entries per key for K points)."""
-    from fps_graph.masks import load_indices
+    from fps_graph.formats.masks import load_indices
 
     ia, ib = load_indices(a), load_indices(b)
     out = {}
@@ -283,7 +283,7 @@ def chance_overlap(template: Path, point: Point) -> float:
 
 @dataclass
 class Recipe:
-    """One training recipe for every method (fps_graph.train.TrainOptions knobs)."""
+    """One training recipe for every method (fps_graph.training.train.TrainOptions knobs)."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -298,7 +298,7 @@ def train_run(factory: str, weights: Path, masks: Path | dict, data: Path, recip
               train_head: bool, train_full: Sequence[str] = (), train_bias: bool = True, threads: int = 1,
               num_classes: int | None = None) -> tuple[Any, dict[str, Any]]:
     """fps-graph train (run_train) with the recipe; returns the trained model (eval mode) and the run's metrics."""
-    from fps_graph.train import TrainOptions, run_train
+    from fps_graph.training.train import TrainOptions, run_train
 
     workdir.mkdir(parents=True, exist_ok=True)
     opts = TrainOptions(factory=factory, masks=str(masks) if isinstance(masks, Path) else masks, data=str(data),

@@ -15,7 +15,7 @@ never seen in training) and clean (forgetting).
 
 Metric: raw pitch accuracy (RPA): share of frames whose argmax bin (bin centre, in cents) lies within 50 cents of
 the true f0. Training loss: cross-entropy over the 360 bins against the nearest bin of the true f0 (the model's
-pre-sigmoid outputs as logits), so that fps_graph.train.run_train trains it unchanged; CREPE itself was trained
+pre-sigmoid outputs as logits), so that fps_graph.training.train.run_train trains it unchanged; CREPE itself was trained
 with binary cross-entropy against Gaussian-blurred targets.
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ def weights_file() -> Path:
 
 
 def load_pretrained(logits: bool = True) -> Any:
-    from fps_graph.export import build_model
+    from fps_graph.integrations.torch_export import build_model
 
     model = build_model(FACTORY, str(weights_file()))
     model.return_logits = logits
@@ -238,7 +238,7 @@ def evaluate(model: Any, tests: dict[str, dict[str, np.ndarray]]) -> dict[str, f
 def export_onnx(workdir: Path) -> tuple[Path, dict[str, Any]]:
     """The pretrained model as ONNX (fps-graph export, dynamo), checked: masks keys are the model's parameter
     names and every scored ONNX weight equals its PyTorch tensor (no BatchNorm folded into a Conv)."""
-    from fps_graph.export import export
+    from fps_graph.integrations.torch_export import export
 
     onnx_path = workdir / "crepe_tiny.onnx"
     rep = export(FACTORY, (1, FRAME), onnx_path, weights=str(weights_file()), exporter="dynamo", force=True)

@@ -45,9 +45,9 @@ def row_spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def onnx_scores(onnx_path: Path, stats_path: Path, score: str = "fps") -> dict[str, np.ndarray]:
     """fps-graph's own scores per PyTorch key, canonical [out, fan_in] (the product's score_weight)."""
-    from fps_graph.pipeline import make_plan
-    from fps_graph.scores import default_stat, score_weight
-    from fps_graph.stats import load_merged
+    from fps_graph.selection.pipeline import make_plan
+    from fps_graph.selection.scores import default_stat, score_weight
+    from fps_graph.selection.stats import load_merged
 
     plan = make_plan(onnx_path)
     st = load_merged([str(stats_path)]) if default_stat(score) else None
@@ -97,7 +97,7 @@ def channel_overlap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], shapes: 
 
 def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
     """Per method and layer: the share of output neurons with at least one selected entry at a point."""
-    from fps_graph.masks import load_indices, read_metadata
+    from fps_graph.formats.masks import load_indices, read_metadata
 
     out: dict[str, dict[str, float]] = {}
     for method in ("fps", "gd-fps", "wanda", "gps", "magnitude", "random"):
@@ -118,7 +118,7 @@ def coverage(sdir: Path, seed: int, label: str) -> dict[str, dict[str, float]]:
 
 def vision_statistics(seeds: int, work: Path) -> None:
     """The statistic table (and neuron coverage at the layer budgets) for the vision models of the main run."""
-    from fps_graph.masks import load_indices
+    from fps_graph.formats.masks import load_indices
 
     from bench.quality import vision as V
 
@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         batches = [(xb[i:i + recipe.batch_size], yb[i:i + recipe.batch_size])
                    for i in range(0, len(xb), recipe.batch_size)]
         template = sorted((sdir / "select").glob("masks_magnitude_K_1_*.safetensors"))[0]
-        from fps_graph.masks import load_indices
+        from fps_graph.formats.masks import load_indices
 
         keys = sorted(load_indices(template))
         grads = gradient_scores(C.load_pretrained(), batches, torch.nn.functional.cross_entropy, keys)
         stat_rows.append(statistic_table(onnx_path, sdir / "select" / "stats.safetensors", grads))
-        from fps_graph.masks import read_metadata
+        from fps_graph.formats.masks import read_metadata
 
         shapes = {k: v["shape"] for k, v in read_metadata(template)["tensors"].items()}
         cover.append({p["label"]: coverage(sdir, seed, p["label"]) for p in full["points"] if p["k"] is None})

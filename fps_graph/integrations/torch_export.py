@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import check_output_path
-from fps_graph.layers import find_layers
-from fps_graph.model import load_model
-from fps_graph.names import META_KEY, folded_from, resolve_names
+from fps_graph.formats.io import check_output_path
+from fps_graph.graph.layers import find_layers
+from fps_graph.graph.model import load_model
+from fps_graph.graph.names import META_KEY, folded_from, resolve_names
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.model import OnnxModel
+from fps_graph.graph.model import OnnxModel
 
 SCORED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from fps_graph.data import ARRAY_EXTS, IMAGE_EXTS, ImageOptions, ImageSource, InputSpec, Loader, Source, list_files
+from fps_graph.data.sources import ARRAY_EXTS, IMAGE_EXTS, ImageOptions, ImageSource, InputSpec, Loader, Source, list_files
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import atomic_output, sha256_file
+from fps_graph.formats.io import atomic_output, sha256_file
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 INPUT_KEYS = ("x", "inputs", "input", "images", "data")
@@ -347,7 +347,7 @@ def evaluate(model: Any, data: Labeled, batch_size: int, device: str, label_smoo
     """Mean cross-entropy and accuracy of a model over labelled batches (eval mode, no gradients)."""
     import torch
 
-    from fps_graph.torch import _logits
+    from fps_graph.training.sparse import _logits
 
     was = model.training
     model.eval()
@@ -372,7 +372,7 @@ def run_train(opts: TrainOptions, progress: ProgressFactory | None = None,
     """Train the deltas (and fully trained tensors) of a model; write the run folder; return the metrics."""
     import torch
 
-    from fps_graph.export import build_model
+    from fps_graph.integrations.torch_export import build_model
 
     _check_options(opts)
     out = _prepare_output(opts)
@@ -424,7 +424,7 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
            warnings: list[str]) -> TrainResult:
     import torch
 
-    from fps_graph.torch import _logits, attach, save_delta, save_state_dict
+    from fps_graph.training.sparse import _logits, attach, save_delta, save_state_dict
 
     name = train_data.input_name
     example = torch.from_numpy(train_data.fetch(np.array([0]))[name]).to(device)

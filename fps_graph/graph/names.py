@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fps_graph.layers import Layer, eval_list
-from fps_graph.model import OnnxModel
+from fps_graph.graph.layers import Layer, eval_list
+from fps_graph.graph.model import OnnxModel
 
 META_KEY = "fps_graph.weight_map"
 _GENERATED = re.compile(r"^(onnx::|val_|_val|/|\d+$)")

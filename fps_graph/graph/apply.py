@@ -22,12 +22,12 @@ import onnx
 from onnx import numpy_helper
 
 from fps_graph import __version__
-from fps_graph.delta import DeltaFile, read_delta
+from fps_graph.formats.delta import DeltaFile, read_delta
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import check_output_path, sha256_file
-from fps_graph.model import OnnxModel
-from fps_graph.names import folded_from, resolve_names
-from fps_graph.pipeline import make_plan
+from fps_graph.formats.io import check_output_path, sha256_file
+from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.names import folded_from, resolve_names
+from fps_graph.selection.pipeline import make_plan
 
 META_FINETUNED = "fps_graph.finetuned"
 

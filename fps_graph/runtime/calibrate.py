@@ -8,11 +8,11 @@ from typing import Callable, Iterable
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.graph import Observer, augment, plan_observers
-from fps_graph.layers import Layer
-from fps_graph.model import OnnxModel
-from fps_graph.runtime import create_session
-from fps_graph.stats import Stats, conv_window_sums
+from fps_graph.graph.observe import Observer, augment, plan_observers
+from fps_graph.graph.layers import Layer
+from fps_graph.graph.model import OnnxModel
+from fps_graph.runtime.session import create_session
+from fps_graph.selection.stats import Stats, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
 

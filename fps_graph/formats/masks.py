@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import save_safetensors
+from fps_graph.formats.io import save_safetensors
 
 MASKS_FORMAT = "fps-graph-masks"
 MASKS_VERSION = "1"

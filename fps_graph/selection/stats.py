@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import save_safetensors
-from fps_graph.layers import Layer
+from fps_graph.formats.io import save_safetensors
+from fps_graph.graph.layers import Layer
 
 STATS_FORMAT = "fps-graph-stats"
 STATS_VERSION = "1"

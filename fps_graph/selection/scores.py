@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.layers import Layer
-from fps_graph.model import OnnxModel
-from fps_graph.stats import Stats
+from fps_graph.graph.layers import Layer
+from fps_graph.graph.model import OnnxModel
+from fps_graph.selection.stats import Stats
 
 SCORES = ("fps", "wanda", "magnitude", "random", "gd-fps")
 STATS = ("mean-abs", "l2")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fps_graph.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
+from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
 from fps_graph.errors import FpsGraphError
-from fps_graph.names import looks_generated
+from fps_graph.graph.names import looks_generated
 
 EMBEDDING_PATTERNS = ("*pos_embed*", "*pos_embedding*", "*position_embedding*", "*position_embeddings*",
                       "*absolute_pos_embed*", "*cls_token*", "*class_token*", "*dist_token*", "*reg_token*",
@@ -51,8 +51,8 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
     if isinstance(masks, MaskSet):
         return masks
     if isinstance(masks, (str, os.PathLike)):
-        from fps_graph.io import sha256_file
-        from fps_graph.masks import load_indices, read_metadata
+        from fps_graph.formats.io import sha256_file
+        from fps_graph.formats.masks import load_indices, read_metadata
 
         meta = read_metadata(masks)
         indices = load_indices(masks)
@@ -292,7 +292,7 @@ class SparseFineTune:
     # ---- saving
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained values, keyed as in delta.safetensors (see fps_graph.delta): sparse '<key>:indices',
+        """The trained values, keyed as in delta.safetensors (see fps_graph.formats.delta): sparse '<key>:indices',
         '<key>:delta', '<key>:base'; full '<key>' (and '<key>:base')."""
         out: dict[str, torch.Tensor] = {}
         for key, d in self.deltas.items():
@@ -661,7 +661,7 @@ def _full_only(model: nn.Module, names: list[str]) -> SparseFineTune:
 def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
                force: bool = False) -> None:
     """Write the handle's delta file atomically."""
-    from fps_graph.io import atomic_output
+    from fps_graph.formats.io import atomic_output
 
     with atomic_output(path, force) as tmp:
         handle.save(tmp, metadata)
@@ -670,7 +670,7 @@ def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mappin
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
                     metadata: Mapping[str, str] | None = None) -> None:
     """A state dict as safetensors, atomically, with a canonical header (bfloat16 kept through torch)."""
-    from fps_graph.io import atomic_output, save_safetensors
+    from fps_graph.formats.io import atomic_output, save_safetensors
 
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     with atomic_output(path, force) as tmp:

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 import numpy as np
 
-from fps_graph.layers import Layer
+from fps_graph.graph.layers import Layer
 
 PREFIX = "fpsg"
 

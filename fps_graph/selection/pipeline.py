@@ -12,17 +12,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fps_graph import __version__
-from fps_graph.calibrate import CalibrationInfo, Progress, collect_stats
-from fps_graph.data import ImageOptions, InputSpec, Loader, open_source
+from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
+from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import atomic_output
-from fps_graph.layers import Layer, Skipped, find_layers
-from fps_graph.masks import write_masks
-from fps_graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
-from fps_graph.names import NameInfo, resolve_names
-from fps_graph.scores import SCORES, STATS, WeightGroup, default_stat, group_by_weight, score_weight
-from fps_graph.select import Budget, select
-from fps_graph.stats import Stats, load_merged
+from fps_graph.formats.io import atomic_output
+from fps_graph.graph.layers import Layer, Skipped, find_layers
+from fps_graph.formats.masks import write_masks
+from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
+from fps_graph.graph.names import NameInfo, resolve_names
+from fps_graph.selection.scores import SCORES, STATS, WeightGroup, default_stat, group_by_weight, score_weight
+from fps_graph.selection.ranking import Budget, select
+from fps_graph.selection.stats import Stats, load_merged
 
 ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
 

@@ -72,7 +72,7 @@ class DeltaFile:
 def write_delta(path: str | os.PathLike, sparse: dict[str, SparseEntry], full: dict[str, FullEntry],
                 tensors: dict[str, dict[str, Any]], head: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Write a delta file to path (a fresh temporary file; the caller renames it); equal inputs, equal bytes."""
-    from fps_graph.io import save_safetensors
+    from fps_graph.formats.io import save_safetensors
 
     out: dict[str, np.ndarray] = {}
     for key in sorted(sparse):

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.io import sha256_file
+from fps_graph.formats.io import sha256_file
 
 
 @dataclass
