@@ -11,7 +11,7 @@ from fps_graph.errors import FpsGraphError
 from fps_graph.graph.observe import Observer, augment, plan_observers
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel
-from fps_graph.runtime.session import create_session
+from fps_graph.runtime.session import create_session, ort_message
 from fps_graph.selection.stats import Stats, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
@@ -70,60 +70,97 @@ def host_reduce(obs: Observer, raw: np.ndarray, kinds: tuple[str, ...]) -> tuple
     return out, shape_info
 
 
+class BatchStats:
+    """One ONNX Runtime session on the observed graph; calling it on a batch returns that batch's float64 sums.
+
+    The per-batch step of calibration, split from the loop so that any driver can reuse it: the local loop in
+    ``collect_stats``, or one actor per worker in a distributed run (the constructor takes plain, picklable
+    arguments; the session is built here, once). Partial sums are merged with ``Stats.merge`` in batch order.
+    """
+
+    def __init__(self, model: OnnxModel, layers: list[Layer], *, kinds: tuple[str, ...] = ("abs",),
+                 reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
+                 threads: int | None = None):
+        if reduce not in ("graph", "host"):
+            raise FpsGraphError(f"unknown reduce mode {reduce!r} (use graph or host)")
+        self.layers = layers
+        self.kinds = tuple(kinds)
+        self.reduce = reduce
+        self.model_sha256 = model.sha256
+        self.observers, of_layer = plan_observers(layers)
+        self.users: dict[int, list[Layer]] = {}
+        for layer in layers:
+            self.users.setdefault(of_layer[layer.node].index, []).append(layer)
+        self.order = [layer.node for layer in layers]
+        # A Conv input observed inside the network lives in ORT's NCHWc layout (opt level "all", CPU); the NCHWc
+        # transformer appends the ReorderOutput nodes that bring it back for the reducers last, so they run at the
+        # end of the pass and every such activation stays alive until then (ResNet-50 b32: 2.8 GB against 0.7 GB
+        # for plain inference; bench/README.md). Keep those graphs in NCHW.
+        graph_inputs = {i.name for i in model.graph.input}
+        disabled = ("NchwcTransformer",) if any(o.kind == "map" and o.tensor not in graph_inputs
+                                                for o in self.observers) else ()
+        # the observed model is passed without a name, so create_session can free it before ORT loads the file
+        self.session = create_session(augment(model.proto, self.observers, mode=reduce, stats=self.kinds),
+                                      provider, base_dir=model.base_dir, external=model.has_external_data(),
+                                      opt_level=opt_level, threads=threads, consume=True,
+                                      disabled_optimizers=disabled)
+        self.provider = self.session.provider
+        self.feed_names = [i.name for i in self.session.session.get_inputs()]
+        self.out_names = [o.name for o in self.session.session.get_outputs()]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Stats:
+        """The float64 sums and counts of one batch (``num_samples`` = its first input's leading size)."""
+        n = int(next(iter(batch.values())).shape[0])
+        feeds = {name: batch[name] for name in self.feed_names}
+        try:
+            results = dict(zip(self.out_names, self.session.session.run(self.out_names, feeds)))
+        except Exception as exc:
+            raise FpsGraphError(f"ONNX Runtime failed on a batch: {ort_message(exc)}") from exc
+        st = Stats(model_sha256=self.model_sha256, kinds=self.kinds)
+        for obs in self.observers:
+            if self.reduce == "host":
+                sums, info = host_reduce(obs, results[obs.output("raw")], self.kinds)
+            else:
+                sums = {k: results[obs.output(k)] for k in self.kinds}
+                info = results[obs.output("size" if obs.kind == "features" else "shape")]
+            if obs.kind == "features":
+                _accumulate_features(st, self.users[obs.index], self.kinds, sums, float(info) / obs.features)
+            else:
+                _accumulate_map(st, self.users[obs.index], self.kinds, sums, int(info[0]))
+        st.num_samples = n
+        return st
+
+    def close(self) -> None:
+        """Release the session (and its temporary weight file, if any)."""
+        self.session.close()
+
+
+def check_finite(partial: Stats, order: list[str], first_sample: int) -> None:
+    """Refuse a batch whose sums hold NaN or Inf, naming the first such layer and the sample range."""
+    bad = partial.first_nonfinite(order)
+    if bad is not None:
+        raise FpsGraphError(f"non-finite activations (NaN or Inf) reach layer {bad} (first in graph order) within "
+                            f"samples {first_sample}..{first_sample + partial.num_samples - 1}")
+
+
 def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]], *,
                   kinds: tuple[str, ...] = ("abs",), reduce: str = "graph", provider: str = "auto",
                   opt_level: str = "all", threads: int | None = None,
                   progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
     """Run every batch through the observed graph once and return float64 sums and counts per layer."""
-    if reduce not in ("graph", "host"):
-        raise FpsGraphError(f"unknown --reduce {reduce!r} (use graph or host)")
-    observers, of_layer = plan_observers(layers)
-    users: dict[int, list[Layer]] = {}
-    for layer in layers:
-        users.setdefault(of_layer[layer.node].index, []).append(layer)
-    # A Conv input observed inside the network lives in ORT's NCHWc layout (opt level "all", CPU); the NCHWc
-    # transformer appends the ReorderOutput nodes that bring it back for the reducers last, so they run at the end
-    # of the pass and every such activation stays alive until then (ResNet-50 b32: 2.8 GB against 0.7 GB for
-    # plain inference; bench/README.md). Keep those graphs in NCHW.
-    graph_inputs = {i.name for i in model.graph.input}
-    disabled = ("NchwcTransformer",) if any(o.kind == "map" and o.tensor not in graph_inputs
-                                            for o in observers) else ()
-    # the observed model is passed without a name here, so create_session can free it before ORT loads the file
-    sess = create_session(augment(model.proto, observers, mode=reduce, stats=kinds), provider,
-                          base_dir=model.base_dir, external=model.has_external_data(), opt_level=opt_level,
-                          threads=threads, consume=True, disabled_optimizers=disabled)
-    feed_names = [i.name for i in sess.session.get_inputs()]
-    out_names = [o.name for o in sess.session.get_outputs()]
+    step = BatchStats(model, layers, kinds=kinds, reduce=reduce, provider=provider, opt_level=opt_level,
+                      threads=threads)
     st = Stats(model_sha256=model.sha256, kinds=tuple(kinds))
-    order = [layer.node for layer in layers]
     start = time.perf_counter()
     try:
         for batch in batches:
-            n = int(next(iter(batch.values())).shape[0])
-            feeds = {name: batch[name] for name in feed_names}
-            try:
-                results = dict(zip(out_names, sess.session.run(out_names, feeds)))
-            except Exception as exc:
-                raise FpsGraphError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
-            for obs in observers:
-                if reduce == "host":
-                    sums, info = host_reduce(obs, results[obs.output("raw")], kinds)
-                else:
-                    sums = {k: results[obs.output(k)] for k in kinds}
-                    info = results[obs.output("size" if obs.kind == "features" else "shape")]
-                if obs.kind == "features":
-                    _accumulate_features(st, users[obs.index], kinds, sums, float(info) / obs.features)
-                else:
-                    _accumulate_map(st, users[obs.index], kinds, sums, int(info[0]))
-            st.num_samples += n
-            bad = st.first_nonfinite(order)
-            if bad is not None:
-                raise FpsGraphError(f"non-finite activations (NaN or Inf) reach layer {bad} "
-                                    f"(first in graph order) within samples {st.num_samples - n}..{st.num_samples - 1}")
+            partial = step(batch)
+            check_finite(partial, step.order, st.num_samples)
+            st = st.merge(partial)
             if progress is not None:
-                progress(n)
+                progress(partial.num_samples)
     finally:
-        sess.close()
+        step.close()
     if st.num_samples == 0:
         raise FpsGraphError("no calibration samples were read")
-    return st, CalibrationInfo(sess.provider, time.perf_counter() - start, st.num_samples, len(observers))
+    return st, CalibrationInfo(step.provider, time.perf_counter() - start, st.num_samples, len(step.observers))

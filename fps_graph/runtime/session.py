@@ -91,6 +91,11 @@ def _spill(model: onnx.ModelProto) -> tuple[str, str]:
     return path, tmp
 
 
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's whole error text on one line (its later lines name the input and dimension at fault)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Path | None = None,
                    external: bool = False, opt_level: str = "all", threads: int | None = None,
                    consume: bool = False, disabled_optimizers: tuple[str, ...] = ()) -> Session:
@@ -128,7 +133,7 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
             sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:  # ORT raises its own exception types
-            raise FpsGraphError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+            raise FpsGraphError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from exc
         return Session(sess, "cpu", tmp)
     except BaseException:
         if tmp:
