@@ -226,7 +226,8 @@ def _finish_chain(chain: list[dict[str, Any]], shape: tuple[int, ...]) -> list[d
             cur = tuple(d for i, d in enumerate(cur) if i not in axes)
             step["shape"] = list(cur)
         elif op == "Unsqueeze":
-            axes = sorted(a % (len(cur) + len(step["axes"])) for a in step.pop("axes"))
+            added = step.pop("axes")   # popped first: the generator below must not read it back from step
+            axes = sorted(a % (len(cur) + len(added)) for a in added)
             new = list(cur)
             for a in axes:
                 new.insert(a, 1)

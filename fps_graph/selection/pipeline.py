@@ -20,6 +20,7 @@ from fps_graph.graph.layers import Layer, Skipped, find_layers
 from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
+from fps_graph.selection.positions import canonical_to_key
 from fps_graph.selection.scores import SCORES, STATS, WeightGroup, default_stat, group_by_weight, score_weight
 from fps_graph.selection.ranking import Budget, select
 from fps_graph.selection.stats import Stats, load_merged
@@ -236,11 +237,7 @@ def _to_keys(plan: Plan, chosen: list[np.ndarray]) -> tuple[dict[str, np.ndarray
     tensors: dict[str, dict[str, Any]] = {}
     for group, pos in zip(plan.groups, chosen):
         info = plan.names[group.weight]
-        stored_pos = group.primary.canonical_index().reshape(-1)[pos]
-        key_index = info.key_index(group.primary.stored_shape)
-        inverse = np.empty_like(key_index)
-        inverse[key_index] = np.arange(key_index.size)
-        key_pos = np.sort(inverse[stored_pos])
+        key_pos = canonical_to_key(group.primary, pos, info.perm)   # O(selected): no full-size index arrays
         indices[info.key] = key_pos
         rec = info.to_json()
         rec.update({"selected": int(key_pos.size), "total": int(group.size), "nodes": [l.node for l in group.layers],
