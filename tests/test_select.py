@@ -70,3 +70,51 @@ def test_bad_budgets_are_refused(text):
 def test_budget_count_larger_than_total_is_refused():
     with pytest.raises(FpsGraphError, match="more than"):
         select(1, [(2, 2)], lambda i: np.ones((2, 2)), budget=Budget(count=5))
+
+
+def brute_topk_rows(score, ks):
+    """Per row, the k best by (score descending, position ascending), as sorted flat positions."""
+    out = []
+    for r, row in enumerate(score):
+        best = sorted(range(row.size), key=lambda j: (-row[j], j))[: int(ks[r])]
+        out += [r * row.size + j for j in best]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_topk_rows_equals_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    rows, cols = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    levels = int(rng.integers(1, 5))   # few distinct values: many ties, often at the threshold
+    score = np.floor(rng.random((rows, cols)) * levels) / levels
+    if seed % 4 == 0:
+        score[rng.random((rows, cols)) < 0.3] = 0.0
+    for k in (1, 2, cols - 1, cols, cols + 3, rng.integers(0, cols + 2, rows)):
+        ks = np.broadcast_to(np.minimum(np.maximum(np.asarray(k), 0), cols), (rows,))
+        if np.all(ks == 0) and np.ndim(k) == 0:
+            continue
+        assert topk_rows(score, k).tolist() == brute_topk_rows(score, ks), k
+
+
+def test_topk_rows_ties_all_equal_row_and_k1():
+    s = np.array([[5.0, 5.0, 5.0], [1.0, 7.0, 7.0], [2.0, 2.0, 9.0]])
+    assert topk_rows(s, 1).tolist() == [0, 4, 8]
+    assert topk_rows(s, 2).tolist() == [0, 1, 4, 5, 6, 8]
+    assert topk_rows(s, np.array([3, 0, 2])).tolist() == [0, 1, 2, 6, 8]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_row_blocks_select_the_same_as_whole_weights(seed):
+    rng = np.random.default_rng(seed)
+    scores = [np.floor(rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 9)))) * 4) for _ in range(4)]
+    shapes = [s.shape for s in scores]
+
+    def blocks(i):
+        step = int(rng.integers(1, 7))
+        return ((r, scores[i][r:r + step]) for r in range(0, shapes[i][0], step))
+
+    for kw in ({"k": 1}, {"k": 3}, {"budget": Budget(fraction=0.3)}, {"budget": Budget(count=7)}):
+        whole, _ = select(4, shapes, lambda i: scores[i], **kw)
+        blocked, _ = select(4, shapes, lambda i: scores[i], row_blocks=blocks, **kw)
+        assert [w.tolist() for w in whole] == [b.tolist() for b in blocked]
+        assert all(b.dtype == np.int64 for b in blocked)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import resource
 import sys
 import time
@@ -14,6 +15,7 @@ import numpy as np
 from fps_graph import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
 from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
+from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import atomic_output
 from fps_graph.graph.layers import Layer, Skipped, find_layers
@@ -21,9 +23,10 @@ from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
 from fps_graph.selection.positions import canonical_to_key
-from fps_graph.selection.scores import SCORES, STATS, WeightGroup, default_stat, group_by_weight, score_weight
+from fps_graph.selection.scores import SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight
 from fps_graph.selection.ranking import Budget, select
 from fps_graph.selection.stats import Stats, load_merged
+from fps_graph.selection.variants import VARIANTS, needs_anchor, select_cover
 
 ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
 
@@ -37,6 +40,7 @@ class Plan:
     groups: list[WeightGroup]
     names: dict[str, NameInfo]
     skipped: list[Skipped]
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)   # label -> Source.record() of the data read
 
 
 @dataclass
@@ -60,10 +64,12 @@ class SelectOptions:
     max_samples: int | None = None
     shuffle: bool = False
     image: ImageOptions = field(default_factory=ImageOptions)
+    text: TextOptions = field(default_factory=TextOptions)
     stats_in: Sequence[str] = ()
     anchor: str | None = None
     anchor_stats_in: Sequence[str] = ()
     state_dict: str | None = None
+    min_per_layer: int = 0          # network budget: every scored tensor keeps at least this many (selection/floor.py)
 
 
 @dataclass
@@ -165,9 +171,13 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
               progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
     """Open the data, check it against the model inputs and collect statistics."""
     specs = spec_list(plan.model)
-    source = open_source(data, specs, opts.image)
+    source = open_source(data, specs, opts.image, text_opts=opts.text, model_path=plan.model.path)
+    warnings.extend(getattr(source, "notes", []))
+    plan.data[label] = source.record()
     batch_size, max_samples = opts.batch_size, opts.max_samples
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    # text batches group equal lengths and fill their own fixed dims (data.text); no leftover rule applies
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)} \
+        if not isinstance(source, TextSource) else set()
     if fixed:
         batch_size = fixed.pop()
         if batch_size != opts.batch_size:
@@ -198,8 +208,8 @@ def _check_options(opts: SelectOptions) -> str | None:
         raise FpsGraphError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
     if opts.score == "wanda" and opts.stat not in (None, "l2"):
         raise FpsGraphError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
-    if opts.score == "gd-fps" and not (opts.anchor or opts.anchor_stats_in):
-        raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
+    if needs_anchor(opts.score) and not (opts.anchor or opts.anchor_stats_in):
+        raise FpsGraphError(f"--score {opts.score} needs --anchor DATA (or --anchor-stats FILE)")
     return opts.stat or default_stat(opts.score)
 
 
@@ -210,6 +220,12 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
     kinds = _needed_kinds(opts.score, stat, stats_out)
     stats: Stats | None = None
     calib: CalibrationInfo | None = None
+    if opts.stats_in and data is not None:   # never drop input silently
+        raise FpsGraphError(f"DATA ({data}) and --stats-in both given: the statistics would come from --stats-in "
+                            "alone and DATA would be ignored; to merge several files repeat the flag (--stats-in A "
+                            "--stats-in B), to collect new statistics drop --stats-in")
+    if opts.score == "gd-fps" and opts.anchor and opts.anchor_stats_in:
+        raise FpsGraphError("--anchor and --anchor-stats both given: use one (--anchor would be ignored)")
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
@@ -221,7 +237,7 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
             raise FpsGraphError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
     anchor: Stats | None = None
-    if opts.score == "gd-fps":
+    if needs_anchor(opts.score):
         if opts.anchor_stats_in:
             anchor = load_merged(list(opts.anchor_stats_in))
             _check_stats_file(anchor, plan, ", ".join(opts.anchor_stats_in))
@@ -261,6 +277,8 @@ def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str
         "model_sha256": plan.model.sha256,
         "model": Path(model_path).name,
         "selected": str(selected), "total": str(total),
+        # how the data was prepared (Source.record(): kind, inputs, size, mean, std, ...); `train` follows it
+        "data": plan.data.get("calibration", {"kind": "none"}),
         "options": {"seed": opts.seed, "eps": opts.eps, "include": list(opts.include),
                     "exclude": list(opts.exclude), "reduce": opts.reduce, "batch_size": opts.batch_size,
                     "max_samples": opts.max_samples, "shuffle": opts.shuffle},
@@ -276,6 +294,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                progress: ProgressFactory | None = None, stats_out: bool = False) -> SelectResult:
     """Select the weights to fine-tune; nothing is written (see write_result)."""
     t0 = time.perf_counter()
+    model_path = resolve_model_path(model_path)   # a Hugging Face / Optimum export folder -> its ONNX file
     stat = _check_options(opts)
     sd = load_state_dict(opts.state_dict) if opts.state_dict else None
     plan = make_plan(model_path, opts.include, opts.exclude, sd)
@@ -287,13 +306,24 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
     groups = plan.groups
 
-    def score_fn(i: int) -> np.ndarray:
-        return score_weight(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
+    def scorer(i: int) -> WeightScores:
+        return WeightScores(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
 
-    chosen, select_warnings = select(len(groups), [g.primary.canonical_shape for g in groups], score_fn, k=opts.k,
+    chooser = select_cover if opts.score in VARIANTS and VARIANTS[opts.score].cover else \
+        functools.partial(select, min_per_layer=opts.min_per_layer)
+    if opts.min_per_layer and chooser is select_cover:
+        raise FpsGraphError(f"--min-per-layer does not apply to --score {opts.score}")
+    chosen, select_warnings = chooser(len(groups), [g.primary.canonical_shape for g in groups],
+                                     lambda i: scorer(i).full(), k=opts.k,
                                      budget=opts.budget, granularity=opts.granularity,
-                                     names=[plan.names[g.weight].key for g in groups])
+                                     names=[plan.names[g.weight].key for g in groups],
+                                     row_blocks=lambda i: scorer(i).blocks())
     indices, tensors = _to_keys(plan, chosen)
+    empty = [key for key, v in indices.items() if v.size == 0]
+    if empty:   # a budget can leave a scored tensor with nothing to train: say so (--min-per-layer prevents it)
+        select_warnings.append(f"{len(empty)} of {len(indices)} scored tensors got no selected entry under this "
+                               f"budget ({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); "
+                               "--min-per-layer N keeps at least N in each")
     selected = int(sum(v.size for v in indices.values()))
     total = int(sum(g.size for g in groups))
     meta = _metadata(model_path, plan, opts, stat, stats, anchor, selected, total)
@@ -303,6 +333,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "seconds": time.perf_counter() - t0, "calibration_seconds": calib.seconds if calib else 0.0,
         "samples_per_s": (calib.samples / calib.seconds) if calib and calib.seconds > 0 else 0.0,
         "provider": calib.provider if calib else "none", "peak_rss_mb": peak_rss_mb(),
+        "empty_tensors": len(empty),
     }
     return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary)
 

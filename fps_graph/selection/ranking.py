@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from fps_graph.errors import FpsGraphError
 
 GRANULARITIES = ("neuron", "layer", "network")
 ScoreFn = Callable[[int], np.ndarray]   # weight position -> float64 [out, fan_in] scores
+RowBlocksFn = Callable[[int], Iterable[tuple[int, np.ndarray]]]   # weight position -> (first row, scores) blocks
 
 
 @dataclass
@@ -172,15 +173,32 @@ def select_network(n_weights: int, score_fn: ScoreFn, budget: int) -> list[np.nd
     return out
 
 
+def topk_blocks(blocks: Iterable[tuple[int, np.ndarray]], cols: int, k: int | np.ndarray) -> np.ndarray:
+    """topk_rows over a weight given as blocks of whole rows (per-row ranking does not look across rows)."""
+    parts = []
+    for start, block in blocks:
+        ks = k if np.ndim(k) == 0 else np.asarray(k)[start:start + block.shape[0]]
+        parts.append(topk_rows(block, ks) + start * cols)
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, dtype=np.int64)
+
+
 def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn, k: int | None = None,
            budget: Budget | None = None, granularity: str = "neuron",
-           names: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[str]]:
-    """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in)."""
+           names: Sequence[str] | None = None,
+           row_blocks: RowBlocksFn | None = None, min_per_layer: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in).
+
+    With row_blocks, the per-neuron rankings (--k, or a budget per neuron) read each weight's scores block by
+    block, so no whole-weight float64 score array is made; the result is the same.
+    """
     warnings: list[str] = []
     if (k is None) == (budget is None):
         raise FpsGraphError("give exactly one of --k or --budget")
     if granularity not in GRANULARITIES:
         raise FpsGraphError(f"unknown granularity {granularity!r} (use {', '.join(GRANULARITIES)})")
+    if min_per_layer and (budget is None or granularity != "network"):
+        raise FpsGraphError("a per-layer minimum applies to a network-wide budget only (--budget with "
+                            "--granularity network); --k and the per-layer/per-neuron budgets give every layer a share")
     if k is not None:
         if k < 1:
             raise FpsGraphError(f"--k must be at least 1 (got {k})")
@@ -190,7 +208,7 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
             rows, cols = shapes[i]
             if k > cols:
                 clamped.append((cols, names[i] if names else f"#{i}"))
-            out.append(topk_rows(score_fn(i), k))
+            out.append(topk_blocks(row_blocks(i), cols, k) if row_blocks else topk_rows(score_fn(i), k))
         if clamped:
             cols, name = min(clamped)
             warnings.append(f"K={k} exceeds the fan-in of {len(clamped)} tensor(s) (smallest: {cols} in {name}); "
@@ -199,6 +217,10 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
     sizes = [r * c for r, c in shapes]
     total = budget.resolve(int(sum(sizes)))
     if granularity == "network":
+        if min_per_layer:   # every weight keeps its own best min_per_layer entries (selection/floor.py)
+            from fps_graph.selection.floor import select_network_floor
+
+            return select_network_floor(n_weights, sizes, score_fn, total, min_per_layer), warnings
         return select_network(n_weights, score_fn, total), warnings
     counts = apportion(total, sizes)
     out = []
@@ -206,5 +228,6 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
         if granularity == "layer":
             out.append(topn_flat(score_fn(i), counts[i]))
         else:
-            out.append(topk_rows(score_fn(i), per_row_counts(counts[i], shapes[i][0])))
+            ks = per_row_counts(counts[i], shapes[i][0])
+            out.append(topk_blocks(row_blocks(i), shapes[i][1], ks) if row_blocks else topk_rows(score_fn(i), ks))
     return out, warnings
