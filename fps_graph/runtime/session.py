@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: provider choice that trusts what a created session reports, not what is listed."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -122,6 +123,14 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
         _external_folder(so, base_dir, external)
         want_cuda = provider == "cuda" or (
             provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers())
+        # onnxruntime-gpu lists CUDA on machines without a GPU; a session for the model asked for CUDA then falls
+        # back to CPU only after loading the whole model once (half of session creation on a 1.1B decoder, issue
+        # 12): ask the one-node probe first, and build a CUDA session for the model only where it succeeded.
+        if want_cuda and not cuda_usable():
+            if provider == "cuda":
+                raise FpsGraphError("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
+                                    " use --provider cpu")
+            want_cuda = False
         if want_cuda:
             sess = _try_cuda(source, so, disabled_optimizers)
             if sess is not None:
@@ -160,8 +169,9 @@ def _try_cuda(source: str | bytes, so, disabled_optimizers: tuple[str, ...] = ()
     return sess
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_usable() -> bool:
-    """True when a CUDA session can really be created (a one-node probe model)."""
+    """True when a CUDA session can really be created (a one-node probe model; asked once per process)."""
     from onnx import helper
 
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
