@@ -13,11 +13,14 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fps_graph.data.text import TextOptions
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 ARRAY_EXTS = {".npy", ".npz", ".safetensors"}
@@ -78,6 +81,10 @@ class Source:
 
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """The sample indices of each batch, in feeding order (text sources group equal lengths instead)."""
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @dataclass
@@ -262,19 +269,27 @@ def list_files(root: Path, exts: set[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: ImageOptions | None = None) -> Source:
-    """A Source for a data folder or file, checked against the model inputs."""
+def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: ImageOptions | None = None,
+                text_opts: "TextOptions | None" = None, model_path: str | os.PathLike | None = None) -> Source:
+    """A Source for a data folder or file, checked against the model inputs (text needs the model's path, where
+    its tokenizer lives, or text_opts.tokenizer)."""
+    from fps_graph.data.text import TextSource, is_text_path   # text imports this module
+
     p = Path(path)
     opts = image_opts or ImageOptions()
     if not p.exists():
         raise FpsGraphError(f"data path not found: {p}")
+    if is_text_path(p):
+        if p.is_dir() and (list_files(p, ARRAY_EXTS) or list_files(p, IMAGE_EXTS)):
+            raise FpsGraphError(f"{p}: holds text files beside images or array files; point at one kind")
+        return TextSource(p, specs, model_path, text_opts)
     if p.is_file():
         ext = p.suffix.lower()
         if ext in ARRAY_EXTS:
             return ArraySource([p], specs)
         if ext in IMAGE_EXTS:
             return _image_source([p], specs, opts)
-        raise FpsGraphError(f"{p}: not a data file (expected an image or .npy/.npz/.safetensors)")
+        raise FpsGraphError(f"{p}: not a data file (expected an image, .npy/.npz/.safetensors or .txt/.jsonl)")
     arrays = list_files(p, ARRAY_EXTS)
     images = list_files(p, IMAGE_EXTS)
     if arrays and images:
@@ -285,7 +300,7 @@ def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: Ima
         return _image_source(images, specs, opts)
     if not any(p.iterdir()):
         raise FpsGraphError(f"data folder is empty: {p}")
-    raise FpsGraphError(f"no data files (images or .npy/.npz/.safetensors) found in {p}")
+    raise FpsGraphError(f"no data files (images, .npy/.npz/.safetensors or .txt/.jsonl) found in {p}")
 
 
 def _image_source(files: list[Path], specs: list[InputSpec], opts: ImageOptions) -> ImageSource:
@@ -322,7 +337,7 @@ class Loader:
         if self.batch_size < 1:
             raise FpsGraphError("--batch-size must be at least 1")
         order = self.order()
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self.source.batches(order, self.batch_size)
         pool = cf.ThreadPoolExecutor(max_workers=self.workers)
         feeder = cf.ThreadPoolExecutor(max_workers=1)
         try:

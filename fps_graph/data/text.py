@@ -1,0 +1,362 @@
+"""Text calibration data: .txt / .jsonl files tokenized with the model's own `tokenizer.json`, fed without padding.
+
+* ``.txt``: one sample per non-empty line (a line of only whitespace is empty); ``.jsonl``: one JSON object per
+  non-empty line, its text under ``text`` (or another field). A folder: every .txt/.jsonl under it, in path order.
+* The tokenizer is the `tokenizers` library's (Rust; no torch, no transformers): ``tokenizer.json`` beside the model
+  (the layout of Hugging Face / Optimum export folders) or a path given by the user. Its own padding and truncation
+  settings are replaced: samples are truncated to ``max_length`` tokens (special tokens included) and never padded.
+* **Padding never counts.** Batches hold sequences of one length only (length bucketing: the samples to use are
+  sorted by token count, ties kept in input order, and each run of equal lengths is cut into batches), so every
+  statistic is the one each sequence gives alone and no graph change is needed. Inputs the tokenizer does not give
+  are filled by the transformers/Optimum conventions (``hf_inputs``).
+
+Public helpers for other stages (e.g. training on text): ``load_tokenizer``, ``find_tokenizer``, ``read_texts``,
+``tokenize``, ``default_max_length``, ``resolve_model_path``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from fps_graph.data.hf_inputs import InputPlan, plan_inputs, read_hf_config
+from fps_graph.data.sources import InputSpec, Source, list_files
+from fps_graph.errors import FpsGraphError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tokenizers import Tokenizer
+
+__all__ = ["TEXT_EXTS", "MODEL_FILES", "TextOptions", "TextSample", "TextSource", "Tokenized", "default_max_length",
+           "find_tokenizer", "is_text_path", "load_tokenizer", "read_texts", "resolve_model_path", "tokenize"]
+
+TEXT_EXTS = {".txt", ".jsonl"}
+# Which ONNX file a model folder means, first found wins. decoder_model.onnx comes before the merged decoder: it
+# holds the same weights (one outer initializer each) without the If that wraps every layer of the merged file.
+MODEL_FILES = ("model.onnx", "decoder_model.onnx", "decoder_model_merged.onnx")
+DEFAULT_MAX_LENGTH = 512
+_HF_UNSET = 10 ** 9   # transformers writes int(1e30) as model_max_length when a tokenizer has no limit
+
+
+@dataclass
+class TextOptions:
+    """How text becomes token ids.
+
+    Args:
+        tokenizer: a ``tokenizer.json`` or a folder holding one; None = the one beside the model.
+        text_field: the field of each .jsonl record that holds the text.
+        max_length: tokens per sample (special tokens included); None = the model's limit (see default_max_length).
+        truncate: cut longer samples to max_length (counted in a warning); False = refuse them.
+    """
+
+    tokenizer: str | None = None
+    text_field: str = "text"
+    max_length: int | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """One sample's text and where it came from (file, 1-based line)."""
+
+    text: str
+    file: Path
+    line: int
+
+
+@dataclass
+class Tokenized:
+    """Token ids of many samples in one flat array (``ids[offsets[i]:offsets[i + 1]]`` is sample i)."""
+
+    ids: np.ndarray        # int64, all samples concatenated
+    offsets: np.ndarray    # int64, len(samples) + 1
+    truncated: list[int]   # indices of the samples cut to max_length
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of each sample."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sample(self, i: int) -> np.ndarray:
+        """The token ids of sample i."""
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+def is_text_path(path: str | os.PathLike) -> bool:
+    """True for a .txt/.jsonl file, or a folder whose data files are .txt/.jsonl."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix.lower() in TEXT_EXTS
+    return p.is_dir() and bool(list_files(p, TEXT_EXTS))
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The ONNX file a MODEL argument means: the file itself, or in a folder the first of MODEL_FILES found
+    (the folder, then its ``onnx/`` subfolder), else its only .onnx file."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for folder in (p, p / "onnx"):
+        for name in MODEL_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    found = sorted(q.name for q in p.glob("*.onnx"))
+    if len(found) == 1:
+        return p / found[0]
+    if found:
+        raise FpsGraphError(f"model folder {p} holds several .onnx files ({', '.join(found)}) and none of "
+                            f"{', '.join(MODEL_FILES)}; pass the file to use")
+    raise FpsGraphError(f"model folder {p} holds no .onnx file (looked for {', '.join(MODEL_FILES)})")
+
+
+def find_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> Path:
+    """The tokenizer.json to use: the one given (a file or a folder holding one), else the one beside the model."""
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        if t.is_dir():
+            t = t / "tokenizer.json"
+        if not t.is_file():
+            raise FpsGraphError(f"tokenizer not found: {t} (give a tokenizer.json or a folder holding one)")
+        return t
+    if model_path is not None:
+        m = Path(model_path)
+        folder = m if m.is_dir() else m.parent
+        for cand in (folder / "tokenizer.json", folder.parent / "tokenizer.json" if folder.name == "onnx" else None):
+            if cand is not None and cand.is_file():
+                return cand
+        raise FpsGraphError(f"text data needs the model's tokenizer: no tokenizer.json beside {m}; "
+                            "pass --tokenizer PATH (a tokenizer.json or a Hugging Face model folder)")
+    raise FpsGraphError("text data needs a tokenizer; pass --tokenizer PATH")
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
+    """A `tokenizers.Tokenizer` from a tokenizer.json (or a folder holding one), its padding and truncation off."""
+    from tokenizers import Tokenizer
+
+    p = find_tokenizer(None, path)
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FpsGraphError(f"cannot load tokenizer {p}: {first}") from exc
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, line without its newline) of every line that is not blank."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise FpsGraphError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
+    except OSError as exc:
+        raise FpsGraphError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+
+
+def _read_file(path: Path, field: str) -> list[TextSample]:
+    """The samples of one .txt or .jsonl file."""
+    rows = _read_lines(path)
+    if not rows:
+        raise FpsGraphError(f"{path}: empty text file (no non-empty line); remove it or add samples")
+    if path.suffix.lower() != ".jsonl":
+        return [TextSample(text, path, n) for n, text in rows]
+    out = []
+    for n, line in rows:
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise FpsGraphError(f"{path}:{n}: not a JSON object ({exc.args[0] if exc.args else exc})") from exc
+        if not isinstance(rec, dict):
+            raise FpsGraphError(f"{path}:{n}: expected a JSON object per line, found {type(rec).__name__}")
+        if field not in rec:
+            keys = ", ".join(sorted(rec)[:8])
+            raise FpsGraphError(f"{path}:{n}: no field {field!r} (fields: {keys}); choose one with --text-field")
+        text = rec[field]
+        if not isinstance(text, str):
+            raise FpsGraphError(f"{path}:{n}: field {field!r} holds {type(text).__name__}, not a string")
+        if not text.strip():
+            raise FpsGraphError(f"{path}:{n}: field {field!r} is empty")
+        out.append(TextSample(text, path, n))
+    return out
+
+
+def read_texts(path: str | os.PathLike, field: str = "text") -> list[TextSample]:
+    """Every sample of a .txt/.jsonl file or of a folder of them (path order, then line order)."""
+    p = Path(path)
+    if not p.exists():
+        raise FpsGraphError(f"data path not found: {p}")
+    if p.is_file():
+        if p.suffix.lower() not in TEXT_EXTS:
+            raise FpsGraphError(f"{p}: not a text file (expected .txt or .jsonl)")
+        files = [p]
+    else:
+        files = list_files(p, TEXT_EXTS)
+        if not files:
+            raise FpsGraphError(f"no .txt or .jsonl files found in {p}")
+    samples: list[TextSample] = []
+    for f in files:
+        samples.extend(_read_file(f, field))
+    return samples
+
+
+def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int, *, truncate: bool = True,
+             where: Sequence[str] | None = None) -> Tokenized:
+    """Token ids (special tokens added) of each text, cut to max_length; with truncate=False a longer text is an
+    error naming ``where[i]``."""
+    if max_length < 1:
+        raise FpsGraphError(f"max_length must be at least 1, got {max_length}")
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)   # special tokens are kept; the rest is cut from the right
+    try:
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    finally:
+        tokenizer.no_truncation()
+    truncated = [i for i, e in enumerate(encodings) if e.overflowing]
+    if truncated and not truncate:
+        i = truncated[0]
+        place = where[i] if where is not None else f"sample {i}"
+        raise FpsGraphError(f"{place}: longer than max_length {max_length} tokens ({len(truncated)} such samples); "
+                            "raise --max-length, shorten the text, or allow truncation")
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        place = where[int(empty[0])] if where is not None else f"sample {int(empty[0])}"
+        raise FpsGraphError(f"{place}: the tokenizer gives no tokens for this text")
+    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int64, count=int(offsets[-1]))
+    return Tokenized(ids, offsets, truncated)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def default_max_length(folders: Sequence[str | os.PathLike]) -> tuple[int, str]:
+    """(tokens per sample, where that came from): the first of sentence_bert_config.json max_seq_length,
+    tokenizer_config.json model_max_length, config.json max_position_embeddings / n_positions found in the
+    folders (in order), else 512."""
+    rules = (("sentence_bert_config.json", ("max_seq_length",)),
+             ("tokenizer_config.json", ("model_max_length",)),
+             ("config.json", ("max_position_embeddings", "n_positions", "max_sequence_length")))
+    for fname, fields in rules:
+        for folder in folders:
+            data = _read_json(Path(folder) / fname)
+            for fld in fields:
+                v = data.get(fld)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < _HF_UNSET:
+                    return int(v), f"{Path(folder) / fname} {fld}"
+    return DEFAULT_MAX_LENGTH, "default"
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a (small) file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TextSource(Source):
+    """Tokenized text samples as model inputs, batched by equal length so no padding is ever fed.
+
+    Tokenizes everything once in ``__init__`` (the lengths decide the batches; the Rust tokenizer is fast); keeps
+    the ids in one flat int64 array. ``batches`` groups equal lengths; ``fetch`` builds every model input for one
+    group (``hf_inputs``).
+
+    Args:
+        path: a .txt/.jsonl file or a folder of them.
+        specs: the model inputs to feed.
+        model_path: the ONNX file (its folder holds tokenizer.json and config.json in HF export layouts).
+        opts: tokenizer, text field, max length, truncation.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: list[InputSpec], model_path: str | os.PathLike | None,
+                 opts: TextOptions | None = None):
+        opts = opts or TextOptions()
+        self.opts = opts
+        self.specs = specs
+        model_dir = Path(model_path).parent if model_path is not None else None
+        self.tokenizer_path = find_tokenizer(model_path, opts.tokenizer)
+        folders = [self.tokenizer_path.parent] + ([model_dir] if model_dir is not None else [])
+        config = {}
+        for folder in reversed(folders):   # the model's config.json wins over one beside the tokenizer
+            config = read_hf_config(folder) or config
+        self.plan: InputPlan = plan_inputs(specs, config, model_path or "the model")
+        if opts.max_length is not None:
+            self.max_length, self.max_length_from = int(opts.max_length), "--max-length"
+        else:
+            self.max_length, self.max_length_from = default_max_length(folders)
+        limit = self.plan.max_positions
+        if limit is not None and self.max_length > limit:
+            if opts.max_length is not None:
+                raise FpsGraphError(f"--max-length {self.max_length} exceeds the model's {limit} positions "
+                                    "(config.json max_position_embeddings)")
+            self.max_length, self.max_length_from = limit, "config.json max_position_embeddings"
+        fixed = self.plan.fixed_length
+        if fixed is not None:
+            raise FpsGraphError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of {fixed}; "
+                                "every sample would need padding, which would count in the statistics. Export the "
+                                "model with a dynamic sequence axis")
+        tok = load_tokenizer(self.tokenizer_path)
+        samples = read_texts(path, opts.text_field)
+        self.samples = samples
+        self.tokens = tokenize(tok, [s.text for s in samples], self.max_length, truncate=opts.truncate,
+                               where=[f"{s.file}:{s.line}" for s in samples])
+        self.lengths = self.tokens.lengths
+        self.path = Path(path)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for the user (truncated samples)."""
+        n = len(self.tokens.truncated)
+        if not n:
+            return []
+        first = self.samples[self.tokens.truncated[0]]
+        return [f"{n} of {len(self)} text samples were longer than {self.max_length} tokens and were truncated "
+                f"(first: {first.file}:{first.line}; --max-length from {self.max_length_from})"]
+
+    def record(self) -> dict[str, Any]:
+        """What the masks metadata keeps about this data (tokenizer, lengths, field)."""
+        return {"kind": "text", "tokenizer": str(self.tokenizer_path), "tokenizer_sha256": sha256_of(self.tokenizer_path),
+                "max_length": self.max_length, "max_length_from": self.max_length_from,
+                "text_field": self.opts.text_field, "truncate": self.opts.truncate,
+                "truncated": len(self.tokens.truncated), "tokens": int(self.tokens.offsets[-1]),
+                "padding": "none (equal-length batches)"}
+
+    def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """Batches of equal-length samples: ``order``'s samples sorted by length (ties in ``order``), each run of
+        one length cut into batch_size pieces."""
+        order = np.asarray(order, dtype=np.int64)
+        if self.plan.fixed_batch is not None:
+            batch_size = self.plan.fixed_batch
+        lengths = self.lengths[order]
+        ranked = order[np.lexsort((np.arange(order.size), lengths))]
+        runs = np.flatnonzero(np.diff(self.lengths[ranked])) + 1
+        out: list[np.ndarray] = []
+        for group in np.split(ranked, runs):
+            out.extend(group[i:i + batch_size] for i in range(0, group.size, batch_size))
+        return [b for b in out if b.size]
+
+    def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
+        lengths = set(int(self.lengths[i]) for i in indices)
+        if len(lengths) != 1:   # only batches() makes batches for this source
+            raise FpsGraphError("internal: a text batch mixes sequence lengths (padding would count)")
+        ids = np.stack([self.tokens.sample(int(i)) for i in indices])
+        return self.plan.build(ids)
