@@ -13,6 +13,17 @@ from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import sha256_file
 
 
+@dataclass(frozen=True)
+class DerivedTensor:
+    """A constant that is a gather of a stored one: ``stored.reshape(-1)[index]`` (graph/recurrent.py registers
+    one per recurrent weight and direction, its gate blocks in PyTorch's order). ``apply`` writes it back there."""
+
+    source: str               # the stored constant (initializer or Constant node, model-wide key)
+    index: np.ndarray         # flat positions in the source, shaped like the derived tensor
+    layout: dict              # how it was derived; recorded in masks files
+    how: str = ""             # where its name came from (names.py ``how``)
+
+
 @dataclass
 class OnnxModel:
     """An ONNX model whose external weights stay on disk until a tensor is asked for."""
@@ -21,6 +32,7 @@ class OnnxModel:
     proto: onnx.ModelProto
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    derived: dict[str, DerivedTensor] = field(default_factory=dict)
     _sha256: str | None = None
 
     @property
@@ -54,7 +66,7 @@ class OnnxModel:
 
     def is_constant(self, name: str) -> bool:
         """True for a tensor that is an initializer (not overridable by an input) or a Constant node output."""
-        return name in self.initializers or name in self.constant_nodes
+        return name in self.initializers or name in self.constant_nodes or name in self.derived
 
     def tensor(self, name: str) -> np.ndarray:
         """The value of a constant tensor as a NumPy array (reads external data on demand)."""
@@ -65,18 +77,25 @@ class OnnxModel:
                 raise FpsGraphError(f"{self.path}: cannot read initializer {name!r}: {exc}") from None
         if name in self.constant_nodes:
             return _constant_value(self.constant_nodes[name])
+        if name in self.derived:
+            d = self.derived[name]
+            return self.tensor(d.source).reshape(-1)[d.index]
         raise FpsGraphError(f"{self.path}: {name!r} is not a constant tensor")
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a constant tensor without reading its data."""
         if name in self.initializers:
             return tuple(int(d) for d in self.initializers[name].dims)
+        if name in self.derived:
+            return tuple(self.derived[name].index.shape)
         return tuple(self.tensor(name).shape)
 
     def tensor_dtype(self, name: str) -> np.dtype:
         """NumPy dtype of a constant tensor without reading its data where possible."""
         if name in self.initializers:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type))
+        if name in self.derived:
+            return self.tensor_dtype(self.derived[name].source)
         return self.tensor(name).dtype
 
 
