@@ -15,6 +15,7 @@ import onnx
 
 from fps_graph.errors import FpsGraphError
 from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes, model_scopes, node_names
 
 SCORED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
@@ -35,6 +36,8 @@ class Layer:
     trans_b: bool = False      # Gemm only
     conv: dict[str, Any] = field(default_factory=dict)   # Conv only: strides, pads, dilations, group, auto_pad
     scope: str = ""            # module path taken from node metadata or name, when there is one
+    graph: str = ""            # path of the (sub)graph holding the node ("" = main graph; see graph.walk)
+    loops: int = 0             # enclosing Loop/Scan bodies (the node runs once per iteration of each)
 
     @property
     def out_features(self) -> int:
@@ -115,19 +118,6 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def node_names(graph: onnx.GraphProto) -> list[str]:
-    """A unique name for every node: its own name, or '<op>_<index>' when it has none (or a duplicate)."""
-    seen: set[str] = set()
-    names = []
-    for i, node in enumerate(graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        if name in seen:
-            name = f"{name}_{i}"
-        seen.add(name)
-        names.append(name)
-    return names
-
-
 def apply_chain(arr: np.ndarray, chain: list[dict[str, Any]], values: bool = False,
                 model: OnnxModel | None = None) -> np.ndarray:
     """Apply recorded pass-through ops; with values=False only the layout changes (positions), not the numbers."""
@@ -155,15 +145,23 @@ def apply_chain(arr: np.ndarray, chain: list[dict[str, Any]], values: bool = Fal
     return arr
 
 
-def _resolve_weight(model: OnnxModel, name: str, producers: dict[str, onnx.NodeProto]
-                    ) -> tuple[str, list[dict[str, Any]]] | None:
-    """Follow pass-through ops back from a node input to a stored constant; None if it is computed at run time."""
+def _resolve_weight(model: OnnxModel, name: str, scope: Scope) -> tuple[str, list[dict[str, Any]]] | None:
+    """Follow pass-through ops back from a node input to a stored constant; None if it is computed at run time.
+
+    Names are looked up the way ONNX scoping does (a body reads tensors of its enclosing graphs); the constant is
+    returned under its model-wide key (see graph.walk).
+    """
     chain: list[dict[str, Any]] = []
+
+    def const(n: str) -> str | None:
+        return scope.const_key(n) if n else None
+
     for _ in range(16):
-        if model.is_constant(name):
-            shape = model.tensor_shape(name)
-            return name, _finish_chain(list(reversed(chain)), shape)
-        node = producers.get(name)
+        key = const(name)
+        if key is not None:
+            shape = model.tensor_shape(key)
+            return key, _finish_chain(list(reversed(chain)), shape)
+        node = scope.producer(name)
         if node is None or node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
             return None
         step: dict[str, Any] = {"op": node.op_type}
@@ -173,24 +171,24 @@ def _resolve_weight(model: OnnxModel, name: str, producers: dict[str, onnx.NodeP
         elif node.op_type == "Cast":
             step["dtype"] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
         elif node.op_type == "Reshape":
-            if len(node.input) < 2 or not model.is_constant(node.input[1]):
+            if len(node.input) < 2 or const(node.input[1]) is None:
                 return None
-            step["target"] = [int(v) for v in model.tensor(node.input[1]).reshape(-1)]
+            step["target"] = [int(v) for v in model.tensor(const(node.input[1])).reshape(-1)]
             step["allowzero"] = int(_attr(node, "allowzero", 0))
         elif node.op_type in ("Squeeze", "Unsqueeze"):
             axes = _attr(node, "axes")
             if axes is None and len(node.input) > 1 and node.input[1]:
-                if not model.is_constant(node.input[1]):
+                if const(node.input[1]) is None:
                     return None
-                axes = [int(v) for v in model.tensor(node.input[1]).reshape(-1)]
+                axes = [int(v) for v in model.tensor(const(node.input[1])).reshape(-1)]
             step["axes"] = list(axes) if axes is not None else None
         elif node.op_type == "Flatten":
             step["axis"] = int(_attr(node, "axis", 1))
         elif node.op_type == "DequantizeLinear":
-            if not all(model.is_constant(n) for n in node.input[1:] if n):
+            if not all(const(n) is not None for n in node.input[1:] if n):
                 return None
-            step["scale"] = node.input[1]
-            step["zero_point"] = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+            step["scale"] = const(node.input[1])
+            step["zero_point"] = const(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
             step["axis"] = int(_attr(node, "axis", 1))
             if _attr(node, "block_size", 0):
                 return None
@@ -280,48 +278,147 @@ def eval_list(text: str) -> list[str]:
     return [str(v) for v in value]
 
 
+def _body_refusal(scope: Scope, op: str, opset: int) -> str | None:
+    """Why a scored op inside this (sub)graph cannot be observed exactly, or None when it can."""
+    ops = scope.ops
+    for outer in ops:
+        if outer not in BODY_OPS:
+            return f"inside a {outer} body; only If, Loop and Scan bodies are observed"
+    if "Scan" in ops and opset < 9:
+        return "inside a Scan body of opset < 9 (batch-axis Scan); re-export with opset >= 9"
+    if op == "Conv":
+        for i, outer in enumerate(ops):
+            if outer == "If" and any(o in LOOP_OPS for o in ops[:i]):
+                return ("Conv inside an If branch within a Loop/Scan body: the branch not taken cannot yield an "
+                        "activation map of the same shape in every iteration")
+    return None
+
+
 def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
-    """All scored layers of the main graph, in graph order, and the candidates that were skipped (with reasons)."""
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    names = node_names(graph)
+    """All scored layers of the model, in graph order (bodies of If/Loop/Scan nodes right after their node), and
+    every candidate that was skipped (with reasons), including unscored constant tensors (see _unscored)."""
+    scopes = model_scopes(model)
+    opset = model.opset
     layers: list[Layer] = []
     skipped: list[Skipped] = []
-    for node, name in zip(graph.node, names):
+    explained: set[str] = set()          # qualified names of nodes already listed as skipped
+    for scope, node, local in iter_nodes(scopes):
+        name = scope.qualify(local)
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             continue
         if op in ("ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
             skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
+            explained.add(name)
+            continue
+        if op in ("LSTM", "GRU", "RNN"):              # graph/recurrent.py: W and R per direction, or reasons
+            from fps_graph.graph.recurrent import dispatch_recurrent
+
+            refusal = _body_refusal(scope, op, opset)
+            found, why = dispatch_recurrent(model, scope, node, name) if refusal is None else (
+                [], [Skipped(name, op, refusal)])
+            for layer in found:
+                layer.graph, layer.loops = scope.path, scope.loops
+            layers.extend(found)
+            skipped.extend(why)
+            if why:
+                explained.add(name)
             continue
         if op not in SCORED_OPS:
-            _scan_subgraphs(node, name, skipped)
             continue
-        if len(node.input) < 2:
-            skipped.append(Skipped(name, op, "node has fewer than two inputs"))
-            continue
-        act, wname = node.input[0], node.input[1]
-        resolved = _resolve_weight(model, wname, producers)
-        if resolved is None:
-            if _resolve_weight(model, act, producers) is not None and op == "MatMul":
-                skipped.append(Skipped(name, op, f"constant is the left operand ({act}); only x @ W is scored"))
-            else:
-                skipped.append(Skipped(name, op, f"weight input {wname!r} is computed at run time, not a constant"))
-            continue
-        if _resolve_weight(model, act, producers) is not None:
-            skipped.append(Skipped(name, op, f"activation input {act!r} is a constant too"))
-            continue
-        stored, chain = resolved
-        stored_shape = model.tensor_shape(stored)
-        try:
-            op_shape = _op_shape(stored_shape, chain)
-        except ValueError as exc:
-            raise FpsGraphError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from None
-        layer = _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
+        before = len(skipped)
+        refusal = _body_refusal(scope, op, opset)
+        layer = None
+        if refusal is not None:
+            skipped.append(Skipped(name, op, refusal))
+        else:
+            layer = _layer_of(model, scope, node, name, skipped)
+        if len(skipped) > before:
+            explained.add(name)
         if layer is not None:
             layer.scope = _scope_of(node)
+            layer.graph = scope.path
+            layer.loops = scope.loops
             layers.append(layer)
+    from fps_graph.graph.recurrent import scored_sources
+
+    scored = {layer.weight for layer in layers} | scored_sources(model, layers)
+    skipped.extend(_unscored(model, scopes, scored, explained))
     return layers, skipped
+
+
+def _layer_of(model: OnnxModel, scope: Scope, node: onnx.NodeProto, name: str,
+              skipped: list[Skipped]) -> Layer | None:
+    """The Layer of one MatMul/Gemm/Conv node, or None (with the reason added to skipped)."""
+    op = node.op_type
+    if len(node.input) < 2:
+        skipped.append(Skipped(name, op, "node has fewer than two inputs"))
+        return None
+    act, wname = node.input[0], node.input[1]
+    resolved = _resolve_weight(model, wname, scope)
+    if resolved is None:
+        if _resolve_weight(model, act, scope) is not None and op == "MatMul":
+            skipped.append(Skipped(name, op, f"constant is the left operand ({act}); only x @ W is scored"))
+        else:
+            skipped.append(Skipped(name, op, f"weight input {wname!r} is computed at run time, not a constant"))
+        return None
+    if _resolve_weight(model, act, scope) is not None:
+        skipped.append(Skipped(name, op, f"activation input {act!r} is a constant too"))
+        return None
+    stored, chain = resolved
+    stored_shape = model.tensor_shape(stored)
+    try:
+        op_shape = _op_shape(stored_shape, chain)
+    except ValueError as exc:
+        raise FpsGraphError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from None
+    return _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
+
+
+# Why a constant read by an op that is never scored is not selectable (the "no silent omissions" list).
+_UNSCORED_REASONS = {
+    "Gather": "read by Gather (an embedding or position table): rows are picked by index, not multiplied by an "
+              "input activation; not scored",
+    "GatherElements": "read by GatherElements (a lookup table), not multiplied by an input activation; not scored",
+    "GatherND": "read by GatherND (a lookup table), not multiplied by an input activation; not scored",
+    "LSTM": "recurrent-layer weight (LSTM): not scored by this version",
+    "GRU": "recurrent-layer weight (GRU): not scored by this version",
+    "RNN": "recurrent-layer weight (RNN): not scored by this version",
+    "Einsum": "read by Einsum, which is not scored (only MatMul, Gemm and Conv are)",
+    "ConvTranspose": "ConvTranspose weight: op ConvTranspose is not supported for scoring",
+}
+_NOT_COMPUTE = ("Shape", "Size", "Constant") + PASS_THROUGH
+
+
+def _unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], explained: set[str]) -> list[Skipped]:
+    """Every floating-point (or quantized) constant of >= 2 dimensions that feeds a compute op without being a
+    scored weight, once per (node, constant), so that nothing selectable-looking is left out silently."""
+    out: list[Skipped] = []
+    for scope, node, local in iter_nodes(scopes):
+        if node.op_type in _NOT_COMPUTE and node.domain in ("", "ai.onnx"):
+            continue
+        name = scope.qualify(local)
+        seen: set[str] = set()
+        for inp in node.input:
+            if not inp:
+                continue
+            resolved = _resolve_weight(model, inp, scope)
+            if resolved is None:
+                continue
+            key, chain = resolved
+            if key in scored or key in seen:
+                continue
+            seen.add(key)
+            shape = model.tensor_shape(key)
+            dequantized = any(st["op"] == "DequantizeLinear" for st in chain)
+            if len(shape) < 2 or not (dequantized or model.tensor_dtype(key).kind in "fc"):
+                continue
+            if name in explained:
+                continue       # the node's own entry already says why
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            reason = _UNSCORED_REASONS.get(op, f"a constant input of {op}, which is not scored (only MatMul, Gemm "
+                                               "and Conv weights are)")
+            out.append(Skipped(name, op, f"{key} {list(shape)}: {reason}"))
+    return out
 
 
 def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: list[dict[str, Any]],
@@ -361,20 +458,3 @@ def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: l
         skipped.append(Skipped(name, op, "output channels not divisible by group"))
         return None
     return Layer(feature_axis=1, conv=conv, **base)
-
-
-def _scan_subgraphs(node: onnx.NodeProto, name: str, skipped: list[Skipped]) -> None:
-    """List scored-op nodes inside If/Loop/Scan bodies as skipped."""
-    for attr in node.attribute:
-        graphs = []
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs = [attr.g]
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs = list(attr.graphs)
-        for g in graphs:
-            for inner in g.node:
-                inner_name = f"{name}/{attr.name}/{inner.name or inner.op_type}"
-                if inner.op_type in SCORED_OPS:
-                    skipped.append(Skipped(inner_name, inner.op_type, f"inside a {node.op_type} subgraph"))
-                else:
-                    _scan_subgraphs(inner, inner_name, skipped)

@@ -22,7 +22,9 @@ import onnx
 from onnx import helper, numpy_helper
 import numpy as np
 
+from fps_graph.errors import FpsGraphError
 from fps_graph.graph.layers import Layer
+from fps_graph.graph.walk import LOOP_OPS, all_value_names, graph_scopes, node_reads, subgraphs
 
 PREFIX = "fpsg"
 
@@ -36,18 +38,25 @@ class Observer:
     axis: int        # features: -1 (last) or 0 (Gemm with transA); map: batch axis 0
     features: int    # F for features observers (0 for maps)
     index: int       # position in the plan, used to name outputs
+    graph: str = ""  # path of the (sub)graph holding the tensor ("" = main graph; see graph.walk)
+    lead: int = 0    # Loop/Scan bodies around it: its outputs carry one iteration axis per body, summed on the host
+    channels: int = 0   # map observers: input channels (to shape the zeros an untaken If branch yields)
+    rank: int = 0       # map observers: rank of the observed activation
+    state: tuple = ()   # recurrent h_(t-1) observers (graph/recurrent.py): (initial_h, dirs, layout, reverse, direction)
 
     def output(self, what: str) -> str:
         """Name of one of this observer's graph outputs ('abs', 'sq', 'size', 'shape', 'raw')."""
         return f"{PREFIX}_{self.index}_{what}"
 
 
-def observer_key(layer: Layer) -> tuple[str, str, int, int]:
-    """Layers with equal keys can share one observer."""
+def observer_key(layer: Layer) -> tuple[str, str, int, int, str]:
+    """Layers with equal keys can share one observer (tensor names are only unique within one graph)."""
+    if hasattr(layer, "observer_key"):          # recurrent layers (graph/recurrent.py)
+        return layer.observer_key()
     if layer.op == "Conv":
-        return (layer.activation, "map", 0, 0)
+        return (layer.activation, "map", 0, 0, layer.graph)
     axis = -1 if layer.feature_axis in (-1, 1) else 0
-    return (layer.activation, "features", axis, layer.feature_shape[0])
+    return (layer.activation, "features", axis, layer.feature_shape[0], layer.graph)
 
 
 def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Observer]]:
@@ -57,37 +66,25 @@ def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Obser
     for layer in layers:
         key = observer_key(layer)
         if key not in by_key:
-            by_key[key] = Observer(tensor=key[0], kind=key[1], axis=key[2], features=key[3], index=len(by_key))
+            conv = layer.op == "Conv"
+            by_key[key] = Observer(tensor=key[0], kind=key[1], axis=key[2], features=key[3], index=len(by_key),
+                                   graph=layer.graph, lead=layer.loops,
+                                   channels=layer.feature_shape[0] if conv else 0,
+                                   rank=len(layer.op_shape) if conv else 0, state=key[5] if len(key) > 5 else ())
         of_layer[layer.node] = by_key[key]
     return list(by_key.values()), of_layer
 
 
-def _outer_refs(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a (sub)graph's nodes read, including names used by nested subgraphs."""
-    refs: set[str] = set()
-    for node in graph.node:
-        refs |= _node_inputs(node)
-    return refs
+_node_inputs = node_reads     # names a node reads, its bodies' outer-scope reads included (graph.walk)
 
 
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node reads: its inputs and whatever its subgraphs (If/Loop bodies) read from outside."""
-    refs = {i for i in node.input if i}
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            refs |= _outer_refs(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for g in attr.graphs:
-                refs |= _outer_refs(g)
-    return refs
-
-
-def needed_nodes(graph: onnx.GraphProto, targets: set[str]) -> list[int]:
+def needed_nodes(graph: onnx.GraphProto | list[onnx.NodeProto], targets: set[str]) -> list[int]:
     """Indices (in graph order) of the nodes needed to compute the target tensors."""
+    nodes = graph.node if isinstance(graph, onnx.GraphProto) else graph
     needed = set(targets)
     keep: list[int] = []
-    for i in range(len(graph.node) - 1, -1, -1):
-        node = graph.node[i]
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
         if any(o in needed for o in node.output):
             keep.append(i)
             needed |= _node_inputs(node)
@@ -105,9 +102,13 @@ def _axes_node(name: str, axes: list[int], opset: int, op: str, inp: str, out: s
     return helper.make_node(op, [inp], [out], name=name, axes=axes, keepdims=0)
 
 
-def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int
+def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str = ""
                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
-    """Nodes, constants and outputs that reduce one observed tensor in the graph."""
+    """Nodes, constants and outputs that reduce one observed tensor in the graph (outputs named + suffix)."""
+    if obs.state:
+        from fps_graph.graph.recurrent import state_reducer_nodes
+
+        return state_reducer_nodes(obs, stats, opset, suffix)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     outs: list[onnx.ValueInfoProto] = []
@@ -127,63 +128,232 @@ def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int
     # Abs / Mul then ReduceSum rather than ReduceL1 / ReduceSumSquare: ONNX Runtime's CPU ReduceSum has a fast
     # path for reducing the leading axis; ReduceL1 over [6304, 3072] took 49 ms against 10 ms (bench/README.md).
     for what in stats:
-        out = obs.output(what)
+        out = obs.output(what) + suffix
         mapped = f"{base}_{what}_map"
         if what == "abs":
             nodes.append(helper.make_node("Abs", [src], [mapped], name=f"{base}_{what}_abs"))
         else:
             nodes.append(helper.make_node("Mul", [src, src], [mapped], name=f"{base}_{what}_mul"))
         nodes.append(_axes_node(f"{base}_{what}", axes, opset, "ReduceSum", mapped, out, inits))
-        outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-    if obs.kind == "features":
-        nodes.append(helper.make_node("Size", [f32], [obs.output("size")], name=f"{base}_size"))
-        outs.append(helper.make_tensor_value_info(obs.output("size"), onnx.TensorProto.INT64, None))
-    else:
-        nodes.append(helper.make_node("Shape", [f32], [obs.output("shape")], name=f"{base}_shape"))
-        outs.append(helper.make_tensor_value_info(obs.output("shape"), onnx.TensorProto.INT64, None))
+        outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, _out_shape(obs, what) if suffix else None))
+    what = "size" if obs.kind == "features" else "shape"
+    out = obs.output(what) + suffix
+    nodes.append(helper.make_node("Size" if what == "size" else "Shape", [f32], [out], name=f"{base}_{what}"))
+    outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.INT64, _out_shape(obs, what) if suffix else None))
     return nodes, inits, outs
+
+
+def _out_shape(obs: Observer, what: str) -> list[int | None]:
+    """Declared shape of one reducer output (outputs of bodies are typed; both If branches must agree)."""
+    if what == "size":
+        return []
+    if what == "shape":
+        return [obs.rank]
+    if obs.kind == "features":
+        return [obs.features]
+    return [obs.channels] + [None] * (obs.rank - 2)
+
+
+def _zero(obs: Observer, what: str) -> np.ndarray:
+    """What the branch of an If that does not hold the observer yields instead: zero sums, zero counts."""
+    if what == "size":
+        return np.array(0, dtype=np.int64)
+    if what == "shape":
+        return np.zeros(obs.rank, dtype=np.int64)          # batch 0: no values
+    if obs.kind == "features":
+        return np.zeros(obs.features, dtype=np.float32)
+    return np.zeros((obs.channels,) + (0,) * (obs.rank - 2), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Exposed:
+    """One observer output on its way out of nested bodies: its top-level name, type and 'no data' value."""
+
+    base: str            # name in the main graph (fpsg_<i>_<what>)
+    elem: int
+    shape: tuple[int | None, ...]
+    zero: np.ndarray
+
+    def at(self, depth: int) -> str:
+        """Its name at a nesting depth (names must not repeat an enclosing scope's, so each level has its own)."""
+        return self.base if depth == 0 else f"{self.base}__{depth}"
+
+    def value_info(self, depth: int) -> onnx.ValueInfoProto:
+        """Typed graph output at a depth."""
+        return helper.make_tensor_value_info(self.at(depth), self.elem, list(self.shape))
+
+    def stacked(self) -> "_Exposed":
+        """The same output after a Loop/Scan: one more leading (iteration) axis; zero iterations when absent."""
+        return _Exposed(self.base, self.elem, (None, *self.shape), np.zeros((0, *self.zero.shape), self.zero.dtype))
+
+
+class _Augmenter:
+    """Places reducers in every (sub)graph that holds observed tensors and threads their sums out of bodies.
+
+    If: the new outputs are added to both branches, in the same order and with the same types; the branch that
+    does not hold an observer yields zero sums and zero counts. Loop/Scan: they become extra scan outputs (one row
+    per iteration, summed on the host, see ``observer_parts``).
+    """
+
+    def __init__(self, observers: list[Observer], trail_of: dict[str, tuple], mode: str, stats: tuple[str, ...],
+                 opset: int):
+        self.mode, self.stats, self.opset = mode, stats, opset
+        self.by_trail: dict[tuple, list[Observer]] = {}
+        self.nested: set[tuple] = set()
+        self.threaded: list[onnx.NodeProto] = []     # the control-flow node copies made
+        for obs in observers:
+            trail = trail_of[obs.graph]
+            self.by_trail.setdefault(trail, []).append(obs)
+            for i in range(1, len(trail) + 1):
+                self.nested.add(trail[:i])
+
+    def _reducers(self, obs: Observer, depth: int) -> tuple[list, list, list[_Exposed]]:
+        suffix = f"__{depth}" if depth else ""
+        if self.mode == "host" and not obs.state:     # h_(t-1) needs Y and initial_h: reduced in the graph
+            raw = obs.output("raw")
+            return ([helper.make_node("Identity", [obs.tensor], [raw], name=f"{PREFIX}_{obs.index}_raw")], [],
+                    [_Exposed(raw, 0, (), np.zeros(0))])
+        nodes, inits, outs = reducer_nodes(obs, self.stats, self.opset, suffix)
+        whats = list(self.stats) + ["size" if obs.kind == "features" else "shape"]
+        exposed = [_Exposed(obs.output(w), vi.type.tensor_type.elem_type, tuple(_out_shape(obs, w)), _zero(obs, w))
+                   for w, vi in zip(whats, outs)]
+        return nodes, inits, exposed
+
+    def place(self, nodes: list[onnx.NodeProto], local: list[str], trail: tuple, depth: int
+              ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[_Exposed]]:
+        """One graph's nodes with reducers after each observed tensor's producer, and what leaves the graph."""
+        by_tensor: dict[str, list[Observer]] = {}
+        for obs in self.by_trail.get(trail, []):
+            by_tensor.setdefault(obs.tensor, []).append(obs)
+        produced = set(local) | {o for n in nodes for o in n.output}
+        out_nodes: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
+        exposed: list[_Exposed] = []
+
+        def observe(tensor: str) -> None:
+            for obs in by_tensor.pop(tensor, []):
+                n, i, e = self._reducers(obs, depth)
+                out_nodes.extend(n)
+                inits.extend(i)
+                exposed.extend(e)
+
+        for tensor in [t for t in by_tensor if t not in produced]:   # read from an enclosing scope
+            observe(tensor)
+        for tensor in local:
+            observe(tensor)
+        for i, node in enumerate(nodes):
+            if any(trail + ((i, attr),) in self.nested for attr, _ in subgraphs(node)):
+                node, out = self._thread(node, i, trail, depth)
+                exposed.extend(out)
+            out_nodes.append(node)
+            for o in node.output:
+                observe(o)
+        return out_nodes, inits, exposed
+
+    def _thread(self, node: onnx.NodeProto, index: int, trail: tuple, depth: int
+                ) -> tuple[onnx.NodeProto, list[_Exposed]]:
+        """A copy of a control-flow node whose bodies hold reducers, with their sums as new node outputs."""
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        self.threaded.append(copy)
+        per_body: dict[str, list[_Exposed]] = {}
+        bodies = dict(subgraphs(copy))
+        for attr, body in bodies.items():
+            sub = trail + ((index, attr),)
+            if sub not in self.nested:
+                per_body[attr] = []
+                continue
+            local = [i.name for i in body.input] + [t.name for t in body.initializer]
+            nodes, inits, out = self.place(list(body.node), local, sub, depth + 1)
+            del body.node[:]
+            body.node.extend(nodes)
+            body.initializer.extend(inits)
+            per_body[attr] = out
+        inner = depth + 1
+        if copy.op_type == "If":
+            every = [e for attr in ("then_branch", "else_branch") for e in per_body.get(attr, [])]
+            for attr in ("then_branch", "else_branch"):
+                body = bodies[attr]
+                have = {e.base for e in per_body.get(attr, [])}
+                for e in every:
+                    if e.base not in have:
+                        body.node.append(helper.make_node("Constant", [], [e.at(inner)], name=f"{e.at(inner)}_zero",
+                                                          value=numpy_helper.from_array(e.zero)))
+                body.output.extend(e.value_info(inner) for e in every)
+            copy.output.extend(e.at(depth) for e in every)
+            return copy, every
+        if copy.op_type in LOOP_OPS:
+            out = per_body.get("body", [])
+            bodies["body"].output.extend(e.value_info(inner) for e in out)
+            copy.output.extend(e.at(depth) for e in out)
+            if copy.op_type == "Scan":
+                for attr in copy.attribute:
+                    if attr.name in ("scan_output_axes", "scan_output_directions"):
+                        attr.ints.extend([0] * len(out))
+            return copy, [e.stacked() for e in out]
+        raise FpsGraphError(f"cannot observe layers inside a {copy.op_type} body (only If, Loop and Scan)")
+
+
+def _trim_if(node: onnx.NodeProto, needed: set[str]) -> None:
+    """Drop the outputs of a (copied) If node that nothing reads, in both branches, and the nodes only they need
+    (in a merged decoder the LM head sits inside the branches)."""
+    keep = [i for i, o in enumerate(node.output) if o in needed]
+    if len(keep) == len(node.output) or not keep:
+        return
+    outs = [node.output[i] for i in keep]
+    del node.output[:]
+    node.output.extend(outs)
+    for _, body in subgraphs(node):
+        kept_vi = [body.output[i] for i in keep]
+        del body.output[:]
+        body.output.extend(kept_vi)
+        idx = needed_nodes(body, {vi.name for vi in kept_vi})
+        nodes = [body.node[i] for i in idx]
+        del body.node[:]
+        body.node.extend(nodes)
+
+
+def _check_names(model: onnx.ModelProto, observers: list[Observer]) -> None:
+    """Refuse a model that already uses the observers' tensor names somewhere (in any scope)."""
+    if not observers:
+        return
+    clash = sorted(n for n in all_value_names(model.graph) if n.startswith(f"{PREFIX}_"))
+    if clash:
+        raise FpsGraphError(f"the model already has tensors named {PREFIX}_* ({clash[0]!r}), which this tool uses "
+                            "for its observers; rename them")
 
 
 def augment(model: onnx.ModelProto, observers: list[Observer], mode: str = "graph",
             stats: tuple[str, ...] = ("abs",)) -> onnx.ModelProto:
-    """A new model whose only outputs are the observers' reductions (graph) or raw activations (host)."""
+    """A new model whose only outputs are the observers' reductions (graph) or raw activations (host).
+
+    The input model is not changed. Observers inside If/Loop/Scan bodies get their reducers inside the body (see
+    ``_Augmenter``); ``observer_parts`` reads their outputs back.
+    """
     graph = model.graph
-    targets = {o.tensor for o in observers}
-    keep = needed_nodes(graph, targets)
+    _check_names(model, observers)
+    if mode == "host" and any(o.graph for o in observers):
+        raise FpsGraphError("reduce mode 'host' cannot observe layers inside If/Loop/Scan bodies; use 'graph'")
     opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
-
-    by_tensor: dict[str, list[Observer]] = {}
-    for obs in observers:
-        by_tensor.setdefault(obs.tensor, []).append(obs)
-
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    outputs: list[onnx.ValueInfoProto] = []
-
-    def observe(tensor: str) -> None:
-        for obs in by_tensor.pop(tensor, []):
-            if mode == "host":
-                raw = obs.output("raw")
-                new_nodes.append(helper.make_node("Identity", [tensor], [raw], name=f"{PREFIX}_{obs.index}_raw"))
-                outputs.append(onnx.ValueInfoProto(name=raw))
-            else:
-                nodes, inits, outs = reducer_nodes(obs, stats, opset)
-                new_nodes.extend(nodes)
-                new_inits.extend(inits)
-                outputs.extend(outs)
-
-    for name in [i.name for i in graph.input] + [t.name for t in graph.initializer]:
-        observe(name)
-    for i in keep:
-        node = graph.node[i]
-        new_nodes.append(node)
-        for out in node.output:
-            observe(out)
-    for name in list(by_tensor):   # produced by nothing we kept (should not happen); observe at the end
-        observe(name)
+    trail_of = {s.path: s.trail for s in graph_scopes(graph)} if any(o.graph for o in observers) else {"": ()}
+    aug = _Augmenter(observers, trail_of, mode, stats, opset)
+    local = [i.name for i in graph.input] + [t.name for t in graph.initializer]
+    nodes, new_inits, exposed = aug.place(list(graph.node), local, (), 0)
+    targets = {e.base for e in exposed}
+    nodes = [nodes[i] for i in needed_nodes(nodes, targets)]
+    reads: set[str] = set(targets)
+    for node in nodes:
+        reads |= _node_inputs(node)
+    for node in aug.threaded[:]:
+        if node.op_type == "If" and any(node is n for n in nodes):
+            _trim_if(node, reads)
+    if mode == "host":
+        outputs = [onnx.ValueInfoProto(name=e.base) for e in exposed]
+    else:
+        outputs = [helper.make_tensor_value_info(e.base, e.elem, None) for e in exposed]
 
     used = set()
-    for node in new_nodes:
+    for node in nodes:
         used |= _node_inputs(node)
     new = onnx.ModelProto()
     new.ir_version = model.ir_version
@@ -192,7 +362,7 @@ def augment(model: onnx.ModelProto, observers: list[Observer], mode: str = "grap
     new.producer_name = "fps-graph"
     g = new.graph   # filled in place: the weights are copied once, not twice (make_graph, then CopyFrom)
     g.name = f"{graph.name or 'model'}_fps_observed"
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     g.input.extend(i for i in graph.input if i.name in used)
     g.output.extend(outputs)
     g.initializer.extend(t for t in graph.initializer if t.name in used)
@@ -200,3 +370,28 @@ def augment(model: onnx.ModelProto, observers: list[Observer], mode: str = "grap
     g.value_info.extend(graph.value_info)
     g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in used)
     return new
+
+
+def observer_parts(obs: Observer, results: dict[str, np.ndarray], kinds: tuple[str, ...]
+                   ) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """One observer's (sums per kind, size or shape) from the observed graph's outputs, ready to accumulate.
+
+    Outputs that left Loop/Scan bodies carry one leading axis per body (one row per iteration): feature sums are
+    added up over them in float64; activation maps come back one part per iteration, since each needs its own
+    window sums. A branch not taken or a loop with no iteration gives zero sums and a zero count.
+    """
+    info = np.asarray(results[obs.output("size" if obs.kind == "features" else "shape")])
+    sums = {k: np.asarray(results[obs.output(k)]) for k in kinds}
+    if obs.lead == 0:
+        return [(sums, info)]
+    if obs.kind == "features":
+        total = {k: v.astype(np.float64).reshape(-1, obs.features).sum(axis=0) if v.size
+                 else np.zeros(obs.features, np.float64) for k, v in sums.items()}
+        return [(total, np.array(int(info.astype(np.int64).sum()), dtype=np.int64))]
+    rows = info.reshape(-1, obs.rank) if info.size else np.zeros((0, obs.rank), np.int64)
+    parts = []
+    for j in range(rows.shape[0]):
+        parts.append(({k: v.reshape(-1, *v.shape[obs.lead:])[j] for k, v in sums.items()}, rows[j]))
+    if not parts:
+        parts.append(({k: _zero(obs, k) for k in kinds}, _zero(obs, "shape")))
+    return parts

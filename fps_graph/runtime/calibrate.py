@@ -1,6 +1,7 @@
 """Streaming calibration data through the observed graph and accumulating per-layer statistics."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -8,10 +9,12 @@ from typing import Callable, Iterable
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.graph.observe import Observer, augment, plan_observers
+from fps_graph.graph.observe import Observer, augment, observer_parts, plan_observers
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel
+from fps_graph.runtime.micro import MicroBatcher, check_micro, merge_in_order
 from fps_graph.runtime.session import create_session, ort_message
+from fps_graph.runtime.shards import sum_shard
 from fps_graph.selection.stats import Stats, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
@@ -25,6 +28,7 @@ class CalibrationInfo:
     seconds: float
     samples: int
     observers: int
+    cluster: dict | None = None     # a distributed run's report (runtime.ray): workers, shards, start-up, memory
 
 
 def _accumulate_features(st: Stats, layers: list[Layer], kinds: tuple[str, ...],
@@ -39,6 +43,11 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
                     batch: int) -> None:
     for layer in layers:
         positions = 0
+        if batch == 0:   # an If branch not taken: no values (the map is empty)
+            for kind in kinds:
+                st.add(layer.node, kind, np.zeros(layer.feature_shape, dtype=np.float64))
+            st.add_count(layer.node, 0)
+            continue
         for kind in kinds:
             m = maps[kind].astype(np.float64)
             if m.shape[0] != layer.feature_shape[0]:
@@ -80,9 +89,10 @@ class BatchStats:
 
     def __init__(self, model: OnnxModel, layers: list[Layer], *, kinds: tuple[str, ...] = ("abs",),
                  reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
-                 threads: int | None = None):
+                 threads: int | None = None, micro_batch: int | None = None, max_memory_mb: float | None = None):
         if reduce not in ("graph", "host"):
             raise FpsGraphError(f"unknown reduce mode {reduce!r} (use graph or host)")
+        check_micro(micro_batch, max_memory_mb)
         self.layers = layers
         self.kinds = tuple(kinds)
         self.reduce = reduce
@@ -107,10 +117,15 @@ class BatchStats:
         self.provider = self.session.provider
         self.feed_names = [i.name for i in self.session.session.get_inputs()]
         self.out_names = [o.name for o in self.session.session.get_outputs()]
+        self.micro = MicroBatcher(model, self.observers, self.kinds, reduce, self.session.session.get_inputs(),
+                                  micro_batch, max_memory_mb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Stats:
         """The float64 sums and counts of one batch (``num_samples`` = its first input's leading size)."""
         n = int(next(iter(batch.values())).shape[0])
+        parts = self.micro.split(batch, n)
+        if parts is not None:   # micro-batches: sums add up, a fraction of the activation memory (runtime.micro)
+            return merge_in_order([self(part) for part in parts])
         feeds = {name: batch[name] for name in self.feed_names}
         try:
             results = dict(zip(self.out_names, self.session.session.run(self.out_names, feeds)))
@@ -118,15 +133,15 @@ class BatchStats:
             raise FpsGraphError(f"ONNX Runtime failed on a batch: {ort_message(exc)}") from exc
         st = Stats(model_sha256=self.model_sha256, kinds=self.kinds)
         for obs in self.observers:
-            if self.reduce == "host":
-                sums, info = host_reduce(obs, results[obs.output("raw")], self.kinds)
-            else:
-                sums = {k: results[obs.output(k)] for k in self.kinds}
-                info = results[obs.output("size" if obs.kind == "features" else "shape")]
-            if obs.kind == "features":
-                _accumulate_features(st, self.users[obs.index], self.kinds, sums, float(info) / obs.features)
-            else:
-                _accumulate_map(st, self.users[obs.index], self.kinds, sums, int(info[0]))
+            if self.reduce == "host" and not obs.state:
+                parts = [host_reduce(obs, results[obs.output("raw")], self.kinds)]
+            else:   # one part, or one per Loop/Scan iteration (graph.observe)
+                parts = observer_parts(obs, results, self.kinds)
+            for sums, info in parts:
+                if obs.kind == "features":
+                    _accumulate_features(st, self.users[obs.index], self.kinds, sums, float(info) / obs.features)
+                else:
+                    _accumulate_map(st, self.users[obs.index], self.kinds, sums, int(info[0]))
         st.num_samples = n
         return st
 
@@ -146,19 +161,26 @@ def check_finite(partial: Stats, order: list[str], first_sample: int) -> None:
 def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]], *,
                   kinds: tuple[str, ...] = ("abs",), reduce: str = "graph", provider: str = "auto",
                   opt_level: str = "all", threads: int | None = None,
-                  progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
-    """Run every batch through the observed graph once and return float64 sums and counts per layer."""
+                  progress: Progress | None = None, shard_batches: int | None = None,
+                  micro_batch: int | None = None, max_memory_mb: float | None = None) -> tuple[Stats, CalibrationInfo]:
+    """Run every batch through the observed graph once and return float64 sums and counts per layer.
+
+    The batches are summed in shards of ``shard_batches`` (None: one shard), each from zero, and the shard sums
+    are added in order: the grouping a distributed run uses too, so both give the same bytes (runtime.shards).
+    """
     step = BatchStats(model, layers, kinds=kinds, reduce=reduce, provider=provider, opt_level=opt_level,
-                      threads=threads)
+                      threads=threads, micro_batch=micro_batch, max_memory_mb=max_memory_mb)
     st = Stats(model_sha256=model.sha256, kinds=tuple(kinds))
     start = time.perf_counter()
+    feed = iter(batches)
     try:
-        for batch in batches:
-            partial = step(batch)
-            check_finite(partial, step.order, st.num_samples)
-            st = st.merge(partial)
-            if progress is not None:
-                progress(partial.num_samples)
+        while True:
+            shard = sum_shard(step, itertools.islice(feed, shard_batches), Stats(model_sha256=model.sha256,
+                              kinds=tuple(kinds)), lambda partial, first: check_finite(partial, step.order, first),
+                              progress, st.num_samples)
+            if shard.num_samples == 0:
+                break
+            st = st.merge(shard)
     finally:
         step.close()
     if st.num_samples == 0:

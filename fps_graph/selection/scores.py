@@ -68,11 +68,15 @@ def _pooled_mean(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
     sums = np.zeros(n, dtype=np.float64)
     counts = np.zeros(n, dtype=np.float64)
     for layer in group.layers:
-        stats.mean(layer.node, stat)   # raises if missing
+        if kind not in stats.sums.get(layer.node, {}):
+            stats.mean(layer.node, stat)   # raises naming the missing layer
         idx = layer.canonical_index()
         s = np.broadcast_to(layer.stat_to_canonical(stats.sums[layer.node][kind]), idx.shape)
         sums[idx.reshape(-1)] += s.reshape(-1)
         counts[idx.reshape(-1)] += stats.counts[layer.node]
+    if not any(stats.counts.get(layer.node, 0.0) > 0 for layer in group.layers):
+        raise FpsGraphError(f"weight {group.weight} saw no data (none of its layers ran)")
+    # a consumer that did not run (the untaken branch of an If) adds zero sums and a zero count
     pidx = group.primary.canonical_index()
     mean = sums[pidx] / np.maximum(counts[pidx], 1e-300)
     return np.sqrt(mean) if kind == "sq" else mean
