@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+from fps_graph.data.text import TextOptions
 from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import check_output_path
 from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
@@ -13,7 +14,7 @@ from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("data", required=False)
 @click.option("-o", "--output", default="masks.safetensors", show_default=True, help="Masks file to write.")
 @click.option("--score", type=click.Choice(SCORES), default="fps", show_default=True,
@@ -36,6 +37,13 @@ from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 @click.option("--mean", default=None, help=f"Per-channel mean for images [default: {','.join(map(str, IMAGENET_MEAN))}].")
 @click.option("--std", default=None, help=f"Per-channel std for images [default: {','.join(map(str, IMAGENET_STD))}].")
 @click.option("--crop-pct", type=float, default=0.875, show_default=True, help="Resize to size/crop_pct, then crop.")
+@click.option("--tokenizer", default=None, type=click.Path(),
+              help="Text: a tokenizer.json or a folder holding one [default: the one beside MODEL].")
+@click.option("--text-field", default="text", show_default=True, help="Text: the field of each .jsonl record.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Text: tokens per sample [default: the model's limit from its folder's configs, else 512].")
+@click.option("--no-truncate", is_flag=True, help="Text: refuse samples longer than --max-length (default: cut them,"
+              " with a warning count).")
 @click.option("--reduce", type=click.Choice(["graph", "host"]), default="graph", show_default=True,
               help="graph: reduce activations inside ONNX Runtime; host: return them raw and reduce in NumPy.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
@@ -55,10 +63,12 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            budget: str | None, granularity: str, include: tuple[str, ...], exclude: tuple[str, ...],
            anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
-           crop_pct: float, reduce: str, provider: str, opt_level: str, threads: int | None, dense: bool,
+           crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
+           reduce: str, provider: str, opt_level: str, threads: int | None, dense: bool,
            stats_out: str | None, stats_in: tuple[str, ...], state_dict: str | None, force: bool,
            quiet: bool) -> None:
-    """Select the weights of MODEL (ONNX) to fine-tune, from calibration DATA (folder or file)."""
+    """Select the weights of MODEL (ONNX file or Hugging Face export folder) to fine-tune, from calibration DATA
+    (images, .npy/.npz/.safetensors, or text: .txt/.jsonl, a file or a folder)."""
     if k is not None and budget is not None:
         raise FpsGraphError("give either --k or --budget, not both")
     if not 0 < crop_pct <= 1:
@@ -76,6 +86,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         opt_level=opt_level, threads=threads or None, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
+        text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
         stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict)
     if budget is not None:
         opts.k = None

@@ -85,7 +85,7 @@ def files(tmp_path_factory):
 
 BAD = [
     ("missing model", ["select", "{d}/nope.onnx", IMAGES], "model file not found"),
-    ("model is a folder", ["select", "{d}/empty", IMAGES], "is a directory"),
+    ("model is a folder", ["select", "{d}/empty", IMAGES], "holds no .onnx file"),
     ("not onnx", ["select", "{d}/not_onnx.onnx", IMAGES], "not_onnx.onnx is not a valid ONNX model"),
     ("truncated onnx", ["select", "{d}/truncated.onnx", IMAGES], "truncated.onnx is not a valid ONNX model"),
     ("no selectable layer", ["select", "{d}/no_layers.onnx", IMAGES], "no selectable layer"),
