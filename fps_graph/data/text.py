@@ -139,7 +139,11 @@ def find_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.Pat
 
 def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     """A `tokenizers.Tokenizer` from a tokenizer.json (or a folder holding one), its padding and truncation off."""
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise FpsGraphError("text data needs the tokenizers package: pip install 'fps-graph[text]' "
+                            "(or pip install tokenizers)") from exc
 
     p = find_tokenizer(None, path)
     try:
