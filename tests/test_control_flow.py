@@ -55,13 +55,15 @@ RNG = np.random.default_rng(7)
 W6x4 = RNG.normal(size=(6, 4)).astype(np.float32)
 
 
-def if_graph(path: Path) -> Path:
-    """x = relu(x0); If(c): then x @ W, else (2x) @ W: one outer weight read in both branches."""
+def if_graph(path: Path, separate: bool = False) -> Path:
+    """x = relu(x0); If(c): then x @ W, else (2x) @ W: one outer weight read in both branches (or, separate, the
+    else branch holds its own weight W2)."""
     then = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y_t"], name="mm")], "then", [],
                         [_vi("y_t", shape=["N", 3, 4])])
+    inits = [nh.from_array(np.float32(2), "two")] + ([nh.from_array(W6x4[::-1].copy(), "W2")] if separate else [])
     other = h.make_graph([h.make_node("Mul", ["x", "two"], ["x2"], name="double"),
-                          h.make_node("MatMul", ["x2", "W"], ["y_e"], name="mm")], "else", [],
-                         [_vi("y_e", shape=["N", 3, 4])], initializer=[nh.from_array(np.float32(2), "two")])
+                          h.make_node("MatMul", ["x2", "W2" if separate else "W"], ["y_e"], name="mm")], "else", [],
+                         [_vi("y_e", shape=["N", 3, 4])], initializer=inits)
     g = h.make_graph([h.make_node("Relu", ["x0"], ["x"], name="relu"),
                       h.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other)], "g",
                      [_vi("x0", shape=["N", 3, 6]), _vi("c", TP.BOOL, [])], [_vi("y", shape=["N", 3, 4])],
@@ -106,6 +108,30 @@ def test_if_branch_never_taken_gives_zero_count(tmp_path):
     rows = np.concatenate([np.maximum(x, 0).reshape(-1, 6) for x in xs]).astype(np.float64)
     score = np.abs(W6x4.T.astype(np.float64)) * np.abs(rows).mean(0)
     np.testing.assert_array_equal(idx["W"], np.sort(np.argmax(score, axis=1) * 4 + np.arange(4)))
+
+
+def test_weight_only_in_a_branch_never_taken_is_skipped_with_reason(tmp_path):
+    path = if_graph(tmp_path / "if2.onnx", separate=True)
+    xs = [RNG.normal(size=(2, 3, 6)).astype(np.float32) for _ in range(2)]
+    st, _ = _stats(path, [{"x0": x, "c": np.array(True)} for x in xs])
+    stats_file = tmp_path / "s.safetensors"
+    st.save(stats_file)
+    result = run_select(path, None, SelectOptions(k=1, stats_in=[str(stats_file)]))
+    assert list(result.indices) == ["W"]
+    assert any("saw no calibration data" in w for w in result.warnings)
+    st_else, _ = _stats(path, [{"x0": x, "c": np.array(False)} for x in xs])
+    assert st_else.counts["branch/then_branch/mm"] == 0 and st_else.counts["branch/else_branch/mm"] == 12
+    plan = make_plan(path)
+    assert sorted(g.weight for g in plan.groups) == ["W", "branch/else_branch::W2"]
+
+
+def test_no_layer_reached_is_an_error(tmp_path):
+    path = conv_if_graph(tmp_path / "w.onnx", True)
+    x = RNG.normal(size=(2, 3, 9, 9)).astype(np.float32)
+    st, _ = _stats(path, [{"x0": x, "c": np.array(False), "z": np.zeros((2, 4, 5, 5), np.float32)}])
+    st.save(tmp_path / "s.safetensors")
+    with pytest.raises(FpsGraphError, match="no calibration data reached"):
+        run_select(path, None, SelectOptions(k=1, stats_in=[str(tmp_path / "s.safetensors")]))
 
 
 W6 = RNG.normal(size=(6, 6)).astype(np.float32) * 0.5

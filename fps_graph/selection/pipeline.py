@@ -290,6 +290,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
+def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
+    """Take weights no calibration data reached out of the plan, listed as skipped (selection.reach)."""
+    from fps_graph.selection.reach import split_unreached
+
+    kept, dropped = split_unreached(plan.groups, stats)
+    if not dropped:
+        return
+    if not kept:
+        raise FpsGraphError(f"no calibration data reached any scored layer ({dropped[0].reason})")
+    plan.layers = [layer for g in kept for layer in g.layers]
+    warnings.append(f"{len(plan.groups) - len(kept)} weights saw no calibration data (inside If branches never "
+                    "taken) and are not selected; see the skipped list")
+    plan.groups, plan.skipped = kept, plan.skipped + dropped
+
+
 def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                progress: ProgressFactory | None = None, stats_out: bool = False) -> SelectResult:
     """Select the weights to fine-tune; nothing is written (see write_result)."""
@@ -304,6 +319,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                             + (f"; skipped {reasons}" if reasons else ""))
     warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
+    if stats is not None and opts.score not in ("magnitude", "random"):   # If branches the data never took
+        _drop_unreached(plan, stats, warnings)
     groups = plan.groups
 
     def scorer(i: int) -> WeightScores:

@@ -1,0 +1,26 @@
+"""Weights whose layers the calibration data never reached (every consumer sits in an If branch never taken).
+
+FPS ranks a weight by the activations it multiplies; with none seen there is nothing to rank. Such weights are
+taken out of the selection and listed as skipped with the reason, and the run warns, rather than failing the whole
+selection (silero-vad holds a separate set of weights for each sample rate, one If branch each).
+"""
+from __future__ import annotations
+
+from fps_graph.graph.layers import Skipped
+from fps_graph.selection.scores import WeightGroup
+from fps_graph.selection.stats import Stats
+
+
+def split_unreached(groups: list[WeightGroup], stats: Stats) -> tuple[list[WeightGroup], list[Skipped]]:
+    """The groups some data reached, and a Skipped entry for every layer of the others."""
+    kept: list[WeightGroup] = []
+    dropped: list[Skipped] = []
+    for group in groups:
+        if any(stats.counts.get(layer.node, 0.0) > 0 for layer in group.layers):
+            kept.append(group)
+            continue
+        for layer in group.layers:
+            branch = f" ({layer.graph})" if layer.graph else ""
+            dropped.append(Skipped(layer.node, layer.op, f"weight {group.weight}: no calibration data reached this "
+                                                         f"layer{branch}; the If branch holding it was never taken"))
+    return kept, dropped
