@@ -53,6 +53,7 @@ class RecurrentLayer(Layer):
     """W or R of one direction of a recurrent node; its weight is a derived tensor [gates*H, fan_in] whose rows
     are in PyTorch's gate order, so that canonical layout == derived layout == PyTorch layout."""
 
+    canonical_is_op = True             # (class attribute) selection/positions: no transpose to undo
     part: str = "ih"                   # "ih" (W, reads X) or "hh" (R, reads h_{t-1})
     direction: int = 0
     state: tuple = ()                  # hh: (initial_h or "", num_directions, layout, reverse)
@@ -73,8 +74,8 @@ class RecurrentLayer(Layer):
     def observer_key(self) -> tuple:
         """W: the features observer of X (shared by both directions); R: a state observer per direction."""
         if self.part == "ih":
-            return (self.activation, "features", -1, self.canonical_shape[1])
-        return (self.activation, "state", self.direction, self.canonical_shape[1], self.state)
+            return (self.activation, "features", -1, self.canonical_shape[1], self.graph)
+        return (self.activation, "features", -1, self.canonical_shape[1], self.graph, (*self.state, self.direction))
 
 
 # --------------------------------------------------------------------------------- tracing weights to storage
@@ -332,17 +333,17 @@ def scored_sources(model: OnnxModel, layers: list[Layer]) -> set[str]:
 # ----------------------------------------------------------------------------------------- state observers
 
 
-def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int
+def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: str = ""
                         ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
     """Sums of |h_(t-1)| (and h_(t-1)^2) per hidden unit for one direction, and Size(Y of that direction).
 
-    obs.tensor is Y ([T, D, B, H], or [B, T, D, H] with layout=1); obs.axis the direction; obs.extra
-    (initial_h, D, layout, reverse). Outputs are named like a features observer's (abs, sq, size).
+    obs.tensor is Y ([T, D, B, H], or [B, T, D, H] with layout=1); obs.state is (initial_h, D, layout, reverse,
+    direction). The outputs are those of a features observer over H features (abs, sq: [H]; size: T*B*H), so
+    counting, If branches and Loop bodies treat it as one.
     """
     from fps_graph.graph.observe import PREFIX, _axes_node
 
-    init_h, _dirs, layout, reverse = obs.extra
-    d = obs.axis
+    init_h, _dirs, layout, reverse, d = obs.state
     base = f"{PREFIX}_{obs.index}"
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -381,14 +382,15 @@ def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int
             red = f"{base}_{what}_{j}_sum"
             nodes.append(_axes_node(red, axes, opset, "ReduceSum", mapped, red, inits))
             partial.append(red)
-        out = obs.output(what)
+        out = obs.output(what) + suffix
         if len(partial) == 1:
             nodes.append(helper.make_node("Identity", partial, [out], name=f"{base}_{what}_total"))
         else:
             nodes.append(helper.make_node("Add", partial, [out], name=f"{base}_{what}_total"))
-        outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-    nodes.append(helper.make_node("Size", [yd], [obs.output("size")], name=f"{base}_size"))
-    outs.append(helper.make_tensor_value_info(obs.output("size"), onnx.TensorProto.INT64, None))
+        outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [obs.features] if suffix else None))
+    size = obs.output("size") + suffix
+    nodes.append(helper.make_node("Size", [yd], [size], name=f"{base}_size"))
+    outs.append(helper.make_tensor_value_info(size, onnx.TensorProto.INT64, [] if suffix else None))
     return nodes, inits, outs
 
 
