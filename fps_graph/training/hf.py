@@ -65,6 +65,8 @@ def hf_folder(spec: str) -> Path | None:
     if not (path / "config.json").is_file():
         raise FpsGraphError(f"{path} holds no config.json; `fps-graph train hf:DIR` needs a folder written by "
                             "save_pretrained (config.json and *.safetensors)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FpsGraphError(f"{path} holds no weights (*.safetensors); save the model with save_pretrained")
     return path
 
 
@@ -93,8 +95,6 @@ def load_hf_model(folder: Path, task: str) -> Any:
 
     cls = {"causal-lm": transformers.AutoModelForCausalLM,
            "seq-cls": transformers.AutoModelForSequenceClassification}[task]
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise FpsGraphError(f"{folder} holds no weights (*.safetensors); save the model with save_pretrained")
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -552,6 +552,8 @@ def _loop(opts: Any, task: str, model: Any, handle: Any, tok: Tokenizer, train_d
         s = _summary(loss_sum, n_sum, correct, task)
         rec: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in s.items()},
                                "lr": optim.param_groups[0]["lr"]}
+        if task == "causal-lm":
+            rec["train_tokens"] = int(n_sum)              # tokens learnt (no padding, no prompt)
         if val_data is not None:
             v = evaluate_text(model, val_data, task, opts.batch_size, pad_id, device)
             rec.update({f"val_{k}": x for k, x in v.items()})

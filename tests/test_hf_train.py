@@ -1,0 +1,276 @@
+"""`fps-graph train hf:DIR`: causal-LM and sequence-classification runs on tiny random Llamas, checked against
+transformers' own losses, the base weights, the ONNX export after `apply`, and bad inputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import hf_helpers as H  # noqa: E402
+
+from fps_graph import FpsGraphError  # noqa: E402
+from fps_graph.formats.delta import read_delta  # noqa: E402
+from fps_graph.formats.masks import load_indices  # noqa: E402
+from fps_graph.training.hf import TextOptions, Tokenizer, batches, read_text_data, step_loss  # noqa: E402
+from fps_graph.training.train import TrainOptions, run_train  # noqa: E402
+from fps_graph_cli.main import entry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny Llama folder (tied embeddings), its ONNX export, masks from select (k=2), cycle text train/val."""
+    root = tmp_path_factory.mktemp("hf_lm")
+    folder = H.make_folder(root / "lm")
+    onnx_path = H.export_onnx(folder, root / "lm.onnx")
+    texts = H.cycle_text(48, seed=0)
+    (root / "train.txt").write_text("\n".join(texts) + "\n")
+    (root / "val.txt").write_text("\n".join(H.cycle_text(16, seed=1)) + "\n")
+    npz = H.tokenize_npz(folder, texts[:16], root / "calib.npz")
+    masks = H.select_masks(onnx_path, npz, root / "masks.safetensors", k=2)
+    return {"root": root, "folder": folder, "onnx": onnx_path, "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def cls(tmp_path_factory):
+    """A tiny LlamaForSequenceClassification folder (2 labels), its export and masks; 3-class jsonl data."""
+    root = tmp_path_factory.mktemp("hf_cls")
+    folder = H.make_folder(root / "cls", kind="seq-cls", seed=3, num_labels=2)
+    onnx_path = H.export_onnx(folder, root / "cls.onnx", kind="seq-cls")
+    recs = H.cls_records(60, seed=0)
+    H.write_jsonl(root / "train.jsonl", recs)
+    H.write_jsonl(root / "val.jsonl", H.cls_records(24, seed=1))
+    npz = H.tokenize_npz(folder, [r["text"] for r in recs[:16]], root / "calib.npz")
+    masks = H.select_masks(onnx_path, npz, root / "masks.safetensors", k=2)
+    return {"root": root, "folder": folder, "onnx": onnx_path, "masks": masks}
+
+
+def options(setup, out: Path, data: str, **kw) -> TrainOptions:
+    base = dict(factory=f"hf:{setup['folder']}", masks=str(setup["masks"]), data=str(setup["root"] / data),
+                output=str(out), epochs=3, lr=3e-2, batch_size=8, warmup_epochs=0.5, seed=0, threads=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _base_state(folder: Path, kind: str = "causal-lm") -> dict[str, torch.Tensor]:
+    from fps_graph.training.hf import load_hf_model
+
+    return {k: v.clone() for k, v in load_hf_model(folder, kind).state_dict().items()}
+
+
+def _moved(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Flat positions that changed, per tensor that changed."""
+    out = {}
+    for k, v in after.items():
+        diff = np.flatnonzero((v != before[k]).reshape(-1).numpy())
+        if diff.size:
+            out[k] = diff
+    return out
+
+
+def test_causal_lm_moves_only_selected_and_learns(lm, tmp_path):
+    r = run_train(options(lm, tmp_path / "run", "train.txt", val=str(lm["root"] / "val.txt")))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["task"] == "causal-lm" and [e["epoch"] for e in m["epochs"]] == [1, 2, 3]
+    losses = [e["train_loss"] for e in m["epochs"]]
+    assert losses[-1] < losses[0] - 0.2                      # a learnable toy text: the loss goes down
+    assert m["epochs"][-1]["val_loss"] < m["initial"]["val_loss"] - 0.2
+    for e in m["epochs"]:
+        assert e["train_ppl"] == pytest.approx(math.exp(e["train_loss"]))
+        assert e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))
+    assert (tmp_path / "run" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the tied lm_head / embedding is one tensor with one delta, keyed by the model's first name for it
+    idx = load_indices(lm["masks"])
+    assert "lm_head.weight" in idx and "model.embed_tokens.weight" not in idx
+    d = read_delta(tmp_path / "run" / "delta.safetensors")
+    assert set(d.sparse) == (set(idx) - {"lm_head.weight"}) | {"model.embed_tokens.weight"}
+    assert not d.full                                        # Llama has no biases; the LM head stays sparse
+    assert m["trainable"]["selected"] == sum(v.size for v in idx.values())
+
+    # only selected entries moved (both names of the tied tensor), everything else is bit for bit the base
+    before = _base_state(lm["folder"])
+    after = r.handle.model.state_dict()
+    moved = _moved(after, before)
+    want = dict(idx)
+    want["model.embed_tokens.weight"] = idx["lm_head.weight"]
+    assert set(moved) == set(want)
+    for k, pos in moved.items():
+        assert np.isin(pos, want[k]).all(), k
+        assert pos.size > 0.9 * want[k].size                 # and (almost) all of them did move
+
+
+def test_delta_reloads_bit_for_bit_and_runs_are_deterministic(lm, tmp_path):
+    from fps_graph.training.hf import load_hf_model
+    from fps_graph.training.sparse import load_delta
+
+    r1 = run_train(options(lm, tmp_path / "a", "train.txt", epochs=2))
+    run_train(options(lm, tmp_path / "b", "train.txt", epochs=2))
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(tmp_path / "a" / "delta.safetensors")), load_file(str(tmp_path / "b" / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)    # same values bit for bit
+    fresh = load_hf_model(lm["folder"], "causal-lm")
+    h = load_delta(fresh, tmp_path / "a" / "delta.safetensors")
+    for k, t in r1.handle.delta_state_dict().items():
+        assert torch.equal(t, h.delta_state_dict()[k]), k
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 20, 21, 22, 0, 0]])
+    am = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.equal(r1.handle.model(input_ids=ids, attention_mask=am).logits,
+                           fresh(input_ids=ids, attention_mask=am).logits)
+
+
+def test_causal_lm_loss_matches_transformers_and_ignores_padding(lm, tmp_path):
+    """step_loss == transformers' own loss with labels -100 on padding and prompts; padding changes nothing."""
+    from fps_graph.training.hf import load_hf_model
+
+    model = load_hf_model(lm["folder"], "causal-lm")
+    tok = Tokenizer(lm["folder"], json.loads((lm["folder"] / "config.json").read_text()))
+    recs = [{"q": "w1 w2 w3", "a": "w4 w5"}, {"q": "w10", "a": "w11 w12 w13 w14"}, {"q": "w30 w31", "a": "w32"}]
+    H.write_jsonl(tmp_path / "pc.jsonl", recs)
+    data = read_text_data(str(tmp_path / "pc.jsonl"), "causal-lm", tok,
+                          TextOptions(prompt_field="q", completion_field="a"), 64)
+    assert list(data.loss_from) == [4, 2, 3]                 # <s> + prompt words
+    assert [len(x) for x in data.ids] == [7, 7, 5]           # + completion + </s>
+    b = next(batches(data, 3, pad_id=0))
+    with torch.no_grad():
+        ours, n, _ = step_loss(model, b, "causal-lm", "cpu")
+        labels = torch.from_numpy(b["input_ids"]).clone()
+        labels[~torch.from_numpy(b["loss_mask"])] = -100
+        ref = model(input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"]),
+                    labels=labels).loss
+        assert n == 3 + 5 + 2 and float(ours) == pytest.approx(float(ref), rel=1e-6)
+        # each sample alone (no padding): the token-weighted mean of their losses is the padded batch's loss
+        sums = []
+        for i in range(3):
+            one = {k: v[i:i + 1, :len(data.ids[i])] for k, v in b.items()}
+            loss_i, n_i, _ = step_loss(model, one, "causal-lm", "cpu")
+            sums.append((float(loss_i) * n_i, n_i))
+        assert float(ours) == pytest.approx(sum(s for s, _ in sums) / sum(n for _, n in sums), rel=1e-5)
+
+
+def test_prompt_completion_run_learns_only_completions(lm, tmp_path):
+    recs = [{"prompt": " ".join(t.split()[:3]), "completion": " ".join(t.split()[3:])} for t in H.cycle_text(40)]
+    H.write_jsonl(lm["root"] / "pc_train.jsonl", recs)
+    r = run_train(options(lm, tmp_path / "run", "pc_train.jsonl", epochs=2,
+                          text=TextOptions(prompt_field="prompt", completion_field="completion")))
+    assert r.metrics["epochs"][-1]["train_loss"] < r.metrics["epochs"][0]["train_loss"]
+    # learnt tokens: each completion's words and its </s>, never the prompt's
+    assert r.metrics["epochs"][0]["train_tokens"] == sum(len(x["completion"].split()) + 1 for x in recs)
+
+
+def test_seq_cls_new_seeded_head_and_only_selected_move(cls, tmp_path):
+    r = run_train(options(cls, tmp_path / "run", "train.jsonl", val=str(cls["root"] / "val.jsonl"), epochs=4,
+                          lr=5e-2))
+    m = r.metrics
+    assert m["task"] == "seq-cls" and m["classes"] == ["0", "1", "2"]
+    assert m["head"] == {"name": "score", "replaced": True, "old_classes": 2, "num_classes": 3, "in_features": 16,
+                         "bias": False}
+    assert set(m["trained_in_full"]) == {"score.weight"}
+    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"]
+    assert {"train_acc", "val_acc", "val_loss"} <= set(m["epochs"][0]) and "train_ppl" not in m["epochs"][0]
+    # val accuracy equals an independent count with the fine-tuned model
+    model = r.handle.model
+    tok = Tokenizer(cls["folder"], json.loads((cls["folder"] / "config.json").read_text()))
+    correct = 0
+    val = [json.loads(x) for x in (cls["root"] / "val.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        for rec in val:
+            ids = torch.from_numpy(tok.encode([rec["text"]])[0])[None]
+            correct += int(model(input_ids=ids).logits.argmax(-1).item() == rec["label"])
+    assert m["epochs"][-1]["val_acc"] == pytest.approx(correct / len(val))
+
+    before = _base_state(cls["folder"], "seq-cls")
+    after = {k: v for k, v in model.state_dict().items() if k != "score.weight"}
+    idx = load_indices(cls["masks"])
+    moved = _moved(after, before)
+    assert set(moved) <= set(idx) - {"score.weight"} and len(moved) >= len(idx) - 2
+    for k, pos in moved.items():
+        assert np.isin(pos, idx[k]).all(), k
+    # the new head is seeded: the same seed gives the same head before training
+    r2 = run_train(options(cls, tmp_path / "run2", "train.jsonl", epochs=1, lr=1e-9, warmup_epochs=0))
+    r3 = run_train(options(cls, tmp_path / "run3", "train.jsonl", epochs=1, lr=1e-9, warmup_epochs=0))
+    h2 = read_delta(tmp_path / "run2" / "delta.safetensors").full["score.weight"].value
+    h3 = read_delta(tmp_path / "run3" / "delta.safetensors").full["score.weight"].value
+    assert np.array_equal(h2, h3) and h2.shape == (3, 16)
+    assert r2.metrics["head"]["replaced"] and r3.metrics["head"]["replaced"]
+
+
+def test_apply_onnx_logits_equal_pytorch(lm, tmp_path):
+    """Fine-tuned ONNX (apply on the torch.onnx.export) == fine-tuned PyTorch, relative 1e-4; tied copies too."""
+    ort = pytest.importorskip("onnxruntime")
+    r = run_train(options(lm, tmp_path / "run", "train.txt"))
+    out = tmp_path / "ft.onnx"
+    assert entry(["apply", str(lm["onnx"]), str(tmp_path / "run" / "delta.safetensors"), "-o", str(out)]) == 0
+    ids = np.array([[1, 5, 6, 7, 8, 9, 10, 11], [1, 30, 31, 32, 33, 0, 0, 0]], dtype=np.int64)
+    am = (ids != 0).astype(np.int64)
+    with torch.no_grad():
+        want = r.handle.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(am)).logits.numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids, "attention_mask": am})[0]
+    base = ort.InferenceSession(str(lm["onnx"]), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "attention_mask": am})[0]
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-4, rel
+    assert np.abs(base - want).max() / np.abs(want).max() > 1e-2     # training changed the logits
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = entry(["train", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no-config", "no-weights", "label-missing", "too-long", "other-masks",
+                                  "field-missing", "factory-task"])
+def test_bad_inputs_are_one_line_errors_and_leave_nothing(lm, cls, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    common = ["-o", str(out), "--epochs", "1", "--threads", "1"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if case == "no-config":
+        args = [f"hf:{empty}", "--masks", str(lm["masks"]), "--data", str(lm["root"] / "train.txt")]
+        want = "holds no config.json"
+    elif case == "no-weights":
+        (empty / "config.json").write_text((lm["folder"] / "config.json").read_text())
+        args = [str(empty), "--masks", str(lm["masks"]), "--data", str(lm["root"] / "train.txt")]
+        want = "holds no weights"
+    elif case == "label-missing":
+        H.write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "w1 w2", "label": 0}, {"text": "w3 w4"}])
+        args = [f"hf:{cls['folder']}", "--masks", str(cls["masks"]), "--data", str(tmp_path / "nolabel.jsonl")]
+        want = "nolabel.jsonl:2: no field 'label'"
+    elif case == "too-long":
+        args = [f"hf:{lm['folder']}", "--masks", str(lm["masks"]), "--data", str(lm["root"] / "train.txt"),
+                "--max-length", "5"]
+        want = "longer than max_length 5"
+    elif case == "other-masks":
+        args = [f"hf:{lm['folder']}", "--masks", str(cls["masks"]), "--data", str(lm["root"] / "train.txt")]
+        want = "mask 'score.weight'"
+    elif case == "field-missing":
+        H.write_jsonl(tmp_path / "t.jsonl", [{"body": "w1 w2 w3"}])
+        args = [f"hf:{lm['folder']}", "--masks", str(lm["masks"]), "--data", str(tmp_path / "t.jsonl")]
+        want = "no field 'text'"
+    else:
+        args = [str(Path(__file__).parent / "conftest_train.py") + ":token_net", "--masks", str(lm["masks"]),
+                "--data", str(lm["root"] / "train.txt"), "--task", "causal-lm"]
+        want = "needs a Hugging Face model folder"
+    code, err = _cli(args + common, capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and want in err, err
+    assert not out.exists()
+
+
+def test_masks_of_a_differently_sized_model_name_the_key(lm, tmp_path):
+    other = H.make_folder(tmp_path / "wide", intermediate_size=48)
+    with pytest.raises(FpsGraphError, match=r"mask 'model\.layers\.0\.mlp\.down_proj\.weight' .* expected shape "
+                                            r"\[16, 48\]"):
+        run_train(options({"folder": other, "masks": lm["masks"], "root": lm["root"]}, tmp_path / "run",
+                          "train.txt"))
+    assert not (tmp_path / "run").exists()
