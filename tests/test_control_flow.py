@@ -246,7 +246,8 @@ def conv_if_graph(path: Path, wrapped: bool) -> Path:
 
 
 def test_conv_inside_if_equals_plain_conv(tmp_path):
-    """Weight stored inside the branch (key 'sr/then_branch::K'); map statistics equal the unwrapped Conv's."""
+    """Weight stored inside the branch (model-wide key "sr/then_branch::K", mask key "K"); map statistics equal the
+    unwrapped Conv's."""
     wrapped, plain = conv_if_graph(tmp_path / "w.onnx", True), conv_if_graph(tmp_path / "p.onnx", False)
     xs = [RNG.normal(size=(2, 3, 9, 9)).astype(np.float32) for _ in range(3)]
     cs = [True, False, True]
@@ -260,7 +261,7 @@ def test_conv_inside_if_equals_plain_conv(tmp_path):
     # the same masks, keyed by the body initializer
     idx_w, meta = _masks(wrapped, st_w, tmp_path / "w.safetensors")
     idx_p, _ = _masks(plain, st_p, tmp_path / "p.safetensors")
-    np.testing.assert_array_equal(idx_w["sr/then_branch::K"], idx_p["K"])
+    np.testing.assert_array_equal(idx_w["K"], idx_p["K"])   # named by its name in the body
     # and against NumPy windows
     m = sum(np.abs(np.maximum(x, 0).astype(np.float64)).sum(0) for x, c in zip(xs, cs) if c)
     win, _ = conv_window_sums(m, layers[0].conv)
@@ -379,3 +380,202 @@ def test_no_silent_omissions(tmp_path):
     assert "left operand" in text["left"]
     listed = set(by_node) - ({"lstm"} if "lstm" in scored else set())
     assert listed == {"embed", "cf/then_branch/einsum", "deconv", "add_pos", "left"} | ({"lstm"} - set(scored))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An Optimum-style merged decoder, built here from a tiny random Llama: the decoder without past and the decoder
+# with past are exported with Optimum's input/output names, then merged into one graph whose top-level If on
+# `use_cache_branch` holds them (then: with past, else: no past), their weights deduplicated into shared outer
+# initializers (what optimum-onnx's merge_decoders does; written from its description, not copied).
+
+torch = pytest.importorskip("torch")
+LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 1, 8, 50
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
+                      num_attention_heads=2, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+                      tie_word_embeddings=False, use_cache=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():       # no bit-identical tensors (norm ones) for the exporter to merge
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+OUTPUTS = ["logits"] + [f"present.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
+PAST = [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
+
+
+def _export_decoders(model, folder: Path) -> tuple[Path, Path]:
+    """decoder_model.onnx (no past) and decoder_with_past_model.onnx, legacy exporter, parameter names kept."""
+    import warnings
+
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    def flat(out):
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+    class NoPast(LlamaForCausalLM):
+        def forward(self, input_ids, attention_mask, position_ids):
+            return flat(super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=DynamicCache(config=self.config), use_cache=True))
+
+    class WithPast(LlamaForCausalLM):
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.config)
+            for i in range(LAYERS):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            return flat(super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=cache, use_cache=True))
+
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    axes.update({o: {0: "batch", 2: "total"} for o in OUTPUTS[1:]})
+    names = ["input_ids", "attention_mask", "position_ids"]
+    ids = torch.randint(0, VOCAB, (2, 5))
+    paths = folder / "decoder_model.onnx", folder / "decoder_with_past_model.onnx"
+    original = model.__class__
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model.__class__ = NoPast
+            torch.onnx.export(model, (ids, torch.ones(2, 5, dtype=torch.int64), torch.arange(5).expand(2, 5)),
+                              str(paths[0]), input_names=names, output_names=OUTPUTS, dynamic_axes=axes,
+                              dynamo=False, opset_version=17)
+            model.__class__ = WithPast
+            past = [torch.randn(2, KV_HEADS, 3, HEAD_DIM) for _ in PAST]
+            torch.onnx.export(model, (ids[:, :1], torch.ones(2, 4, dtype=torch.int64), torch.full((2, 1), 3), *past),
+                              str(paths[1]), input_names=names + PAST, output_names=OUTPUTS,
+                              dynamic_axes={**axes, **{p: {0: "batch", 2: "past"} for p in PAST}},
+                              dynamo=False, opset_version=17)
+    finally:
+        model.__class__ = original
+    return paths
+
+
+def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+
+
+def merge_decoders(no_past: Path, with_past: Path, out: Path, share: bool = True, external: bool = False) -> Path:
+    """One model whose If(use_cache_branch) holds both decoders (then: with past, else: no past).
+
+    share=True: every initializer (beyond scalars and 1-D int tensors, which stay in the branches) moves to the
+    outer graph, equal values deduplicated (the no-past decoder's name kept), so both branches read one copy of each
+    weight. share=False: each branch keeps its own initializers (a weight is stored twice).
+    """
+    dec, past = onnx.load(str(no_past)), onnx.load(str(with_past))
+    outer: dict[tuple, str] = {}
+    outer_inits: list[onnx.TensorProto] = []
+    taken: set[str] = set()
+    branches = {}
+    for model, name in ((dec, "no_past"), (past, "with_past")):      # the no-past decoder's names win
+        keep, rename = [], {}
+        for t in model.graph.initializer:
+            small = len(t.dims) == 0 or (len(t.dims) == 1 and t.data_type in (TP.INT32, TP.INT64))
+            if small or not share:
+                keep.append(t)
+                continue
+            value = nh.to_array(t)
+            sig = (value.dtype.str, value.shape, value.tobytes())
+            if sig not in outer:
+                new = t.name if t.name not in taken else f"{t.name}_merged"
+                taken.add(new)
+                outer[sig] = new
+                outer_inits.append(nh.from_array(value, new))
+            rename[t.name] = outer[sig]
+        _rename_inputs(model.graph, rename)
+        branches[name] = h.make_graph(list(model.graph.node), name, [], list(model.graph.output), initializer=keep)
+    use_cache = h.make_tensor_value_info("use_cache_branch", TP.BOOL, [1])
+    inputs = list(past.graph.input) + [use_cache]
+    node = h.make_node("If", ["use_cache_branch"], [o.name for o in dec.graph.output], name="optimum::if",
+                       then_branch=branches["with_past"], else_branch=branches["no_past"])
+    graph = h.make_graph([node], "merged", inputs, list(dec.graph.output), initializer=outer_inits)
+    merged = h.make_model(graph, opset_imports=list(dec.opset_import), producer_name="optimum-onnx")
+    merged.ir_version = 9
+    onnx.checker.check_model(merged)
+    if external:
+        onnx.save(merged, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=out.name + "_data", size_threshold=100)
+    else:
+        onnx.save(merged, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """The tiny Llama, its two decoders and their merges (shared weights; each branch its own copy; external)."""
+    folder = tmp_path_factory.mktemp("decoders")
+    model = _llama()
+    no_past, with_past = _export_decoders(model, folder)
+    merged = merge_decoders(no_past, with_past, folder / "decoder_model_merged.onnx")
+    copies = merge_decoders(no_past, with_past, folder / "merged_copies.onnx", share=False)
+    (folder / "ext").mkdir()
+    external = merge_decoders(no_past, with_past, folder / "ext" / "decoder_model_merged.onnx", external=True)
+    return {"model": model, "no_past": no_past, "with_past": with_past, "merged": merged, "copies": copies,
+            "external": external, "folder": folder}
+
+
+def _decoder_batches(branch: str, merged: bool, n: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Token batches for one decoder (past of length 3 for the with-past branch), plus the merged inputs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        seq, past_len = (6, 0) if branch == "no_past" else (2, 3)
+        feed = {"input_ids": rng.integers(0, VOCAB, size=(2, seq)).astype(np.int64),
+                "attention_mask": np.ones((2, past_len + seq), np.int64),
+                "position_ids": np.tile(np.arange(past_len, past_len + seq, dtype=np.int64), (2, 1))}
+        if branch == "with_past" or merged:
+            feed.update({p: rng.normal(size=(2, KV_HEADS, past_len, HEAD_DIM)).astype(np.float32) for p in PAST})
+        if merged:
+            feed["use_cache_branch"] = np.array([branch == "with_past"])
+        out.append(feed)
+    return out
+
+
+def _strip_names(meta: dict, fields: tuple[str, ...] = ("nodes",)) -> dict:
+    """Masks metadata without what names the model file itself (hash, file name) or its nodes / initializers."""
+    meta = {k: v for k, v in meta.items() if k not in ("model_sha256", "model")}
+    meta["tensors"] = {k: {f: v for f, v in rec.items() if f not in fields} for k, rec in meta["tensors"].items()}
+    return meta
+
+
+@pytest.mark.parametrize("branch", ["no_past", "with_past"])
+def test_merged_decoder_gives_the_masks_of_the_unmerged_decoder(decoders, tmp_path, branch):
+    merged, single = decoders["merged"], decoders[branch]
+    st_m, layers_m = _stats(merged, _decoder_batches(branch, merged=True))
+    st_s, layers_s = _stats(single, _decoder_batches(branch, merged=False))
+    plan_m, plan_s = make_plan(merged), make_plan(single)
+    # every weight is one outer initializer read by one MatMul per branch: one entry, two layers
+    assert len(plan_m.groups) == len(plan_s.groups) == 7 * LAYERS + 1
+    assert all(len(g.layers) == 2 for g in plan_m.groups) and all(len(g.layers) == 1 for g in plan_s.groups)
+    prefix = "optimum::if/" + ("then_branch/" if branch == "with_past" else "else_branch/")
+    for layer in layers_s:
+        assert st_m.counts[prefix + layer.node] == st_s.counts[layer.node] > 0
+        np.testing.assert_array_equal(st_m.sums[prefix + layer.node]["abs"], st_s.sums[layer.node]["abs"])
+    other = "optimum::if/" + ("else_branch/" if branch == "with_past" else "then_branch/")
+    assert all(st_m.counts[l.node] == 0 for l in layers_m if l.node.startswith(other))
+    idx_m, meta_m = _masks(merged, st_m, tmp_path / "merged.safetensors")
+    idx_s, meta_s = _masks(single, st_s, tmp_path / "single.safetensors")
+    assert sorted(idx_m) == sorted(idx_s) and "model.layers.0.self_attn.q_proj.weight" in idx_m
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged.safetensors"), "numpy") as fm, \
+            safe_open(str(tmp_path / "single.safetensors"), "numpy") as fs:
+        assert sorted(fm.keys()) == sorted(fs.keys())
+        for key in fm.keys():
+            a, b = fm.get_tensor(key), fs.get_tensor(key)
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+    # the merged file names its shared initializers after the no-past decoder's (as Optimum keeps one name)
+    fields = ("nodes",) if branch == "no_past" else ("nodes", "onnx")
+    assert _strip_names(meta_m, fields) == _strip_names(meta_s, fields)
+    for key, rec in meta_m["tensors"].items():     # the unmerged decoder's node, in its branch
+        assert prefix + meta_s["tensors"][key]["nodes"][0] in rec["nodes"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from fps_graph.graph.layers import Layer, eval_list
 from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.walk import local_name, model_scopes
 
 META_KEY = "fps_graph.weight_map"
 _GENERATED = re.compile(r"^(onnx::|val_|_val|/|\d+$)")
@@ -73,14 +74,15 @@ def export_map(model: OnnxModel) -> dict[str, dict[str, Any]]:
 def folded_from(model: OnnxModel) -> dict[str, list[str]]:
     """Dynamo's record of which named values a folded constant was computed from."""
     out: dict[str, list[str]] = {}
-    g = model.graph
-    for item in [*g.value_info, *g.input, *g.output, *g.initializer]:
-        for p in item.metadata_props:
-            if p.key == "pkg.onnxscript.optimizer.folded_from":
-                try:
-                    out[item.name] = eval_list(p.value)
-                except ValueError:
-                    pass
+    for scope in model_scopes(model):          # bodies of If/Loop/Scan too, keyed model-wide (graph.walk)
+        g = scope.graph
+        for item in [*g.value_info, *g.input, *g.output, *g.initializer]:
+            for p in item.metadata_props:
+                if p.key == "pkg.onnxscript.optimizer.folded_from":
+                    try:
+                        out[scope.const_key(item.name) or item.name] = eval_list(p.value)
+                    except ValueError:
+                        pass
     return out
 
 
@@ -184,8 +186,9 @@ def _resolve_one(model: OnnxModel, weight: str, layer: Layer, recorded: dict, fo
         info.notes.extend(notes)
         return info
 
-    if not looks_generated(weight) and _agrees(sd, weight, stored, None):
-        return noted(make(weight, None, "initializer-name"))
+    local = local_name(model, weight)         # a constant stored in a body: its name there (graph.walk)
+    if not looks_generated(local) and _agrees(sd, local, stored, None):
+        return noted(make(local, None, "initializer-name"))
     derived = _derived_perm(layer)
     cands = [c for c in sources if sd is None or c in sd]
     if len(cands) == 1 and _agrees(sd, cands[0], stored, derived):
