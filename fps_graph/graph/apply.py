@@ -1,0 +1,335 @@
+"""The `apply` job: write a fine-tuned ONNX model by patching initializers with a delta file's values (no torch).
+
+Every trained tensor (PyTorch name) is carried back to each stored copy of it in the graph: the initializer the
+masks file recorded (key tensor = initializer.transpose(perm)), any other scored copy that names it (export
+metadata, folded-constant metadata, node scope), an initializer with the same name, and folded copies of it whose
+values match. Each copy is checked against the values training started from, so a delta never lands on another
+model. A replaced head changes its initializers' shapes and the declared shapes downstream of it. Nodes are not
+touched: the graph and its speed stay as they were. External data stays external.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fps_graph import __version__
+from fps_graph.formats.delta import DeltaFile, read_delta
+from fps_graph.errors import FpsGraphError
+from fps_graph.formats.io import check_output_path, sha256_file
+from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.names import folded_from, resolve_names
+from fps_graph.selection.pipeline import make_plan
+
+META_FINETUNED = "fps_graph.finetuned"
+
+
+@dataclass
+class Target:
+    """A stored copy of a trained tensor: key tensor = stored.transpose(perm) (perm None: same layout)."""
+
+    name: str
+    perm: list[int] | None
+    how: str
+
+
+def _shape_after(shape: tuple[int, ...], perm: list[int] | None) -> tuple[int, ...]:
+    return tuple(shape[p] for p in perm) if perm else tuple(shape)
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _old_shape(key: str, shape: tuple[int, ...], df: DeltaFile) -> tuple[int, ...]:
+    """The key tensor's shape in the base model (a replaced head had old_classes rows)."""
+    head = df.head or {}
+    if head.get("replaced") and (key == head["name"] or key.startswith(head["name"] + ".")) and shape:
+        return (int(head["old_classes"]), *shape[1:])
+    return shape
+
+
+def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str, list[Target]]:
+    """For every trained tensor, its stored copies in the graph (raises naming a tensor that has none)."""
+    per_layer: dict[str, Any] = {}
+    for layer in layers:
+        if layer.weight not in per_layer:
+            per_layer[layer.weight] = resolve_names(model, [layer])[layer.weight]
+    folded = folded_from(model)
+    out: dict[str, list[Target]] = {}
+    for key in df.keys:
+        rec = df.tensors.get(key, {})
+        shape = _old_shape(key, tuple(int(d) for d in rec.get("shape", [])), df)
+        found: dict[str, Target] = {}
+
+        def add(name: str, perm: list[int] | None, how: str) -> None:
+            if name in found or not model.is_constant(name):
+                return
+            if _shape_after(model.tensor_shape(name), perm) != shape:
+                return
+            found[name] = Target(name, list(perm) if perm else None, how)
+
+        onnx_name = rec.get("onnx")
+        if onnx_name:
+            perm = (rec.get("layout") or {}).get("transpose")
+            if not model.is_constant(onnx_name):
+                pass   # another export of the same model: found by the other sources
+            elif _shape_after(model.tensor_shape(onnx_name), perm) != shape:
+                raise FpsGraphError(f"{key}: initializer {onnx_name!r} has shape {list(model.tensor_shape(onnx_name))}"
+                                    f", which with layout {perm} does not give the trained shape {list(shape)}")
+            else:
+                add(onnx_name, perm, "masks-record")
+        for weight, info in per_layer.items():
+            if info.torch == key:
+                add(weight, info.perm, f"graph ({info.how})")
+        add(key, None, "initializer-name")
+        for name, sources in folded.items():
+            if sources == [key] and model.is_constant(name) and name not in found:
+                stored = model.tensor_shape(name)
+                if stored == shape:
+                    add(name, None, "folded-copy")
+                elif len(stored) == 2 and stored[::-1] == shape:
+                    add(name, [1, 0], "folded-copy")
+        if not found:
+            raise FpsGraphError(f"cannot find {key} (shape {list(shape)}) in {model.path}: no initializer holds it "
+                                "(by recorded layout, graph metadata, node scope or name); was the model exported "
+                                "from the network that was trained, without folding it into other constants (e.g. "
+                                "BatchNorm folded into a Conv by the legacy exporter)?")
+        out[key] = list(found.values())
+    return out
+
+
+def _key_view(stored: np.ndarray, perm: list[int] | None) -> np.ndarray:
+    return np.transpose(stored, perm) if perm else stored
+
+
+def _check_base(key: str, t: Target, stored: np.ndarray, df: DeltaFile) -> bool:
+    """True when the stored copy holds the values training started from (or no such values were recorded)."""
+    view = _key_view(stored, t.perm)
+    if key in df.sparse:
+        e = df.sparse[key]
+        if e.base is None:
+            return True
+        have = view.reshape(-1)[e.indices]
+        return bool(np.array_equal(have, e.base.astype(stored.dtype)))
+    e = df.full[key]
+    if e.base is None:
+        return True
+    return view.shape == e.base.shape and bool(np.array_equal(view, e.base.astype(stored.dtype)))
+
+
+def _new_value(key: str, t: Target, stored: np.ndarray, df: DeltaFile) -> np.ndarray:
+    """The stored tensor with the fine-tuned values, in its own layout and dtype."""
+    if key in df.sparse:
+        e = df.sparse[key]
+        view = np.array(_key_view(stored, t.perm))     # copy in key layout
+        flat = view.reshape(-1)
+        flat[e.indices] = (flat[e.indices].astype(np.float32) + e.delta).astype(stored.dtype)
+        new = flat.reshape(view.shape)
+    else:
+        new = df.full[key].value.astype(stored.dtype)
+    if t.perm:
+        new = np.transpose(new, _inverse(t.perm))
+    return np.ascontiguousarray(new)
+
+
+def _set_tensor(model: OnnxModel, name: str, value: np.ndarray) -> None:
+    """Replace the data of an initializer or Constant node in place (name, metadata kept)."""
+    if name in model.derived:   # a recurrent weight/bias in PyTorch's gate order: scatter into its stored tensor
+        d = model.derived[name]
+        stored = np.array(model.tensor(d.source))
+        stored.reshape(-1)[d.index.reshape(-1)] = np.asarray(value, dtype=stored.dtype).reshape(-1)
+        _set_tensor(model, d.source, stored)
+        return
+    new = numpy_helper.from_array(value, name)
+    if name in model.initializers:
+        t = model.initializers[name]
+        props = [(p.key, p.value) for p in t.metadata_props] if hasattr(t, "metadata_props") else []
+        doc = t.doc_string
+        t.CopyFrom(new)
+        t.doc_string = doc
+        for k, v in props:
+            t.metadata_props.add(key=k, value=v)
+        return
+    node = model.constant_nodes[name]
+    for attr in node.attribute:
+        if attr.name == "value":
+            new.name = attr.t.name
+            attr.t.CopyFrom(new)
+            return
+    raise FpsGraphError(f"Constant node for {name!r} holds no 'value' tensor this tool can rewrite")
+
+
+def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Every value computed from these tensors."""
+    tainted = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.node:
+            if any(i in tainted for i in node.input) and not all(o in tainted for o in node.output if o):
+                tainted.update(o for o in node.output if o)
+                changed = True
+    return tainted
+
+
+def _update_shapes(model: OnnxModel, changed: set[str]) -> list[str]:
+    """After head tensors changed shape: drop stale value_info downstream and re-infer the outputs' shapes."""
+    graph = model.graph
+    tainted = _downstream(graph, changed) - changed
+    keep = [vi for vi in graph.value_info if vi.name not in tainted]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    outs = [o for o in graph.output if o.name in tainted]
+    if not outs:
+        return []
+    inferred = _infer_output_shapes(model, {o.name for o in outs})
+    notes = []
+    for o in outs:
+        t = o.type.tensor_type
+        new = inferred.get(o.name)
+        if new is not None and t.HasField("shape") and len(t.shape.dim) == len(new.dim):
+            for d, n in zip(t.shape.dim, new.dim):   # keep symbolic dims; take the inferred sizes
+                if d.HasField("dim_value") and n.HasField("dim_value"):
+                    d.dim_value = n.dim_value
+                elif d.HasField("dim_value"):
+                    d.ClearField("dim_value")
+            notes.append(f"output {o.name!r} shape updated")
+        elif new is not None:
+            t.shape.CopyFrom(new)
+            notes.append(f"output {o.name!r} shape updated")
+        else:
+            t.ClearField("shape")
+            notes.append(f"output {o.name!r} shape cleared (could not infer it)")
+    return notes
+
+
+def _infer_output_shapes(model: OnnxModel, names: set[str]) -> dict[str, onnx.TensorShapeProto]:
+    """Shapes of graph outputs by ONNX shape inference on a copy without big weights (stored as typed inputs)."""
+    proto = model.proto
+    copy = onnx.ModelProto()
+    copy.ir_version = proto.ir_version
+    copy.opset_import.extend(proto.opset_import)
+    g = copy.graph
+    g.name = proto.graph.name
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    have_inputs = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if n <= 64 and not (t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL):
+            g.initializer.append(t)
+        elif t.name not in have_inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for o in proto.graph.output:
+        vi = g.output.add()
+        vi.CopyFrom(o)
+        if o.name in names:
+            vi.type.tensor_type.ClearField("shape")
+    copy.functions.extend(proto.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
+    except Exception:
+        return {}
+    out = {}
+    for vi in list(inferred.graph.output) + list(inferred.graph.value_info):
+        if vi.name in names and vi.type.tensor_type.HasField("shape"):
+            out.setdefault(vi.name, vi.type.tensor_type.shape)
+    return out
+
+
+def _protect_input(model_path: Path, model: OnnxModel, out: Path) -> None:
+    """Refuse an output that is the input model or one of its external data files."""
+    ins = {model_path.resolve()}
+    for t in model.initializers.values():
+        for e in t.external_data:
+            if e.key == "location":
+                ins.add((model.base_dir / e.value).resolve())
+    for p in (out, out.parent / (out.name + ".data")):
+        if p.resolve() in ins:
+            raise FpsGraphError(f"output {p} would overwrite the input model or its data; choose another -o")
+
+
+def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, output: str | os.PathLike,
+                force: bool = False, check: bool = True) -> dict[str, Any]:
+    """Write a copy of the ONNX model with the fine-tuned values of a delta file; return a short report."""
+    df = read_delta(delta_path)
+    out = check_output_path(output, force)
+    mp = Path(model_path)
+    plan = make_plan(mp)
+    model = plan.model
+    _protect_input(mp, model, out)
+    external = model.has_external_data()
+    data_out = out.parent / (out.name + ".data")
+    if external and data_out.exists() and not force:
+        raise FpsGraphError(f"output data file exists: {data_out} (use --force to overwrite)")
+    notes: list[str] = []
+    if df.metadata.get("model_sha256") and df.metadata["model_sha256"] != model.sha256:
+        notes.append("the masks were selected on another ONNX file; tensors matched by name and value")
+    targets = find_targets(model, df, plan.layers)
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model.proto, str(model.base_dir))
+    updated: dict[str, list[dict[str, Any]]] = {}
+    changed_shape: set[str] = set()
+    for key in df.keys:
+        for t in targets[key]:
+            stored = model.tensor(t.name)
+            if check and not _check_base(key, t, stored, df):
+                raise FpsGraphError(f"{t.name!r} in {mp} (the copy of {key}, found by {t.how}) does not hold the "
+                                    "values training started from: the delta belongs to another model or weights, "
+                                    "or the exporter folded other constants into it (e.g. BatchNorm into a Conv)")
+            new = _new_value(key, t, stored, df)
+            if new.shape != stored.shape:
+                changed_shape.add(t.name)
+            _set_tensor(model, t.name, new)
+            updated.setdefault(key, []).append({"initializer": t.name, "transpose": t.perm, "how": t.how,
+                                                "shape": list(new.shape)})
+    if changed_shape:
+        notes.extend(_update_shapes(model, changed_shape))
+    stamp = {"delta_sha256": sha256_file(delta_path), "base_model_sha256": model.sha256,
+             "masks_sha256": df.metadata.get("masks_sha256", ""), "tensors": len(updated),
+             "head": df.head or None, "fps_graph_version": __version__}
+    props = [p for p in model.proto.metadata_props if p.key != META_FINETUNED]
+    del model.proto.metadata_props[:]
+    model.proto.metadata_props.extend(props)
+    model.proto.metadata_props.add(key=META_FINETUNED, value=json.dumps(stamp, sort_keys=True))
+    _save(model.proto, out, external or model.proto.ByteSize() > 1_800_000_000)
+    n_init = sum(len(v) for v in updated.values())
+    return {"output": str(out), "tensors": len(updated), "initializers": n_init,
+            "sparse": len(df.sparse), "full": len(df.full),
+            "values_changed": int(sum(e.indices.size for e in df.sparse.values())
+                                  + sum(e.value.size for e in df.full.values())),
+            "external_data": str(data_out) if external else None, "updated": updated, "notes": notes}
+
+
+def _save(proto: onnx.ModelProto, out: Path, external: bool) -> None:
+    """Write the model (and its external data file, named <output>.data) through a temporary folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=".fpsg_apply_", dir=out.parent if str(out.parent) else "."))
+    try:
+        staged = tmp / out.name
+        if external:
+            location = out.name + ".data"
+            onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=location, size_threshold=1024)
+            os.replace(tmp / location, out.parent / location)
+        else:
+            onnx.save(proto, str(staged))
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["apply_delta", "find_targets", "Target"]
