@@ -205,3 +205,59 @@ def test_row_spearman_matches_scipy():
     assert row_spearman(a, b) == pytest.approx(want, abs=1e-12)
     assert row_spearman(a, a) == pytest.approx(1.0)
     assert row_spearman(a, -a) == pytest.approx(-1.0)
+
+
+# ------------------------------------------------------------------------------------ the variant study (issue 13)
+
+
+def test_study_row_spearman_matches_scipy_and_skips_constant_rows():
+    stats = pytest.importorskip("scipy.stats")
+    from bench.quality.study import row_spearman
+
+    rng = np.random.default_rng(4)
+    a = rng.random((6, 30))
+    b = a + rng.normal(0, 0.5, a.shape)
+    want = np.mean([stats.spearmanr(a[i], b[i]).statistic for i in range(6)])
+    assert row_spearman(a, b) == pytest.approx(want, abs=1e-12)
+    # a statistic shared by every row (input rms alone) broadcasts; a constant row of b is left out
+    b[2] = 1.0
+    want = np.mean([stats.spearmanr(a[0], b[i]).statistic for i in range(6) if i != 2])
+    assert row_spearman(a[:1], b) == pytest.approx(want, abs=1e-12)
+
+
+def test_study_paired_differences():
+    from bench.quality.study import paired
+
+    vals = {("a", "K=1"): [0.50, 0.60, 0.70], ("b", "K=1"): [0.40, 0.65, 0.60],
+            ("a", "4%"): [0.80, 0.80, 0.90], ("b", "4%"): [0.70, 0.80, 0.95]}
+    runs = [{"method": m, "point": p, "seed": s, "metrics": {"rpa": v}}
+            for (m, p), vs in vals.items() for s, v in enumerate(vs)]
+    d = 100 * (np.array(vals[("a", "K=1")] + vals[("a", "4%")]) - np.array(vals[("b", "K=1")] + vals[("b", "4%")]))
+    got = paired(runs, "a", "b", "rpa", ["K=1", "4%"])
+    assert got["n"] == 6 and got["mean_pp"] == pytest.approx(d.mean())
+    assert got["sem_pp"] == pytest.approx(d.std(ddof=1) / np.sqrt(6)) and got["share_ge"] == pytest.approx(4 / 6)
+    assert paired(runs, "a", "b", "rpa", ["K=1"])["n"] == 3 and paired(runs, "a", "c", "rpa", ["K=1"]) == {"n": 0}
+
+
+def test_phone_split_removes_low_fundamentals():
+    from bench.quality import crepe as C
+
+    a, b = C.make_phone_split(64, 9, snr_db=(60.0, 60.0)), C.make_phone_split(64, 9, snr_db=(60.0, 60.0))
+    assert np.array_equal(a["x"], b["x"]) and a["x"].dtype == np.float32
+    np.testing.assert_allclose(a["x"].mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(a["x"].std(1), 1, atol=1e-4)
+    assert np.array_equal(a["y"], C.hz_to_bin(a["f0"]))
+    # the same tones without the channel: their fundamental holds energy; after it, low fundamentals are gone
+    clean, f0 = C.harmonic_tones(64, np.random.default_rng(9))
+    assert np.array_equal(f0, a["f0"])
+    f = np.fft.rfftfreq(C.FRAME, 1.0 / C.SR)
+    low = np.flatnonzero(f0 < 250)
+    assert low.size > 5
+
+    def share_near_f0(x, i):
+        p = np.abs(np.fft.rfft(x[i] * np.hanning(C.FRAME))) ** 2
+        return p[np.abs(f - f0[i]) < 30].sum() / p.sum()
+
+    before = np.median([share_near_f0(clean, i) for i in low])
+    after = np.median([share_near_f0(a["x"], i) for i in low])
+    assert after < 0.05 * before, (before, after)

@@ -34,10 +34,12 @@ RESULTS = BENCH / "results"
 CACHE = BENCH / ".cache" / "quality"
 
 SELECT_METHODS = ("fps", "gd-fps", "wanda", "gps", "magnitude", "random")
-ONNX_SCORES = ("fps", "gd-fps", "wanda", "magnitude", "random")
+VARIANT_METHODS = ("fps-cover", "fps-sample", "act-sample", "gd-diff")   # fps_graph/selection/variants.py
+ONNX_SCORES = ("fps", "gd-fps", "wanda", "magnitude", "random") + VARIANT_METHODS
 REFERENCES = ("none", "bias", "bias+head", "full")
 LABELS = {"fps": "FPS", "gd-fps": "GD-FPS", "wanda": "Wanda (l2)", "gps": "GPS (grad)", "magnitude": "magnitude",
-          "random": "random", "none": "no fine-tuning", "bias": "biases only", "bias+head": "biases + head",
+          "random": "random", "fps-cover": "FPS-cover", "fps-sample": "FPS-sample", "act-sample": "act-sample",
+          "gd-diff": "GD-diff", "none": "no fine-tuning", "bias": "biases only", "bias+head": "biases + head",
           "full": "full fine-tuning", "head": "head only (linear probe)"}
 
 
@@ -156,12 +158,13 @@ class Selector:
     def onnx_masks(self, score: str, point: Point, seed: int = 0) -> Path:
         """fps-graph select through the product path (statistics from the saved files)."""
         from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
+        from fps_graph.selection.variants import needs_anchor
 
         out = self.workdir / f"masks_{score}_{_slug(point.label)}_s{seed}.safetensors"
         kw = point.select_kwargs()
         opts = SelectOptions(score=score, provider="cpu", threads=self.threads, seed=seed,
                              stats_in=[str(self.stats)] if score not in ("magnitude", "random") else [],
-                             anchor_stats_in=[str(self.anchor_stats)] if score == "gd-fps" else [], **kw)
+                             anchor_stats_in=[str(self.anchor_stats)] if needs_anchor(score) else [], **kw)
         res = run_select(self.onnx, None, opts)
         write_result(res, out, force=True)
         if self.template is None:
@@ -423,7 +426,7 @@ def replot(json_path: Path, metric: str, title: str, ylabel: str) -> None:
     """Redraw an experiment's PNG from its JSON."""
     doc = json.loads(Path(json_path).read_text())
     agg = doc["aggregate"]
-    methods = [m for m in SELECT_METHODS if any(r["method"] == m for r in agg)]
+    methods = [m for m in SELECT_METHODS + VARIANT_METHODS if any(r["method"] == m for r in agg)]
     refs = [m for m in ("none", "head", "bias", "bias+head", "full") if any(r["method"] == m for r in agg)]
     models = list(dict.fromkeys(r["model"] for r in agg))
     plot(agg, metric, methods, refs, Path(json_path).with_suffix(".png"), title, models=models, ylabel=ylabel)

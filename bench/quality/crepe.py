@@ -206,6 +206,21 @@ def make_split(n: int, seed: int, noise: tuple[float, ...] | None, snr_db: tuple
     return {"x": normalise(x), "y": hz_to_bin(f0), "f0": f0, "snr_db": snr}
 
 
+def make_phone_split(n: int, seed: int, snr_db: tuple[float, float] = (0.0, 10.0)) -> dict[str, np.ndarray]:
+    """The second shift ("phone"): tones band-limited to 300-3400 Hz (the fundamental of every f0 below 300 Hz is
+    gone), white noise at snr_db, then soft clipping (tanh of twice the signal); normalised as torchcrepe does."""
+    rng = np.random.default_rng(seed)
+    x, f0 = harmonic_tones(n, rng)
+    spec = np.fft.rfft(x, axis=1)
+    f = np.fft.rfftfreq(FRAME, 1.0 / SR)
+    spec[:, (f < 300.0) | (f > 3400.0)] = 0.0
+    x = np.fft.irfft(spec, n=FRAME, axis=1)
+    x /= x.std(axis=1, keepdims=True) + 1e-12
+    snr = rng.uniform(*snr_db, n)
+    x = np.tanh(2.0 * (x + colored_noise(n, 0.0, rng) * 10 ** (-snr[:, None] / 20)))
+    return {"x": normalise(x), "y": hz_to_bin(f0), "f0": f0, "snr_db": snr}
+
+
 SPLITS = {   # name: (seed, noise exponents); "val" chose the learning rates, "train" is drawn per run seed
     "train": (101, (0.0, 1.0)),
     "anchor": (202, None),

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.quality.common import (CACHE, LABELS, RESULTS, SELECT_METHODS, Point, Recipe, Selector,
+from bench.quality.common import (CACHE, LABELS, RESULTS, SELECT_METHODS, VARIANT_METHODS, Point, Recipe, Selector,
                                   aggregate, chance_overlap, check_geometry, clean_dir, env_info, export_unfolded,
                                   log, markdown_table, mask_overlap, paired_diff, plot, select_from_scores, train_run,
                                   write_json, write_masks_like)
@@ -340,7 +340,7 @@ class SeedSetup:
     def train(self, method: str, point: Point | None, recipe: Recipe) -> tuple[Any, dict[str, Any]]:
         """Fine-tune with the method (a selection at point, or a reference); returns the model and metrics."""
         n_cls = len(TRANSFER_CLASSES)
-        if method in SELECT_METHODS:
+        if method in SELECT_METHODS + VARIANT_METHODS:
             return train_run(FACTORIES[self.name], self.weights, self.masks_for(method, point), self.dir / "train.npz",
                              recipe, self.seed, self.dir / "run", train_head=True, threads=self.threads,
                              num_classes=n_cls)
