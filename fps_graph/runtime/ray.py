@@ -1,0 +1,381 @@
+"""Calibration sharded over a Ray cluster: one ONNX Runtime session per actor, shard sums added on the driver.
+
+Each actor (``ShardWorker``) builds one ``BatchStats`` (one session; one GPU per actor where the cluster has
+GPUs) and turns a shard, a run of whole batches, into float64 sums. The driver adds the shard sums in shard order
+(``runtime.shards``), so the result is byte-identical to the local loop for any number of workers and any order
+of completion.
+
+Where it runs: workers read the model and the data by path, so both must sit on storage every node sees under the
+same path (the driver's working folder is used for relative paths where it exists); the driver compares the
+model's sha256 as each worker reads it. Only the shards' sums travel back: O(features) per shard, never
+activations.
+
+Faults: a worker process that dies is started again (``max_restarts``) and the shard it was running is run again
+from its first batch (``max_task_retries``); the driver adds exactly one result per shard id. With a work folder
+each finished shard is saved as it arrives, and a restarted driver skips the saved ones. Bad data raises the
+usual ``FpsGraphError`` on the worker, which ends the job with that message.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fps_graph.errors import FpsGraphError
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+except ImportError as _exc:   # the optional extra
+    raise FpsGraphError("Ray is not installed: pip install 'fps-graph[ray]'") from _exc
+
+from fps_graph.data.sources import Source
+from fps_graph.graph.layers import Layer
+from fps_graph.graph.model import OnnxModel, load_model
+from fps_graph.graph.observe import plan_observers
+from fps_graph.runtime.calibrate import BatchStats, CalibrationInfo, Progress, check_finite
+from fps_graph.runtime.shards import (JOB_FORMAT, JOB_VERSION, ClusterOptions, Shard, Workdir, order_digest,
+                                      plan_shards, prefetched, sum_shard)
+from fps_graph.selection.stats import Stats
+
+__all__ = ["collect_stats_ray", "ShardWorker"]
+
+# Tests only: JSON read by the driver and handed to the workers: {"delay": {"<shard>": s}, "delay_each": s,
+# "crash": {"shard": id, "batch": i, "flag": path}} (the worker exits after batch i of that shard while flag exists)
+FAULTS_ENV = "FPS_GRAPH_RAY_FAULTS"
+_POLL_S = 0.2
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+
+
+def _inject(faults: dict[str, Any], shard_id: int, batch: int | None) -> None:
+    """Fault injection for the tests: a delay at a shard's start, or one hard exit of the worker mid-shard."""
+    if not faults:
+        return
+    if batch is None:
+        time.sleep(float(faults.get("delay", {}).get(str(shard_id), faults.get("delay_each", 0.0))))
+        return
+    crash = faults.get("crash")
+    if crash and crash["shard"] == shard_id and crash["batch"] == batch and os.path.exists(crash["flag"]):
+        os.remove(crash["flag"])        # once: the re-run of this shard goes through
+        os._exit(1)
+
+
+class ShardWorker:
+    """A Ray actor's state: one ONNX Runtime session on the observed graph and the data source, opened once.
+
+    Constructed on the worker from plain, picklable arguments; a failure is kept and reported by ``ready`` so
+    the driver can print it as one line.
+    """
+
+    def __init__(self, model_path: str, model_sha256: str, layers: list[Layer], open_data: Callable[[], Source],
+                 static: dict[str, np.ndarray], cwd: str, step_args: dict[str, Any], board: str,
+                 read_threads: int, faults: str | None = None):
+        self.error: str | None = None
+        self.board = board           # the progress actor's name (a handle among the arguments defeats restarts)
+        self._progress: Any = None
+        self.read_threads = read_threads
+        self.static = static
+        self.faults = json.loads(faults) if faults else {}
+        self.host = socket.gethostname()
+        self.step: BatchStats | None = None
+        try:
+            if os.path.isdir(cwd):
+                os.chdir(cwd)            # relative data paths mean what they meant to the driver
+            model = load_model(model_path)
+            if model.sha256 != model_sha256:
+                raise FpsGraphError(f"{model_path} differs from the driver's copy (sha256); the model must be on "
+                                    "storage every node sees under the same path")
+            self.step = BatchStats(model, layers, **step_args)
+            del model
+            self.source = open_data()
+        except FpsGraphError as exc:
+            self.error = f"Ray worker on {self.host}: {exc}"
+
+    def ready(self) -> dict[str, Any]:
+        """How the worker started: error (or None), provider, number of observers, host, pid."""
+        return {"error": self.error, "provider": self.step.provider if self.step else None,
+                "observers": len(self.step.observers) if self.step else 0, "host": self.host, "pid": os.getpid()}
+
+    def run(self, shard: Shard) -> Stats:
+        """The float64 sums of one shard (its batches added in order from zero), reporting samples as it goes."""
+        if self.error or self.step is None:
+            raise FpsGraphError(self.error or "worker not started")
+        step = self.step
+        if self._progress is None:
+            self._progress = ray.get_actor(self.board)
+        self._progress.started.remote(shard.id)
+        _inject(self.faults, shard.id, None)
+        counted: list[int] = []          # samples of each batch done so far
+
+        def report(n: int) -> None:
+            counted.append(n)
+            self._progress.advance.remote(shard.id, sum(counted))
+            _inject(self.faults, shard.id, len(counted) - 1)
+
+        empty = Stats(model_sha256=step.model_sha256, kinds=step.kinds)
+        feed = ({**batch, **self.static} for batch in prefetched(self.source, shard.batches, self.read_threads))
+        return sum_shard(step, feed, empty,
+                         lambda partial, first: check_finite(partial, step.order, first), report, shard.start)
+
+    def peak_rss_mb(self) -> float:
+        """High-water resident memory of this worker process, in MB."""
+        return _peak_rss_mb()
+
+
+class ProgressBoard:
+    """Samples done per shard, kept by a small actor; a shard run again counts from zero, never twice."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, int] = {}
+        self.starts: dict[int, int] = {}
+
+    def started(self, shard_id: int) -> None:
+        """A worker began a shard (a second start means the first worker died)."""
+        self.starts[shard_id] = self.starts.get(shard_id, 0) + 1
+
+    def advance(self, shard_id: int, samples: int) -> None:
+        """A worker has done this many samples of a shard."""
+        self.done[shard_id] = max(self.done.get(shard_id, 0), samples)
+
+    def poll(self) -> tuple[int, list[int]]:
+        """(samples done over all shards, ids of the shards started more than once)."""
+        return sum(self.done.values()), sorted(k for k, v in self.starts.items() if v > 1)
+
+
+def _connect(address: str | None) -> bool:
+    """Join or start Ray; True when this call started it (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as exc:
+        where = f"Ray at {address}" if address else "a local Ray instance"
+        raise FpsGraphError(f"cannot start or join {where}: {_first_line(exc)}") from exc
+    return True
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of some arrays."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
+    """(workers, CPUs per worker, GPUs per worker) from the cluster's resources."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1.0)), int(res.get("GPU", 0))
+    use_gpu = gpus >= 1 and provider != "cpu"
+    n = workers or (gpus if use_gpu else max(1, int(cpus)))
+    node_cpus = max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                    default=cpus)
+    share = max(0.01, np.floor(min(node_cpus, cpus / n) * 100) / 100)
+    return n, float(share), 1 if use_gpu else 0
+
+
+def _shard_error(exc: RayError, shard: Shard, cluster: ClusterOptions, workdir: Workdir | None) -> FpsGraphError:
+    """One line for a shard that failed: the worker's own message for bad data, else what Ray reported."""
+    if isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), FpsGraphError):
+        return FpsGraphError(str(exc.cause))
+    where = f"shard {shard.id} (samples {shard.start}..{shard.start + shard.samples - 1})"
+    saved = f"; the finished shards are saved in {workdir.root}: resume from there" if workdir else ""
+    if isinstance(exc, RayActorError):
+        return FpsGraphError(f"Ray workers died {cluster.max_task_retries + 1} times running {where} "
+                             f"({_first_line(exc)}){saved}")
+    if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        return FpsGraphError(f"a Ray worker failed on {where}: {type(exc.cause).__name__}: "
+                             f"{_first_line(exc.cause)}{saved}")
+    return FpsGraphError(f"Ray failed on {where}: {_first_line(exc)}{saved}")
+
+
+def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable[[], Source],
+                      batches: list[np.ndarray], *, cluster: ClusterOptions, shard_batches: int,
+                      static: dict[str, np.ndarray] | None = None, data_key: dict[str, Any] | None = None, kinds: tuple[str, ...] = ("abs",),
+                      reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
+                      threads: int | None = None, label: str = "calibration",
+                      progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
+    """Sum the statistics of ``batches`` over Ray workers; the same sums as ``collect_stats`` with the same shards.
+
+    Args:
+        model: the loaded model (its file is read again by every worker, by path).
+        layers: the scored layers.
+        open_data: picklable callable that opens the data source (called once per worker).
+        batches: sample indices of every batch, in feeding order (``shards.batch_groups``).
+        cluster: where to run, how many workers, the work folder (see ``ClusterOptions``).
+        shard_batches: batches per shard (``shards.shard_batches``; the local loop must use the same).
+        static: inputs fed whole with every batch (``data.static``).
+        data_key: what identifies the data (path, preparation), recorded in the work folder's job file.
+        label: job name inside the work folder ("calibration", "anchor").
+        progress: called with the number of samples finished since the last call, summed over workers.
+
+    Returns:
+        The statistics and a ``CalibrationInfo`` whose ``cluster`` holds the run's report (workers, shards
+        resumed and run again, start-up seconds, peak memory per worker).
+    """
+    shards = plan_shards(batches, shard_batches)
+    static = dict(static or {})
+    total_samples = sum(s.samples for s in shards)
+    job = {"format": JOB_FORMAT, "version": JOB_VERSION, "model_sha256": model.sha256, "model": model.path.name,
+           "layers": [layer.node for layer in layers], "kinds": list(kinds), "reduce": reduce, "provider": provider,
+           "opt_level": opt_level, "shards": len(shards), "samples": total_samples,
+           "batches_sha256": order_digest(shards), "data": data_key or {}, "static_sha256": _digest(static)}
+    workdir = Workdir(cluster.workdir, label, job, shards, cluster.resume) if cluster.workdir else None
+    saved = workdir.open() if workdir else set()
+    todo = [s for s in shards if s.id not in saved]
+    t0 = time.perf_counter()
+    started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    actors: list[Any] = []
+    board = None
+    infos: list[dict[str, Any]] = []
+    n, cpu_share, gpu = 0, 0.0, 0
+    try:
+        if todo:
+            n, cpu_share, gpu = _placement(cluster.workers, provider)
+            n = max(1, min(n, len(todo)))
+            board_name = f"fps-graph-progress-{uuid.uuid4().hex}"
+            board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()
+            worker_cls = ray.remote(ShardWorker).options(num_cpus=cpu_share, num_gpus=gpu,
+                                                         max_restarts=cluster.max_restarts,
+                                                         max_task_retries=cluster.max_task_retries)
+            step_args = {"kinds": tuple(kinds), "reduce": reduce, "provider": provider, "opt_level": opt_level,
+                         "threads": threads or max(1, int(cpu_share))}
+            actors = [worker_cls.remote(str(model.path.resolve()), model.sha256, layers, open_data, static,
+                                        os.getcwd(), step_args, board_name, max(1, int(cpu_share)),
+                                        os.environ.get(FAULTS_ENV)) for _ in range(n)]
+            infos = _wait_ready(actors, cluster, cpu_share, gpu)
+        startup = time.perf_counter() - t0
+        stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
+                                                   kinds, cluster, total_samples, progress)
+        worker_rss = [ray.get(a.peak_rss_mb.remote(), timeout=30) for a in actors]
+    finally:
+        for a in actors + ([board] if board is not None else []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:   # already gone
+                pass
+        if started:
+            ray.shutdown()
+        if workdir is not None:
+            workdir.close()
+    providers = sorted({i["provider"] for i in infos}) or [provider]
+    report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
+              "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,
+              "completion_order": order, "startup_seconds": startup, "worker_peak_rss_mb": worker_rss,
+              "hosts": sorted({i["host"] for i in infos}), "workdir": str(workdir.root) if workdir else None}
+    return stats, CalibrationInfo(",".join(providers), seconds, stats.num_samples,
+                                  max((i["observers"] for i in infos), default=len(plan_observers(layers)[0])),
+                                  cluster=report)
+
+
+def _wait_ready(actors: list[Any], cluster: ClusterOptions, cpu_share: float, gpu: int) -> list[dict[str, Any]]:
+    """Wait until every worker holds its session; refuse a worker that could not start."""
+    refs = [a.ready.remote() for a in actors]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=cluster.start_timeout)
+    if len(done) < len(refs):
+        ask = f"{cpu_share:g} CPU" + (", 1 GPU" if gpu else "")
+        raise FpsGraphError(f"Ray started {len(done)} of {len(refs)} workers within {cluster.start_timeout:.0f} s "
+                            f"(each asks for {ask}; the cluster has {ray.cluster_resources()}): ask for fewer workers")
+    try:
+        infos = ray.get(refs)
+    except RayError as exc:
+        raise FpsGraphError(f"a Ray worker could not start ({_first_line(exc)}); fps-graph must be installed on "
+                            "every node") from exc
+    for info in infos:
+        if info["error"]:
+            raise FpsGraphError(info["error"])
+    return infos
+
+
+def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[Shard], saved: set[int],
+                workdir: Workdir | None, layers: list[Layer], model: OnnxModel, kinds: tuple[str, ...],
+                cluster: ClusterOptions, total_samples: int, progress: Progress | None
+                ) -> tuple[Stats, list[int], list[int], float]:
+    """Hand shards to idle workers, save and add each result in shard order; (stats, finish order, re-run, s)."""
+    t0 = time.perf_counter()
+    queue = list(todo)
+    pending: dict[Any, tuple[Shard, Any]] = {}
+    results: dict[int, Stats | None] = {}         # finished, not yet added (None: saved on disk, read when added)
+    total = Stats(model_sha256=model.sha256, kinds=tuple(kinds))
+    next_id, order, rerun = 0, [], []
+    reported = sum(s.samples for s in shards if s.id in saved)
+    if progress is not None and reported:
+        progress(reported)
+    base = reported
+
+    def submit(actor: Any) -> None:
+        if queue:
+            shard = queue.pop(0)
+            pending[actor.run.remote(shard)] = (shard, actor)
+
+    for actor in actors:
+        submit(actor)
+    last_poll = 0.0
+    while pending or next_id < len(shards):
+        if pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
+            for ref in ready:
+                shard, actor = pending.pop(ref)
+                try:
+                    st = ray.get(ref)
+                except RayError as exc:
+                    raise _shard_error(exc, shard, cluster, workdir) from exc
+                if shard.id in results or st.num_samples != shard.samples:   # never counted twice or short
+                    raise FpsGraphError(f"shard {shard.id}: got {st.num_samples} samples twice or short of "
+                                        f"{shard.samples} (internal error)")
+                if workdir is not None:
+                    workdir.save(shard.id, st)
+                results[shard.id] = None if workdir is not None else st
+                order.append(shard.id)
+                submit(actor)
+        while next_id < len(shards) and (next_id in saved or next_id in results):
+            shard = shards[next_id]
+            st = results.pop(next_id, None)
+            if st is None:
+                st = workdir.load(shard, layers)      # type: ignore[union-attr]
+            total = total.merge(st)
+            next_id += 1
+        now = time.perf_counter()
+        if progress is not None and board is not None and (now - last_poll >= _POLL_S or not pending):
+            last_poll = now
+            try:
+                done, rerun = ray.get(board.poll.remote(), timeout=10)
+            except (RayError, GetTimeoutError):
+                done = reported - base
+            done = min(base + done, total_samples)
+            if done > reported:
+                progress(done - reported)
+                reported = done
+        if not pending and next_id < len(shards) and not queue:
+            raise FpsGraphError(f"shard {next_id} was never computed (internal error)")
+    if progress is not None and reported < total_samples:
+        progress(total_samples - reported)
+    try:
+        rerun = ray.get(board.poll.remote(), timeout=10)[1] if board is not None else []
+    except (RayError, GetTimeoutError):
+        pass
+    if total.num_samples != total_samples:
+        raise FpsGraphError(f"shards add up to {total.num_samples} samples, expected {total_samples} (internal error)")
+    if total.num_samples == 0:
+        raise FpsGraphError("no calibration samples were read")
+    return total, order, rerun, time.perf_counter() - t0

@@ -1,0 +1,171 @@
+"""`select --ray` on a local Ray (2 CPUs, started once): byte-identical to the local run, faults, resume, errors."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from fps_graph.runtime.ray import FAULTS_ENV  # noqa: E402
+from fps_graph.runtime.shards import ClusterOptions  # noqa: E402
+from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats  # noqa: E402
+from fps_graph_cli.main import entry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "tiny_hybrid.onnx"
+IMAGES = ROOT / "samples" / "images"          # 64 images: with batches of 8 and shards of 16, 4 shards
+SHARDING = ["--batch-size", "8", "--shard-size", "16"]
+# Host reduction sums many float32 values per batch in float64, so the grouping of the sums shows in their last
+# bits (checked in test_grouping_shows_in_the_bytes): comparing the statistics files checks the shard order.
+HOST = ["--reduce", "host", "--stats-out"]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray for the whole session (2 CPUs, a small object store), stopped at the end."""
+    ctx = ray.init(num_cpus=2, object_store_memory=80 << 20, include_dashboard=False, log_to_driver=False,
+                   logging_level=logging.ERROR)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+def select(tmp: Path, name: str, *args: str) -> tuple[int, Path, Path]:
+    """Run `fps-graph select SAMPLE IMAGES` in this process; (exit code, masks path, stats path)."""
+    out, stats = tmp / f"{name}.safetensors", tmp / f"{name}.stats.safetensors"
+    code = entry(["select", str(SAMPLE), str(IMAGES), "-o", str(out), *SHARDING, *HOST, str(stats), "-q", *args])
+    return code, out, stats
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> tuple[bytes, bytes]:
+    """Masks and statistics bytes of the single-process run."""
+    tmp = tmp_path_factory.mktemp("local")
+    code, out, stats = select(tmp, "local")
+    assert code == 0
+    return out.read_bytes(), stats.read_bytes()
+
+
+def test_grouping_shows_in_the_bytes(tmp_path, local):
+    """Another shard size gives other statistics bytes here, so the comparisons below can fail."""
+    code, _, stats = entry(["select", str(SAMPLE), str(IMAGES), "-o", str(tmp_path / "m.safetensors"),
+                            "--batch-size", "8", "--shard-size", "64", *HOST, str(tmp_path / "s.safetensors"),
+                            "-q"]), None, tmp_path / "s.safetensors"
+    assert code == 0 and stats.read_bytes() != local[1]
+
+
+def _run(opts: SelectOptions, tmp: Path) -> tuple[dict, bytes, bytes]:
+    """run_select on the sample, written out; (Ray report, masks bytes, stats bytes)."""
+    res = run_select(SAMPLE, str(IMAGES), opts, stats_out=True)
+    write_result(res, tmp / "m.safetensors")
+    write_stats(res.stats, tmp / "s.safetensors")
+    return res.summary["cluster"], (tmp / "m.safetensors").read_bytes(), (tmp / "s.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("workers,fault", [(1, None), (2, "late shard 0"), (3, "worker dies in shard 1")])
+def test_byte_identical_for_any_worker_count(ray_address, tmp_path, local, monkeypatch, workers, fault):
+    """1, 2 and 3 workers; with 2, shard 0 finishes last; with 3, the worker running shard 1 exits mid-shard."""
+    flag = tmp_path / "crash-once"
+    if fault == "late shard 0":
+        monkeypatch.setenv(FAULTS_ENV, json.dumps({"delay": {"0": 2.0}}))
+    elif fault:
+        flag.touch()
+        monkeypatch.setenv(FAULTS_ENV, json.dumps({"crash": {"shard": 1, "batch": 0, "flag": str(flag)}}))
+    opts = SelectOptions(k=1, batch_size=8, shard_size=16, reduce="host", cluster=ClusterOptions(workers=workers))
+    report, masks, stats = _run(opts, tmp_path)
+    assert masks == local[0] and stats == local[1]
+    assert report["workers"] == workers and sorted(report["completion_order"]) == [0, 1, 2, 3]
+    if fault == "late shard 0":
+        assert report["completion_order"][0] != 0, report
+    if fault == "worker dies in shard 1":
+        assert not flag.exists()                     # the worker did exit after shard 1's first batch
+        assert report["rerun"] == [1], report
+    else:
+        assert report["rerun"] == []
+
+
+def _shard_files(workdir: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (workdir / "calibration").glob("shard-*")}
+
+
+def test_resume_after_driver_kill(ray_address, tmp_path, local):
+    workdir, out = tmp_path / "work", tmp_path / "killed.safetensors"
+    env = dict(os.environ, **{FAULTS_ENV: json.dumps({"delay_each": 1.0})})
+    cmd = [sys.executable, "-m", "fps_graph_cli.main", "select", str(SAMPLE), str(IMAGES), "-o", str(out), *SHARDING,
+           *HOST, str(tmp_path / "killed.stats.safetensors"), "-q", f"--ray={ray_address}", "--workers", "1",
+           "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_shard_files(workdir)) < 2:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"driver ended or stalled before saving 2 shards: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    before = _shard_files(workdir)
+    assert 2 <= len(before) < 4
+
+    code, masks, stats = select(tmp_path, "resumed", "--ray", "--resume", str(workdir))
+    assert code == 0
+    assert masks.read_bytes() == local[0] and stats.read_bytes() == local[1]
+    after = _shard_files(workdir)
+    assert len(after) == 4 and all(after[name] == before[name] for name in before)   # finished shards not re-run
+
+    # everything saved: a second resume needs no worker and gives the same bytes
+    code, masks, stats = select(tmp_path, "again", "--ray", "--resume", str(workdir), "--workers", "3")
+    assert code == 0 and masks.read_bytes() == local[0] and stats.read_bytes() == local[1]
+    assert _shard_files(workdir) == after
+
+
+def test_resume_refuses_another_job(ray_address, tmp_path, capsys):
+    workdir = tmp_path / "work"
+    assert select(tmp_path, "a", "--ray", "--workdir", str(workdir), "--max-samples", "16")[0] == 0
+    capsys.readouterr()
+    cases = [
+        (["--ray", "--resume", str(workdir), "--max-samples", "24"], "the saved shards were made with batches_sha256"),
+        (["--ray", "--workdir", str(workdir), "--max-samples", "16"], f"work folder {workdir} already holds shards"),
+        (["--ray", "--resume", str(tmp_path / "empty")], f"nothing to resume in {tmp_path / 'empty'}"),
+        (["--ray", "--workdir", str(workdir), "--resume", str(workdir)], "give either --workdir"),
+        (["--workers", "2"], "--workers only apply with --ray"),
+    ]
+    for args, message in cases:
+        code, out, _ = select(tmp_path, "b", *args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
+        assert not out.exists()
+
+
+def test_bad_shard_fails_the_job(ray_address, tmp_path, capsys):
+    data = tmp_path / "images"
+    shutil.copytree(IMAGES, data)
+    bad = sorted(data.rglob("*.png"))[40]                  # sample 40: shard 2
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "out" / "m.safetensors"
+    out.parent.mkdir()
+    code = entry(["select", str(SAMPLE), str(data), "-o", str(out), *SHARDING, "-q", "--ray", "--workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot decode image {bad}"), err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_without_ray_one_line(tmp_path):
+    out = tmp_path / "m.safetensors"
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from fps_graph_cli.main import entry\n"
+            "sys.exit(entry(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "select", str(SAMPLE), str(IMAGES), "-o", str(out), "--ray"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr == "error: Ray is not installed: pip install 'fps-graph[ray]'\n"
+    assert not out.exists()
