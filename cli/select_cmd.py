@@ -11,6 +11,7 @@ from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 from fps_graph.selection.scores import SCORES, STATS
 from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
+from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
 
 
 @click.command()
@@ -59,6 +60,7 @@ from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
               help="safetensors state dict, to name weights by value where the graph does not say.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@scale_out_options
 def select(model: str, data: str | None, output: str, score: str, stat: str | None, k: int | None,
            budget: str | None, granularity: str, include: tuple[str, ...], exclude: tuple[str, ...],
            anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
@@ -66,7 +68,8 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
            reduce: str, provider: str, opt_level: str, threads: int | None, dense: bool,
            stats_out: str | None, stats_in: tuple[str, ...], state_dict: str | None, force: bool,
-           quiet: bool) -> None:
+           quiet: bool, ray_address: str | None, workers: int | None, workdir: str | None, resume: str | None,
+           shard_size: int) -> None:
     """Select the weights of MODEL (ONNX file or Hugging Face export folder) to fine-tune, from calibration DATA
     (images, .npy/.npz/.safetensors, or text: .txt/.jsonl, a file or a folder)."""
     if k is not None and budget is not None:
@@ -87,7 +90,8 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
-        stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict)
+        stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
+        shard_size=shard_size, cluster=cluster_options(ray_address, workers, workdir, resume))
     if budget is not None:
         opts.k = None
     result = run_select(model, data, opts, progress=None if quiet else tqdm_progress, stats_out=bool(stats_out))
@@ -102,4 +106,4 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
             f" ({s['layers']} layers); {s['samples']} samples on {s['provider']}"
             f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
-            f" -> {output}", err=True)
+            + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)

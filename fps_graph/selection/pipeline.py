@@ -14,6 +14,7 @@ import numpy as np
 
 from fps_graph import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
+from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
 from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError
@@ -69,6 +70,8 @@ class SelectOptions:
     anchor: str | None = None
     anchor_stats_in: Sequence[str] = ()
     state_dict: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE   # samples per shard: --ray's unit of work and of the exact float64 sum
+    cluster: ClusterOptions | None = None  # calibrate on Ray workers (runtime.ray) instead of in this process
     min_per_layer: int = 0          # network budget: every scored tensor keeps at least this many (selection/floor.py)
 
 
@@ -171,7 +174,9 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
               progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
     """Open the data, check it against the model inputs and collect statistics."""
     specs = spec_list(plan.model)
-    source = open_source(data, specs, opts.image, text_opts=opts.text, model_path=plan.model.path)
+    open_data = functools.partial(open_source, data, specs, opts.image, text_opts=opts.text,
+                                  model_path=plan.model.path)   # picklable: Ray workers open the data the same way
+    source = open_data()
     warnings.extend(getattr(source, "notes", []))
     plan.data[label] = source.record()
     batch_size, max_samples = opts.batch_size, opts.max_samples
@@ -190,8 +195,17 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
     if len(loader) == 0:
         raise FpsGraphError(f"{data}: no samples to read")
     cb = progress(len(loader), label) if progress else None
+    per_shard = shard_batches(batch_size, opts.shard_size)
+    if opts.cluster is not None:
+        from fps_graph.runtime.ray import collect_stats_ray   # the optional extra: without Ray, a one-line error
+
+        return collect_stats_ray(plan.model, plan.layers, open_data, batch_groups(source, loader.order(), batch_size),
+                                 shard_batches=per_shard, cluster=opts.cluster, label=label,
+                                 data_key={"path": str(Path(data).resolve()), "record": plan.data[label]},
+                                 kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
+                                 threads=opts.threads, progress=cb)
     return collect_stats(plan.model, plan.layers, loader, kinds=kinds, reduce=opts.reduce, provider=opts.provider,
-                         opt_level=opts.opt_level, threads=opts.threads, progress=cb)
+                         opt_level=opts.opt_level, threads=opts.threads, progress=cb, shard_batches=per_shard)
 
 
 def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
@@ -350,6 +364,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "seconds": time.perf_counter() - t0, "calibration_seconds": calib.seconds if calib else 0.0,
         "samples_per_s": (calib.samples / calib.seconds) if calib and calib.seconds > 0 else 0.0,
         "provider": calib.provider if calib else "none", "peak_rss_mb": peak_rss_mb(),
+        "cluster": calib.cluster if calib else None,
         "empty_tensors": len(empty),
     }
     return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary)
