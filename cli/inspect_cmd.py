@@ -5,17 +5,19 @@ import json
 
 import click
 
+from fps_graph.data.text import resolve_model_path
 from fps_graph.selection.pipeline import describe, load_state_dict, make_plan
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--state-dict", type=click.Path(dir_okay=False), help="safetensors state dict to match names by value.")
 def inspect(model: str, as_json: bool, state_dict: str | None) -> None:
-    """List the layers of MODEL that selection scores (MatMul/Gemm/Conv with constant weights)."""
+    """List the layers of MODEL (ONNX file or Hugging Face export folder) that selection scores (MatMul/Gemm/Conv
+    with constant weights)."""
     sd = load_state_dict(state_dict) if state_dict else None
-    view = describe(make_plan(model, state_dict=sd))
+    view = describe(make_plan(resolve_model_path(model), state_dict=sd))
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return

@@ -285,7 +285,7 @@ def test_llama_with_empty_cache_matches_oracle(llama, text_file):
     check_against_oracle(res, ref)
     assert "lm_head.weight" in res.tensors
     masks = dense(res)
-    for key, want in oracle_masks(lm, ref, 2 if False else 1).items():
+    for key, want in oracle_masks(lm, ref, 1).items():
         assert np.array_equal(masks[key], want), key
 
 
@@ -306,7 +306,6 @@ def test_read_txt_jsonl_and_folder(tmp_path):
     (tmp_path / "d" / "a.txt").write_text("one\n\n two \n")
     (tmp_path / "d" / "b.jsonl").write_text('{"text": "three", "id": 1}\n\n{"text": "four"}\n')
     (tmp_path / "d" / "c.jsonl").write_text('{"body": "five"}\n')
-    got = read_texts(tmp_path / "d", field="text") if False else None
     with pytest.raises(FpsGraphError, match=r"c.jsonl:1: no field 'text'.*--text-field"):
         read_texts(tmp_path / "d")
     (tmp_path / "d" / "c.jsonl").unlink()
@@ -408,10 +407,13 @@ def test_metadata_records_the_tokenizer(bert, text_file, tmp_path, capsys):
     meta = read_metadata(out)
     import hashlib
 
-    rec = meta["data"] if "data" in meta else meta["options"]["data"]
+    rec = meta["data"]
+    assert rec["kind"] == "text" and rec["truncated"] == 0 and rec["padding"].startswith("none")
     assert rec["tokenizer_sha256"] == hashlib.sha256((root / "tokenizer.json").read_bytes()).hexdigest()
     assert rec["max_length"] == 20 and rec["text_field"] == "text" and rec["tokenizer"].endswith("tokenizer.json")
     assert load_masks(out)
+    code, err = run_cli(capsys, "inspect", root)      # the export folder works for inspect too
+    assert code == 0, err
 
 
 # ---------------------------------------------------------------- bad inputs: one line, exit 2, nothing written
@@ -523,7 +525,7 @@ def test_minilm_selects_from_text(minilm, tmp_path):
     data = tmp_path / "sentences.txt"
     data.write_text("\n".join(lines) + "\n")
     res = select(root, data, batch_size=4)
-    assert res.metadata.get("data", {}).get("max_length", 256) == 256   # sentence_bert_config.json max_seq_length
+    assert res.metadata["data"]["max_length"] == 256   # sentence_bert_config.json max_seq_length
     ref = per_sequence_oracle(model, root / "tokenizer.json", lines, 256, bert_forward)
     # fp32 ONNX Runtime vs PyTorch through 6 real layers: sums ~1e-5 apart (relative 1e-4 on the smallest ones)
     check_against_oracle(res, ref, rtol=1e-4, atol=3e-5)

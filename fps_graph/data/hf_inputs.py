@@ -166,8 +166,9 @@ def plan_inputs(specs: list[InputSpec], config: dict[str, Any], where: str | os.
     if unknown:
         s = unknown[0]
         raise FpsGraphError(f"{where}: model input {s.name!r} {_fmt_shape(s.shape)} is not made by the tokenizer "
-                            f"and follows no transformers/Optimum convention ({', '.join(CONVENTIONS)}); select from "
-                            "an .npz keyed by input name that holds every input instead of text")
+                            f"and follows no transformers/Optimum convention ({', '.join(CONVENTIONS)}); give it once "
+                            f"with --static {s.name}=FILE.npy if it has no sample axis, else select from an .npz "
+                            "keyed by input name that holds every input")
     ids_name = next((n for n, k in kinds.items() if k == "ids"), None)
     if ids_name is None:
         raise FpsGraphError(f"{where}: no input_ids input to feed token ids to (inputs: "
