@@ -27,6 +27,7 @@ from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import check_output_path, sha256_file
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.names import folded_from, resolve_names
+from fps_graph.graph.walk import local_name, model_scopes, node_reads, scope_of_key
 from fps_graph.selection.pipeline import make_plan
 
 META_FINETUNED = "fps_graph.finetuned"
@@ -67,6 +68,7 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
         if layer.weight not in per_layer:
             per_layer[layer.weight] = resolve_names(model, [layer])[layer.weight]
     folded = folded_from(model)
+    in_bodies = body_constants(model)
     out: dict[str, list[Target]] = {}
     for key in df.keys:
         rec = df.tensors.get(key, {})
@@ -94,6 +96,8 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
             if info.torch == key:
                 add(weight, info.perm, f"graph ({info.how})")
         add(key, None, "initializer-name")
+        for name in in_bodies.get(key, ()):      # stored inside If/Loop/Scan bodies under that name
+            add(name, None, "initializer-name (in a subgraph)")
         for name, sources in folded.items():
             if sources == [key] and model.is_constant(name) and name not in found:
                 stored = model.tensor_shape(name)
@@ -107,6 +111,16 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
                                 "from the network that was trained, without folding it into other constants (e.g. "
                                 "BatchNorm folded into a Conv by the legacy exporter)?")
         out[key] = list(found.values())
+    return out
+
+
+def body_constants(model: OnnxModel) -> dict[str, list[str]]:
+    """Constants stored inside If/Loop/Scan bodies, by their name there: model-wide keys (graph.walk)."""
+    model_scopes(model)
+    out: dict[str, list[str]] = {}
+    for key in [*model.initializers, *model.constant_nodes]:
+        if scope_of_key(model, key):
+            out.setdefault(local_name(model, key), []).append(key)
     return out
 
 
@@ -149,7 +163,7 @@ def _set_tensor(model: OnnxModel, name: str, value: np.ndarray) -> None:
     if name in model.derived:   # a recurrent weight/bias in PyTorch's gate order: scatter into its stored tensor
         d = model.derived[name]
         stored = np.array(model.tensor(d.source))
-        stored.reshape(-1)[d.index.reshape(-1)] = np.asarray(value, dtype=stored.dtype).reshape(-1)
+        stored.reshape(-1)[d.index.reshape(-1)] = value.reshape(-1)
         _set_tensor(model, d.source, stored)
         return
     new = numpy_helper.from_array(value, name)
@@ -177,8 +191,8 @@ def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     changed = True
     while changed:
         changed = False
-        for node in graph.node:
-            if any(i in tainted for i in node.input) and not all(o in tainted for o in node.output if o):
+        for node in graph.node:     # a body reading a changed outer weight taints its node's outputs
+            if any(i in tainted for i in node_reads(node)) and not all(o in tainted for o in node.output if o):
                 tainted.update(o for o in node.output if o)
                 changed = True
     return tainted
