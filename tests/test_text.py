@@ -536,3 +536,33 @@ def test_minilm_selects_from_text(minilm, tmp_path):
     masks = dense(res)
     for key, want in oracle_masks(model, ref, 1).items():
         assert np.array_equal(masks[key], want), key
+
+
+def test_fixed_batch_of_one_is_honoured(tmp_path, bert):
+    _, root = bert
+    specs = [InputSpec("input_ids", (1, "sequence"), np.dtype(np.int64))]
+    (tmp_path / "d.txt").write_text("the cat\nthe dog\na fox sat\n")
+    src = TextSource(tmp_path / "d.txt", specs, root / "model.onnx")
+    assert [len(b) for b in src.batches(np.arange(3), 32)] == [1, 1, 1]
+    with pytest.raises(FpsGraphError, match="fixed batch size of 4"):
+        TextSource(tmp_path / "d.txt", [InputSpec("input_ids", (4, "s"), np.dtype(np.int64))], root / "model.onnx")
+
+
+def test_jsonl_folder_equals_txt(bert, tmp_path, capsys):
+    """The same samples as .jsonl records (custom field) spread over a folder give the same statistics."""
+    _, root = bert
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "all.txt").write_text("\n".join(TEXT_LINES) + "\n")
+    (tmp_path / "js").mkdir()
+    half = len(TEXT_LINES) // 2
+    for name, part in (("a.jsonl", TEXT_LINES[:half]), ("b.jsonl", TEXT_LINES[half:])):
+        (tmp_path / "js" / name).write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(part)))
+    a = select(root / "model.onnx", tmp_path / "txt")
+    b = select(root / "model.onnx", tmp_path / "js", text_field="body")
+    for node, sums in a.stats.sums.items():
+        np.testing.assert_array_equal(sums["abs"], b.stats.sums[node]["abs"])
+    assert b.metadata["data"]["text_field"] == "body"
+    out = tmp_path / "m.safetensors"
+    code, err = run_cli(capsys, "select", root, tmp_path / "js", "-o", out, "-q", "--text-field", "body")
+    assert code == 0, err
+    assert {k: v.tolist() for k, v in load_masks(out).items()} == {k: v.tolist() for k, v in dense(b).items()}
