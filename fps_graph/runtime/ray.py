@@ -213,7 +213,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
                       batches: list[np.ndarray], *, cluster: ClusterOptions, shard_batches: int,
                       static: dict[str, np.ndarray] | None = None, data_key: dict[str, Any] | None = None, kinds: tuple[str, ...] = ("abs",),
                       reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
-                      threads: int | None = None, label: str = "calibration",
+                      threads: int | None = None, micro_batch: int | None = None,
+                      max_memory_mb: float | None = None, label: str = "calibration",
                       progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
     """Sum the statistics of ``batches`` over Ray workers; the same sums as ``collect_stats`` with the same shards.
 
@@ -226,6 +227,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         shard_batches: batches per shard (``shards.shard_batches``; the local loop must use the same).
         static: inputs fed whole with every batch (``data.static``).
         data_key: what identifies the data (path, preparation), recorded in the work folder's job file.
+        kinds, reduce, provider, opt_level, threads, micro_batch, max_memory_mb: as for ``collect_stats``; threads
+            defaults to the worker's share of CPUs.
         label: job name inside the work folder ("calibration", "anchor").
         progress: called with the number of samples finished since the last call, summed over workers.
 
@@ -238,8 +241,9 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     total_samples = sum(s.samples for s in shards)
     job = {"format": JOB_FORMAT, "version": JOB_VERSION, "model_sha256": model.sha256, "model": model.path.name,
            "layers": [layer.node for layer in layers], "kinds": list(kinds), "reduce": reduce, "provider": provider,
-           "opt_level": opt_level, "shards": len(shards), "samples": total_samples,
-           "batches_sha256": order_digest(shards), "data": data_key or {}, "static_sha256": _digest(static)}
+           "opt_level": opt_level, "micro_batch": micro_batch, "max_memory_mb": max_memory_mb,
+           "shards": len(shards), "samples": total_samples, "batches_sha256": order_digest(shards),
+           "data": data_key or {}, "static_sha256": _digest(static)}
     workdir = Workdir(cluster.workdir, label, job, shards, cluster.resume) if cluster.workdir else None
     saved = workdir.open() if workdir else set()
     todo = [s for s in shards if s.id not in saved]
@@ -259,7 +263,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
                                                          max_restarts=cluster.max_restarts,
                                                          max_task_retries=cluster.max_task_retries)
             step_args = {"kinds": tuple(kinds), "reduce": reduce, "provider": provider, "opt_level": opt_level,
-                         "threads": threads or max(1, int(cpu_share))}
+                         "threads": threads or max(1, int(cpu_share)), "micro_batch": micro_batch,
+                         "max_memory_mb": max_memory_mb}
             actors = [worker_cls.remote(str(model.path.resolve()), model.sha256, layers, open_data, static,
                                         os.getcwd(), step_args, board_name, max(1, int(cpu_share)),
                                         os.environ.get(FAULTS_ENV)) for _ in range(n)]
