@@ -27,6 +27,10 @@ def write_tokenizer(folder: Path) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     path = folder / "tokenizer.json"
     tok.save(str(path))
+    from transformers import PreTrainedTokenizerFast   # tokenizer_config.json too, for AutoTokenizer
+
+    PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(str(folder))
     return path
 
 

@@ -140,6 +140,18 @@ def canonical_masks(model: Any, masks: Any) -> Any:
     return ms
 
 
+def auto_head(model: Any) -> str | None:
+    """attach()'s head for a transformers model: none when it has an LM head (output embeddings: the vocabulary
+    projection, usually tied to the input embedding), else the last nn.Linear with config.num_labels outputs."""
+    from torch import nn
+
+    if model.get_output_embeddings() is not None:
+        return None
+    n = int(getattr(model.config, "num_labels", 0) or 0)
+    cands = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n]
+    return cands[-1] if cands else None
+
+
 def head_module(model: Any, task: str) -> str | None:
     """seq-cls: the last nn.Linear with config.num_labels outputs (score, classifier, classifier.out_proj)."""
     from torch import nn

@@ -167,6 +167,11 @@ def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -
     return HeadInfo(name, True, old.out_features, num_classes, old.in_features, old.bias is not None)
 
 
+def _is_transformers(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (duck-typed: no transformers import needed)."""
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and hasattr(model, "save_pretrained")
+
+
 def _get_module(model: nn.Module, name: str, what: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -392,7 +397,13 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
 
     # the head, replaced when the number of classes changes
     head_name = None
-    if head == "auto":
+    if head == "auto" and _is_transformers(model):
+        from fps_graph.training.hf import auto_head
+
+        head_name = auto_head(model)       # an LM head is the vocabulary projection, not a task head: none
+        if head_name is not None:
+            handle.notes.append(f"head: {head_name} (detected)")
+    elif head == "auto":
         head_name = find_head(model, example_input)
         if head_name is None and (num_classes is not None):
             raise FpsGraphError("cannot find the classifier head (no nn.Linear with the model's output size); "
