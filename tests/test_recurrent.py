@@ -314,3 +314,48 @@ def test_apply_writes_trained_delta_back_with_gate_order(exported, case, tmp_pat
     assert np.abs(want - before).max() > 1e-3          # the delta changes the output
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert load_masks(masks)                           # masks keyed by PyTorch names load back
+
+
+def _silero_model() -> Path | None:
+    """silero-vad's default ONNX model from its pip wheel (``pip install --no-deps silero-vad``), found without
+    importing the package (its __init__ imports torch utilities)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_silero_model() is None, reason="silero-vad wheel not installed (pip install --no-deps silero-vad)")
+def test_silero_vad_conv_and_lstm_from_audio_and_static_state(tmp_path):
+    """The default silero-vad model: Conv layers and the LSTM inside If bodies, from audio chunks plus its state
+    and sample rate given once as static inputs; R's statistics are exactly those of the state fed (T=1)."""
+    rng = np.random.default_rng(0)
+    chunks = 12
+    audio = (0.1 * rng.standard_normal((chunks, 512))).astype(np.float32)
+    state = rng.standard_normal((2, 1, 128)).astype(np.float32)
+    np.save(tmp_path / "audio.npy", audio)
+    np.save(tmp_path / "state.npy", state)
+    np.save(tmp_path / "sr.npy", np.array(16000, dtype=np.int64))
+    static = {"state": str(tmp_path / "state.npy"), "sr": str(tmp_path / "sr.npy")}
+    res = run_select(_silero_model(), str(tmp_path / "audio.npy"),
+                     SelectOptions(batch_size=1, provider="cpu", k=1, static=static), stats_out=True)
+    keys = sorted(res.tensors)
+    convs = [k for k in keys if "encoder" in k]
+    assert len(convs) == 4 and all(k.startswith("If_0_then_branch") for k in convs)   # sr == 16000 branch
+    hh = "If_0_then_branch__Inline_0__decoder.rnn.weight_hh"
+    ih = "If_0_then_branch__Inline_0__decoder.rnn.weight_ih"
+    assert {hh, ih} <= set(keys)
+    assert res.tensors[hh]["shape"] == [512, 128] and res.tensors[hh]["layout"]["recurrent"]["part"] == "hh"
+    # the two LSTM nodes of the inner If (batch of one or not) share the weights: one mask entry, pooled
+    nodes = res.tensors[hh]["nodes"]
+    assert len(nodes) == 2
+    counts = sum(res.stats.counts.get(n, 0) for n in nodes)
+    sums = sum(res.stats.sums[n]["abs"] for n in nodes)
+    assert counts == chunks
+    np.testing.assert_allclose(sums, chunks * np.abs(state[0, 0].astype(np.float64)), rtol=1e-6)   # h_(-1) = state[0]
+    assert sum(res.stats.counts.get(n, 0) for n in res.tensors[ih]["nodes"]) == chunks
+    assert all(res.tensors[k]["selected"] == res.tensors[k]["shape"][0] for k in keys)            # k=1 per row
+    assert any("never taken" in w or "no calibration data" in w or "saw no" in w for w in res.warnings)

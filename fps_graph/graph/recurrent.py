@@ -234,7 +234,7 @@ def _key_names(model: OnnxModel, scope: Any, node: onnx.NodeProto, name: str, st
     local = stored.split("::")[-1]
     m = re.search(r"weight_(ih|hh)(_l\d+)?$", local)
     if m and m.group(1) == part and dirs == 1:       # an LSTMCell/GRUCell parameter, sliced into gates
-        return re.sub(r"^.*__Inline_\d+__", "", local), "initializer-name"
+        return local, "initializer-name"
     return f"{name}.weight_{part}{suffix}", "onnx-node"
 
 
