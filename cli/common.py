@@ -1,9 +1,32 @@
-"""Shared CLI pieces: progress bars and option parsers."""
+"""Shared CLI pieces: progress bars, option parsers, and the check for optional packages."""
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import click
+
+from fps_graph.errors import FpsGraphError
+
+# How to install what `train` and `export` need (also in docs/train_apply.md). torch first: a plain
+# `pip install fps-graph[torch]` on a machine without a GPU would pull the multi-GB CUDA wheels.
+TORCH_INSTALL = ("pip install torch --index-url https://download.pytorch.org/whl/cpu (or the CUDA build from "
+                 "pytorch.org), then pip install 'fps-graph[torch]'")
+
+
+def require(module: str, command: str, install: str) -> None:
+    """Refuse in one line, before any work, when an optional package a subcommand needs cannot be imported (the
+    subcommand imports it next anyway, so this costs nothing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        what = f"{module}, which is not installed" if missing == module else \
+            f"{module}, which cannot be imported ({missing} is missing)"
+        raise FpsGraphError(f"`fps-graph {command}` needs {what}: {install}") from exc
+    except OSError as exc:   # a wheel whose compiled libraries do not load
+        raise FpsGraphError(f"`fps-graph {command}` needs {module}, which fails to load ({exc}): reinstall it; "
+                            f"{install}") from exc
 
 
 def tqdm_progress(total: int, label: str) -> Callable[[int], None]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fps_graph_cli.common import parse_ints
+from fps_graph_cli.common import TORCH_INSTALL, parse_ints, require
 
 
 @click.command()
@@ -22,6 +22,9 @@ from fps_graph_cli.common import parse_ints
 def export(factory: str, weights: str | None, input_shape: str, output: str, exporter: str, dynamic_batch: bool,
            opset: int | None, input_name: str, force: bool, fold: bool) -> None:
     """Export the model built by FACTORY (module:function or file.py:function) to ONNX."""
+    require("torch", "export", TORCH_INSTALL)
+    if exporter == "dynamo":
+        require("onnxscript", "export", "pip install onnxscript (or use --exporter legacy)")
     from fps_graph.integrations.torch_export import export as do_export
 
     report = do_export(factory, parse_ints(input_shape, "--input-shape"), output, weights=weights, exporter=exporter,

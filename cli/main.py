@@ -64,6 +64,10 @@ def entry(argv: list[str] | None = None) -> int:
     except MemoryError:
         click.echo("error: out of memory (try a smaller --batch-size)", err=True)
         code = 1
+    except ImportError as exc:   # an optional package missing below the subcommands' own checks (common.require)
+        name = (getattr(exc, "name", None) or "").split(".")[0] or _one_line(str(exc))
+        click.echo(f"error: the Python package {name!r} is missing or broken: pip install {name}", err=True)
+        code = 2
     if argv is None:
         sys.exit(code)
     return code

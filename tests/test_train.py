@@ -54,7 +54,7 @@ def test_train_writes_run_and_is_deterministic(setup, tmp_path):
     r1 = run_train(options(setup, tmp_path / "a"))
     r2 = run_train(options(setup, tmp_path / "b"))
     run = tmp_path / "a"
-    for name in ("delta.safetensors", "adapter_config.json", "metrics.json", "training_curve.png"):
+    for name in ("delta.safetensors", "run_config.json", "metrics.json", "training_curve.png"):
         assert (run / name).is_file(), name
     assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((run / "metrics.json").read_text())
@@ -93,8 +93,9 @@ def test_train_writes_run_and_is_deterministic(setup, tmp_path):
     assert d1.metadata["masks_sha256"] == sha256_file(setup["masks"])
     assert d1.metadata["training"]["lr"] == 2e-2 and d1.metadata["training"]["epochs"] == 4
     assert [e["train_loss"] for e in r1.metrics["epochs"]] == [e["train_loss"] for e in r2.metrics["epochs"]]
-    cfg = json.loads((run / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "FPS_SPARSE" and cfg["target_tensors"] == sorted(d1.sparse)
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert "peft_type" not in cfg and not (run / "adapter_config.json").exists()   # PEFT could not load it
+    assert cfg["target_tensors"] == sorted(d1.sparse)
     assert cfg["modules_to_save"] == sorted(full) and cfg["masks_sha256"] == d1.metadata["masks_sha256"]
 
 
@@ -128,13 +129,15 @@ def test_cli_train_on_sample_images(tmp_path, capsys):
     args = ["train", f"{SAMPLES / 'tiny_model.py'}:tiny_hybrid", "--weights", str(SAMPLES / "tiny_hybrid.safetensors"),
             "--masks", str(masks), "--data", str(SAMPLES / "images"), "-o", str(tmp_path / "run"),
             "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--threads", "1"]
-    assert entry(args) == 2
-    assert "pass --image-size" in capsys.readouterr().err
-    assert entry(args + ["--image-size", "32", "--val", str(SAMPLES / "images")]) == 0
+    # no --image-size: the masks file records how select prepared the images (32x32 from the ONNX input)
+    assert entry(args + ["--val", str(SAMPLES / "images")]) == 0
     err = capsys.readouterr().err
     assert "epoch   2/2" in err and "of full fine-tuning's 20,900" in err and "peak RSS" in err
+    assert "note: images: 32x32 NCHW, mean 0.485,0.456,0.406, std 0.229,0.224,0.225, crop 0.875, as select " \
+           "prepared them" in err
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["classes"] == ["disc", "hstripes", "square", "vstripes"] and m["samples"] == {"train": 64, "val": 64}
+    assert m["data"]["images"]["from"] == {"size": "masks", "mean": "masks", "std": "masks", "crop_pct": "masks"}
     assert entry(args + ["--image-size", "32"]) == 2                     # the run exists
     assert "--force" in capsys.readouterr().err
 
@@ -187,3 +190,106 @@ def test_image_folders_need_class_subfolders(tmp_path):
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((3, 2), np.float32))
     with pytest.raises(FpsGraphError, match="integer labels"):
         open_labeled(str(tmp_path / "nolabels.npz"), spec, ImageOptions())
+
+
+# --- train follows select (issue 12): the masks file records how select prepared the data -------------------------
+
+
+@pytest.fixture(scope="module")
+def conv_chain(tmp_path_factory):
+    """fps-graph export (2,3,12,12) -> select on the sample images with non-default mean/std/crop."""
+    from conftest_train import CONV_SHAPE, SPEC_CONV
+
+    root = tmp_path_factory.mktemp("chain")
+    onnx_path, masks = root / "conv.onnx", root / "masks.safetensors"
+    assert entry(["export", SPEC_CONV, "--input-shape", ",".join(map(str, CONV_SHAPE)), "-o", str(onnx_path)]) == 0
+    assert entry(["select", str(onnx_path), str(SAMPLES / "images"), "-o", str(masks), "--k", "2", "--mean", "0.5",
+                  "--std", "0.25", "--crop-pct", "1.0", "-q"]) == 0
+    return {"root": root, "onnx": onnx_path, "masks": masks, "spec": SPEC_CONV}
+
+
+def test_export_select_train_needs_no_image_size(conv_chain, tmp_path, capsys):
+    from fps_graph.data.sources import open_source
+    from fps_graph.formats.masks import data_record
+    from fps_graph.integrations.torch_export import build_model
+    from fps_graph.training.train import resolve_image_prep
+
+    record = data_record(conv_chain["masks"])
+    assert record == {"kind": "image", "inputs": ["input"], "size": [12, 12], "layout": "NCHW", "channels": 3,
+                      "mean": [0.5], "std": [0.25], "crop_pct": 1.0}
+    capsys.readouterr()
+    args = ["train", conv_chain["spec"], "--masks", str(conv_chain["masks"]), "--data", str(SAMPLES / "images"),
+            "--epochs", "1", "--batch-size", "16", "--threads", "1", "--no-plot"]
+    assert entry(args + ["-o", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "note: images: 12x12 NCHW, mean 0.5, std 0.25, crop 1, as select prepared them" in err
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["data"]["images"]["size"] == [12, 12] and set(m["data"]["images"]["from"].values()) == {"masks"}
+    cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert cfg["image"]["mean"] == [0.5] and cfg["image"]["crop_pct"] == 1.0
+
+    # the training images are, value for value, the ones select fed to ONNX Runtime
+    spec = InputSpec("input", (None, 3, 12, 12), np.dtype(np.float32))
+    fed = open_source(SAMPLES / "images", [spec], ImageOptions(mean=(0.5,), std=(0.25,), crop_pct=1.0))
+    prep = resolve_image_prep(TrainOptions(factory="", masks="", data="", output=""), record,
+                              build_model(conv_chain["spec"]))
+    trained = open_labeled(str(SAMPLES / "images"), prep.spec, prep.options)
+    every = np.arange(64)
+    assert np.array_equal(trained.fetch(every)["input"], fed.fetch(every)["input"])
+
+    # honest counts: the head trains in full by default, and its selected entries are counted apart
+    head = "head: head (detected) trains in full: 36 values (the default; --no-train-head trains only its selected"
+    assert head in err
+    t = m["trainable"]
+    assert t["masks_selected"] == 2 * (8 + 8 + 4) and t["selected_in_full"] == {"head.weight": 8}
+    assert t["selected"] == t["masks_selected"] - 8 and t["full_by_reason"] == {"bias": 16, "head": 36}
+    assert (f"selection: the masks select 40 entries; 8 of them lie in head.weight, trained in full anyway, so 32 "
+            "train as sparse deltas") in err
+    assert entry(args + ["-o", str(tmp_path / "frozen"), "--no-train-head"]) == 0
+    err = capsys.readouterr().err
+    assert "head: head (detected) trains only its selected entries" in err and "selection:" not in err
+    t = json.loads((tmp_path / "frozen" / "metrics.json").read_text())["trainable"]
+    assert t["selected"] == t["masks_selected"] == 40 and t["full_by_reason"] == {"bias": 20}   # + head.bias
+
+    # an option overrides one value, and the summary says so
+    assert entry(args + ["-o", str(tmp_path / "big"), "--image-size", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the options override how select prepared its images: size 16x16 instead of 12x12" in err
+    m = json.loads((tmp_path / "big" / "metrics.json").read_text())
+    assert m["data"]["images"]["from"] == {"size": "option", "mean": "masks", "std": "masks", "crop_pct": "masks"}
+
+
+def test_masks_without_a_record_ask_for_the_image_size(conv_chain, tmp_path, capsys):
+    stats, masks = tmp_path / "s.stats", tmp_path / "m.safetensors"
+    assert entry(["select", str(conv_chain["onnx"]), str(SAMPLES / "images"), "-o", str(tmp_path / "x"),
+                  "--stats-out", str(stats), "-q"]) == 0
+    assert entry(["select", str(conv_chain["onnx"]), "--stats-in", str(stats), "-o", str(masks), "-q"]) == 0
+    capsys.readouterr()
+    assert entry(["train", conv_chain["spec"], "--masks", str(masks), "--data", str(SAMPLES / "images"),
+                  "-o", str(tmp_path / "run"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the masks file records no image size and the model names none; pass --image-size H,W" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_train_leaves_no_run_folder(setup, tmp_path):
+    nested = tmp_path / "a" / "b" / "run"
+    with pytest.raises(FpsGraphError, match="data path not found"):
+        run_train(options(setup, nested, data=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(FpsGraphError, match="6 classes but the model predicts 4"):   # fails after the model is built
+        run_train(options(setup, nested, data=setup["six"], val=None))
+    assert not (tmp_path / "a").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FpsGraphError):
+        run_train(options(setup, mine, data=setup["six"], val=None))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]       # a folder the run did not make is kept
+
+
+def test_unnormalised_training_arrays_warn(setup, tmp_path):
+    x, y = token_data(32, seed=3)
+    np.savez(tmp_path / "raw.npz", x=np.round(x * 40).astype(np.int64), y=y)
+    r = run_train(options(setup, tmp_path / "run", data=str(tmp_path / "raw.npz"), val=None, epochs=1, plot=False))
+    assert len(r.warnings) == 1 and "input 'x' is int64 with values" in r.warnings[0] and "raw.npz" in r.warnings[0]

@@ -13,7 +13,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -74,7 +74,12 @@ def check_array(name: str, arr_shape: tuple, arr_dtype: np.dtype, spec: InputSpe
 
 
 class Source:
-    """Random access to samples: len() and fetch(indices) -> {input name: batch array}."""
+    """Random access to samples: len() and fetch(indices) -> {input name: batch array}.
+
+    Overridable: ``batches(order, batch_size)`` (the index groups the Loader feeds, e.g. samples of one shape
+    together), ``notes`` (warnings for the user) and ``record()`` (how the data was prepared, kept in the masks
+    file so `train` can prepare its data the same way; a dict with at least ``kind``).
+    """
 
     def __len__(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
@@ -85,6 +90,15 @@ class Source:
     def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """The sample indices of each batch, in feeding order (text sources group equal lengths instead)."""
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for the user about this data (none by default)."""
+        return []
+
+    def record(self) -> dict[str, Any]:
+        """How the samples were prepared (see the class docstring)."""
+        return {"kind": type(self).__name__}
 
 
 @dataclass
@@ -125,16 +139,25 @@ def _open_arrays(path: Path, specs: list[InputSpec]) -> ArrayFile:
             arrays[spec.name] = raw[next(k for k in ("x", "inputs", "input") if k in raw)]
         elif "" in raw:
             raise FpsGraphError(f"{path}: a .npy file can feed only a single-input model; this model has inputs "
-                                f"{[s.name for s in specs]} (use .npz or .safetensors keyed by input name)")
+                                f"{[s.name for s in specs]} (use .npz or .safetensors keyed by input name; an input with no "
+                                "sample axis, such as a recurrent state or a sample rate, goes in once with --static "
+                                "NAME=FILE.npy)")
         else:
-            raise FpsGraphError(f"{path}: missing model input {spec.name!r} (found keys {sorted(raw)})")
+            raise FpsGraphError(f"{path}: missing model input {spec.name!r} (found keys {sorted(raw)}); add it to the "
+                                f"file, or if it has no sample axis (a recurrent state, a sample rate) pass it once for "
+                                f"every batch with --static {spec.name}=FILE.npy")
     lengths = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
     if len(set(lengths.values())) != 1:
-        raise FpsGraphError(f"{path}: inputs have different numbers of samples {lengths}")
+        most = max(lengths.values())
+        odd = [n for n, v in lengths.items() if v != most]
+        flag = f"--static {odd[0]}=FILE.npy" if len(odd) == 1 else "--static NAME=FILE.npy"
+        raise FpsGraphError(f"{path}: inputs have different numbers of samples {lengths}; an input with no sample axis "
+                            f"({', '.join(map(repr, odd))}?) is not data: pass it once for every batch with {flag}")
     for spec in specs:
         a = arrays[spec.name]
         if a.ndim == 0:
-            raise FpsGraphError(f"{path}: input {spec.name!r} is a scalar; the first axis must count samples")
+            raise FpsGraphError(f"{path}: input {spec.name!r} is a scalar, so it has no sample axis; pass it once for "
+                                f"every batch with --static {spec.name}=FILE.npy")
         check_array(spec.name, a.shape, a.dtype, spec, str(path))
     return ArrayFile(path, arrays, next(iter(lengths.values())))
 
@@ -153,16 +176,70 @@ def _drop_pages(arr: np.ndarray) -> None:
             pass
 
 
+UNNORMALISED = 20.0   # |value| above this in non-float32 arrays fed to a float input: likely raw pixels or ids
+_PEEK = 64           # samples per file looked at for that check
+
+
+def unnormalised_note(name: str, arr: np.ndarray, spec: InputSpec, source: str) -> str | None:
+    """A warning when an integer or float64 array feeds a float input with values that look unscaled (raw 0-255
+    pixels, say): they are cast as they are, so the model would see a range it was not trained on."""
+    if not is_float(spec.dtype) or arr.dtype == spec.dtype or arr.dtype.kind not in "iuf" or arr.size == 0:
+        return None
+    if arr.dtype.kind == "f" and arr.dtype.itemsize < 8:   # float16/32 into a float input: a plain cast
+        return None
+    head = np.asarray(arr[:_PEEK])
+    lo, hi = head.min(), head.max()
+    if max(abs(float(lo)), abs(float(hi))) <= UNNORMALISED:
+        return None
+    return (f"{source}: input {name!r} is {arr.dtype.name} with values {lo}..{hi} (first {min(len(arr), _PEEK)} "
+            f"samples), cast to {spec.dtype.name} as they are; if these are images, normalise them first, "
+            "e.g. (x / 255 - mean) / std")
+
+
 class ArraySource(Source):
-    """Samples from one or more array files, concatenated."""
+    """Samples from one or more array files, concatenated.
+
+    Files whose samples differ in shape (sequence lengths of .npz shards, say) are never stacked together:
+    ``batches`` keeps each batch within one shape, so nothing is padded or cut.
+    """
 
     def __init__(self, files: list[Path], specs: list[InputSpec]):
         self.specs = specs
         self.files = [_open_arrays(p, specs) for p in files]
         self.offsets = np.cumsum([0] + [f.n for f in self.files])
+        self.shape_of = [tuple(tuple(f.arrays[s.name].shape[1:]) for s in specs) for f in self.files]
+        found = [n for f in self.files for s in specs
+                 if (n := unnormalised_note(s.name, f.arrays[s.name], s, str(f.path)))]
+        self._notes = found[:1] + ([f"{len(found) - 1} more array file(s) like it"] if len(found) > 1 else [])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings about the arrays (values that look unnormalised)."""
+        return list(self._notes)
+
+    def record(self) -> dict[str, Any]:
+        """Array inputs: names, stored dtypes and the distinct per-sample shapes."""
+        return {"kind": "array", "inputs": [s.name for s in self.specs],
+                "dtypes": {s.name: self.files[0].arrays[s.name].dtype.name for s in self.specs} if self.files else {},
+                "shapes": [{s.name: list(sh[i]) for i, s in enumerate(self.specs)} for sh in sorted(set(self.shape_of))]}
+
+    def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """order's samples in batches, each within one per-sample shape (shapes in order of first appearance)."""
+        order = np.asarray(order, dtype=np.int64)
+        if len(set(self.shape_of)) <= 1:
+            return super().batches(order, batch_size)
+        file_of = np.searchsorted(self.offsets, order, side="right") - 1
+        groups: dict[tuple, list[int]] = {}
+        for pos, f in enumerate(file_of):
+            groups.setdefault(self.shape_of[f], []).append(pos)
+        out: list[np.ndarray] = []
+        for pos in groups.values():
+            idx = order[np.asarray(pos, dtype=np.int64)]
+            out.extend(idx[i:i + batch_size] for i in range(0, len(idx), batch_size))
+        return out
 
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.specs}
@@ -180,6 +257,10 @@ class ArraySource(Source):
             start = end
         out = {}
         for s in self.specs:
+            if len({p.shape[1:] for p in parts[s.name]}) > 1:   # only batches() groups shapes; fetch is direct
+                raise FpsGraphError(f"input {s.name!r}: a batch spans array files whose samples differ in shape "
+                                    f"{sorted({tuple(p.shape[1:]) for p in parts[s.name]})}; batch with Loader, "
+                                    "which keeps each shape apart")
             arr = np.concatenate(parts[s.name]) if len(parts[s.name]) > 1 else parts[s.name][0]
             out[s.name] = np.ascontiguousarray(arr, dtype=s.dtype)
         return out
@@ -249,6 +330,12 @@ class ImageSource(Source):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def record(self) -> dict[str, Any]:
+        """The preprocessing: input name, size, layout, channels, mean, std, crop_pct."""
+        return {"kind": "image", "inputs": [self.spec.name], "size": list(self.size), "layout": self.layout,
+                "channels": self.channels, "mean": [float(v) for v in self.opts.mean],
+                "std": [float(v) for v in self.opts.std], "crop_pct": float(self.opts.crop_pct)}
 
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
         def one(i: int) -> np.ndarray:

@@ -3,7 +3,10 @@
 Sparse form (default): int32 sorted flat indices into the key tensor, row-major, in that tensor's own layout.
 Dense form (``--dense``): a bool tensor of the key tensor's shape. The header metadata (all strings, JSON where
 structured) says how the selection was made and, for every key, its ONNX initializer and layout; see
-``MASKS_FORMAT`` and README.md. Reading needs only NumPy and safetensors (no torch).
+``MASKS_FORMAT`` and docs/masks.md. ``data`` records how `select` prepared its calibration data
+(``Source.record()``: ``kind`` image/array/text/none, ``inputs``; images add ``size`` [H, W], ``layout``,
+``channels``, ``mean``, ``std``, ``crop_pct``; text adds ``tokenizer``, ``max_length``, ``text_field``), so that
+`train` can prepare its data the same way. Reading needs only NumPy and safetensors (no torch).
 """
 from __future__ import annotations
 
@@ -93,3 +96,10 @@ def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
         m[arr.astype(np.int64)] = True
         out[key] = m.reshape(shape)
     return out
+
+
+def data_record(path: str | os.PathLike) -> dict[str, Any]:
+    """How `select` prepared its data (the ``data`` metadata entry); ``{"kind": "none"}`` when it read none (saved
+    statistics, a data-free score) or the file predates the record."""
+    rec = read_metadata(path).get("data")
+    return rec if isinstance(rec, dict) and rec.get("kind") else {"kind": "none"}

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import sha256_file
+from fps_graph.graph.versions import fit_runtime
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class OnnxModel:
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
     derived: dict[str, DerivedTensor] = field(default_factory=dict)
     _sha256: str | None = None
+    version_notes: list[str] = field(default_factory=list)   # IR version / opset lowered in memory (graph/versions)
+    runtime_problem: str | None = None                         # why ONNX Runtime cannot load it, if it cannot
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -158,6 +161,8 @@ def load_model(path: str | os.PathLike) -> OnnxModel:
         raise FpsGraphError(f"{p} is not a valid ONNX model (no graph or no nodes)")
     _check_external_locations(proto, p)
     model = OnnxModel(path=p, proto=proto)
+    # a newer onnx stamps a newer IR version / opset than ONNX Runtime reads: lower them when that keeps the meaning
+    model.version_notes, model.runtime_problem = fit_runtime(proto)
     graph_inputs = {i.name for i in proto.graph.input}
     for t in proto.graph.initializer:
         # An initializer that is also a graph input can be overridden at run time, but in practice (IR < 4

@@ -42,7 +42,7 @@ def _options(opt_level: str, threads: int | None):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: a failing node also raises, and the CLI says that in one line
     # Run nodes in graph order (lowest index first among the ready ones). The default order (a reverse DFS from
     # the graph's leaves) runs the in-graph reducers, which are all leaves, late, so every observed activation
     # stays alive until the end of the pass: +1.7 GB per batch of 32 on ViT-B/16 (bench/README.md).

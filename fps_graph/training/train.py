@@ -1,15 +1,19 @@
 """The `train` job: masked fine-tuning of a PyTorch model on labelled data, writing a delta file and metrics.
 
-Data: an image folder with one subfolder per class (preprocessed exactly as for `select`: resize, center crop,
-normalise), or .npz / .safetensors files holding inputs (``x``/``inputs``/``input``/``images``) and integer
-labels (``y``/``labels``/``label``/``targets``). Training is seeded and, on CPU, deterministic: the same options
-give the same delta file bit for bit.
+Data: an image folder with one subfolder per class, or .npz / .safetensors files holding inputs
+(``x``/``inputs``/``input``/``images``) and integer labels (``y``/``labels``/``label``/``targets``). Images are
+prepared exactly as `select` prepared its calibration images: the masks file records the input size, layout, mean,
+std and crop (its ``data`` entry), and each option given (``image_size``, ``mean``, ``std``, ``crop_pct``)
+overrides one of them; without a record the size comes from the model and mean/std are ImageNet's. Training is
+seeded and, on CPU, deterministic: the same options give the same delta file bit for bit.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,16 +21,22 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from fps_graph.data.sources import ARRAY_EXTS, IMAGE_EXTS, ImageOptions, ImageSource, InputSpec, Loader, Source, list_files
+from fps_graph.data.sources import (ARRAY_EXTS, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, ImageOptions, ImageSource,
+                                    InputSpec, Loader, Source, list_files, unnormalised_note)
 from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import atomic_output, sha256_file
+from fps_graph.formats.masks import data_record
+from fps_graph.training.hf import TEXT_TASKS, TextOptions, hf_folder
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 INPUT_KEYS = ("x", "inputs", "input", "images", "data")
 LABEL_KEYS = ("y", "labels", "label", "targets", "target")
 CACHE_BYTES = 1 << 30          # image sets up to this size (decoded) are decoded once and kept in memory
-FILES = {"delta": "delta.safetensors", "adapter_config": "adapter_config.json", "metrics": "metrics.json",
-         "plot": "training_curve.png", "merged": "merged.safetensors"}
+# run_config.json describes the run for fps-graph; adapter_config.json + adapter_model.safetensors are written only
+# as a real PEFT adapter (--peft), so that PeftModel.from_pretrained(model, run_folder) either loads or says why not
+FILES = {"delta": "delta.safetensors", "run_config": "run_config.json", "metrics": "metrics.json",
+         "plot": "training_curve.png", "merged": "merged.safetensors", "adapter_config": "adapter_config.json",
+         "adapter_model": "adapter_model.safetensors"}
 
 
 @dataclass
@@ -57,12 +67,20 @@ class TrainOptions:
     train_embeddings: bool = False
     train_full: Sequence[str] = ()
     max_samples: int | None = None
-    image: ImageOptions = field(default_factory=ImageOptions)
+    # image preprocessing; None = as the masks file records it (select's), else the model's size / ImageNet's
+    image_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
     save_merged: bool = False
     plot: bool = True
     threads: int | None = None
     device: str = "cpu"
     force: bool = False
+    task: str | None = None              # image-cls (factories), causal-lm, seq-cls; None: from the model
+    text: TextOptions = field(default_factory=TextOptions)
+    gradient_checkpointing: bool = False
+    peft: bool = False                   # also write the delta as a PEFT SHiRA adapter (refused when it cannot)
 
 
 @dataclass
@@ -95,14 +113,21 @@ class ArrayData(Source):
 class Labeled(Source):
     """A Source plus integer labels, delivered under the key '__label__'."""
 
-    def __init__(self, inner: Source, labels: np.ndarray, classes: list[str], input_name: str):
+    def __init__(self, inner: Source, labels: np.ndarray, classes: list[str], input_name: str,
+                 notes: Sequence[str] = ()):
         self.inner = inner
         self.labels = labels.astype(np.int64)
         self.classes = classes
         self.input_name = input_name
+        self._notes = list(notes)
 
     def __len__(self) -> int:
         return len(self.inner)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings about the data (array values that look unnormalised)."""
+        return list(self._notes)
 
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
         out = dict(self.inner.fetch(indices, pool))
@@ -114,8 +139,8 @@ def _first_key(keys: Sequence[str], wanted: Sequence[str]) -> str | None:
     return next((k for k in wanted if k in keys), None)
 
 
-def _load_arrays(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+def _load_arrays(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    xs, ys, notes = [], [], []
     for f in files:
         try:
             if f.suffix.lower() == ".npz":
@@ -143,17 +168,21 @@ def _load_arrays(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
             raise FpsGraphError(f"{f}: {x.shape[0]} inputs but {y.shape[0]} labels")
         if x.dtype.kind not in "fiub":
             raise FpsGraphError(f"{f}: inputs {kx!r} have dtype {x.dtype.name}, not numeric")
+        note = unnormalised_note(kx, x, InputSpec("input", (), np.dtype(np.float32)), str(f))
+        if note:
+            notes.append(note)
         xs.append(x)
         ys.append(y)
     if len({x.shape[1:] for x in xs}) > 1:
         raise FpsGraphError(f"array files hold inputs of different shapes {[list(x.shape[1:]) for x in xs]}")
-    return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64)
+    return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64), notes[:1]
 
 
-def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOptions,
+def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOptions | Callable[[], ImageOptions],
                  classes: list[str] | None = None) -> Labeled:
     """Labelled samples from an image folder with class subfolders, or from array files.
 
+    image_spec and opts (or a callable giving them) are asked for only when the data holds images.
     classes: the training set's class names, which a validation set must use."""
     p = Path(path)
     if not p.exists():
@@ -162,13 +191,13 @@ def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOpti
     if p.is_file() and p.suffix.lower() not in ARRAY_EXTS:
         raise FpsGraphError(f"{p}: training data must be a folder of images in class subfolders, or .npz/.safetensors")
     if files:
-        x, y = _load_arrays(files)
+        x, y, notes = _load_arrays(files)
         if y.size and y.min() < 0:
             raise FpsGraphError(f"{p}: labels must be non-negative")
         names = classes or [str(i) for i in range(int(y.max()) + 1 if y.size else 0)]
         if y.size and y.max() >= len(names):
             raise FpsGraphError(f"{p}: label {int(y.max())} is outside the {len(names)} training classes")
-        return Labeled(ArrayData(x), y, names, "input")
+        return Labeled(ArrayData(x), y, names, "input", notes)
     images = list_files(p, IMAGE_EXTS)
     if not images:
         raise FpsGraphError(f"no images or .npz/.safetensors files found in {p}")
@@ -187,7 +216,7 @@ def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOpti
             raise FpsGraphError(f"{p}: classes {unknown} are not among the training classes {classes}")
     index = {c: i for i, c in enumerate(classes)}
     spec = image_spec()
-    source: Source = ImageSource(images, spec, opts)
+    source: Source = ImageSource(images, spec, opts() if callable(opts) else opts)
     if len(images) * int(np.prod([d for d in spec.shape[1:]])) * 4 <= CACHE_BYTES:
         source = ArrayData(_decode_all(source, spec.name), spec.name)   # decode once, not every epoch
     return Labeled(source, np.array([index[c] for c in labels_text]), list(classes), spec.name)
@@ -211,8 +240,103 @@ def iterate(data: Labeled, batch_size: int, shuffle: bool = False, seed: int = 0
         yield data.fetch(order[i:i + batch_size])
 
 
+@dataclass
+class ImagePrep:
+    """How training images are prepared, and where each value came from ('option', 'masks', 'model', 'default')."""
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    layout: str
+    channels: int
+    origin: dict[str, str]
+
+    def options(self) -> ImageOptions:
+        """The ImageOptions that data.sources reads."""
+        return ImageOptions(size=self.size, mean=self.mean, std=self.std, crop_pct=self.crop_pct)
+
+    def spec(self) -> InputSpec:
+        """The model input images feed, in the recorded layout."""
+        h, w = self.size
+        shape = (None, self.channels, h, w) if self.layout == "NCHW" else (None, h, w, self.channels)
+        return InputSpec("input", shape, np.dtype(np.float32))
+
+    def to_json(self) -> dict[str, Any]:
+        """For metrics.json and adapter_config.json."""
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
+                "layout": self.layout, "channels": self.channels, "from": dict(self.origin)}
+
+
+def resolve_image_prep(opts: TrainOptions, record: dict[str, Any], model: Any) -> ImagePrep:
+    """Each preprocessing value from the option when given, else from the masks' data record (select's), else from
+    the model (size) or the defaults (ImageNet mean/std, crop 0.875)."""
+    rec = record if record.get("kind") == "image" else {}
+    origin: dict[str, str] = {}
+
+    def pick(name: str, given: Any, recorded: Any, fallback: Any, fallback_from: str) -> Any:
+        for value, where in ((given, "option"), (recorded, "masks"), (fallback, fallback_from)):
+            if value is not None:
+                origin[name] = where
+                return value
+        return None
+
+    size = pick("size", opts.image_size, rec.get("size"), None, "model")
+    if size is None:
+        size = model_image_size(model)
+        if size is None:
+            kind = record.get("kind", "none")
+            why = "records no image size" + (f" (select read {kind} data)" if kind != "none" else "")
+            raise FpsGraphError(f"cannot tell the model's input image size: the masks file {why} and the model names "
+                                "none; pass --image-size H,W")
+        origin["size"] = "model"
+    mean = pick("mean", opts.mean, rec.get("mean"), IMAGENET_MEAN, "default")
+    std = pick("std", opts.std, rec.get("std"), IMAGENET_STD, "default")
+    crop = pick("crop_pct", opts.crop_pct, rec.get("crop_pct"), 0.875, "default")
+    layout = rec.get("layout") if rec.get("layout") in ("NCHW", "NHWC") else "NCHW"
+    channels = int(rec["channels"]) if rec.get("channels") in (1, 3) else _channels(model)
+    return ImagePrep((int(size[0]), int(size[-1])), tuple(float(v) for v in mean), tuple(float(v) for v in std),
+                     float(crop), layout, channels, origin)
+
+
+def prep_notes(prep: ImagePrep, record: dict[str, Any], masks: str) -> list[str]:
+    """What the summary says about the image preprocessing: its values, whose they are, and any override."""
+    h, w = prep.size
+    fmt = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+    line = (f"images: {h}x{w} {prep.layout}, mean {fmt(prep.mean)}, std {fmt(prep.std)}, crop {prep.crop_pct:g}")
+    from_masks = [k for k, v in prep.origin.items() if v == "masks"]
+    if len(from_masks) == len(prep.origin):
+        line += f", as select prepared them (recorded in {Path(masks).name})"
+    else:
+        line += " (" + ", ".join(f"{k} from {v}" for k, v in prep.origin.items()) + ")"
+    out = [line]
+    if record.get("kind") == "image":
+        rec_vals = {"size": tuple(record.get("size", ())), "mean": tuple(record.get("mean", ())),
+                    "std": tuple(record.get("std", ())), "crop_pct": record.get("crop_pct")}
+        mine = {"size": prep.size, "mean": prep.mean, "std": prep.std, "crop_pct": prep.crop_pct}
+        differ = [k for k in mine if prep.origin.get(k) == "option" and rec_vals[k] and
+                  tuple(np.atleast_1d(mine[k])) != tuple(np.atleast_1d(rec_vals[k]))]
+        if differ:
+            out.append("the options override how select prepared its images: " + "; ".join(
+                f"{k} {mine[k] if k == 'crop_pct' else fmt(mine[k]) if k != 'size' else 'x'.join(map(str, mine[k]))}"
+                f" instead of {rec_vals[k] if k == 'crop_pct' else fmt(rec_vals[k]) if k != 'size' else 'x'.join(map(str, rec_vals[k]))}"
+                for k in differ))
+    elif record.get("kind") not in (None, "none"):
+        out.append(f"select read {record.get('kind')} data, so the masks file says nothing about images: "
+                   + ", ".join(f"{k} from {v}" for k, v in prep.origin.items()))
+    return out
+
+
+def model_image_size(model: Any) -> tuple[int, int] | None:
+    """Input (H, W) the model itself declares (pretrained_cfg, img_size attributes), or None."""
+    try:
+        return image_size(model, ImageOptions())
+    except FpsGraphError:
+        return None
+
+
 def image_size(model: Any, opts: ImageOptions) -> tuple[int, int]:
-    """Input (H, W) for images: --image-size, else what the model says (pretrained_cfg, img_size attributes)."""
+    """Input (H, W) for images: opts.size, else what the model says (pretrained_cfg, img_size attributes)."""
     if opts.size is not None:
         return (int(opts.size[0]), int(opts.size[1]))
     for attr in ("pretrained_cfg", "default_cfg"):
@@ -292,6 +416,27 @@ def _status_mb(field_name: str) -> float | None:
     return None
 
 
+# handle notes that honest_counts and the summary's head line say in numbers
+SAID_BY_COUNTS = ("head: ", "trained in full instead of sparsely")
+
+
+def honest_counts(handle: Any) -> dict[str, Any]:
+    """Trainable values, split so that nothing is counted twice or hidden: the masks' own count, the selected
+    entries that train as sparse deltas, those inside tensors that train in full anyway (the head, by default),
+    and the values trained in full by reason (head, bias, norm, embedding, train-full)."""
+    counts = handle.counts()
+    counts.pop("full_tensor_names", None)
+    indices = handle.masks.indices if handle.masks else {}
+    counts["masks_selected"] = int(sum(np.asarray(v).size for v in indices.values()))
+    counts["selected_in_full"] = {k: int(np.asarray(indices[k]).size) for k in handle.superseded if k in indices}
+    by_reason: dict[str, int] = {}
+    for name, p in handle.full.items():
+        reason = handle.full_reason.get(name, "") or "other"
+        by_reason[reason] = by_reason.get(reason, 0) + int(p.numel())
+    counts["full_by_reason"] = by_reason
+    return counts
+
+
 def state_memory(handle: Any, optimizer: str) -> dict[str, float]:
     """Bytes of training state beyond the frozen model (trainable copies, gradients, optimiser moments, indices,
     start values), for this run and for full fine-tuning with the same optimiser; in MB."""
@@ -330,16 +475,22 @@ def _check_options(opts: TrainOptions) -> None:
         raise FpsGraphError("--label-smoothing must be in [0, 1)")
 
 
-def _prepare_output(opts: TrainOptions) -> Path:
+def _prepare_output(opts: TrainOptions) -> tuple[Path, Path | None]:
+    """The run folder, created; and the topmost folder this call created (removed again if the run fails)."""
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise FpsGraphError(f"output path is a file, not a run folder: {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    if not opts.force:
+    if out.is_dir() and not opts.force:
         clash = [n for n in FILES.values() if (out / n).exists()]
         if clash:
             raise FpsGraphError(f"{out} holds a run already ({', '.join(clash)}); use --force to overwrite")
-    return out
+    made = None
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            break
+        made = folder
+    out.mkdir(parents=True, exist_ok=True)
+    return out, made
 
 
 def evaluate(model: Any, data: Labeled, batch_size: int, device: str, label_smoothing: float = 0.0,
@@ -370,26 +521,46 @@ def evaluate(model: Any, data: Labeled, batch_size: int, device: str, label_smoo
 def run_train(opts: TrainOptions, progress: ProgressFactory | None = None,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train the deltas (and fully trained tensors) of a model; write the run folder; return the metrics."""
+    if opts.task in TEXT_TASKS or hf_folder(opts.factory) is not None:
+        from fps_graph.training.hf import run_hf_train
+
+        return run_hf_train(opts, progress, on_epoch)
+    if opts.task not in (None, "image-cls"):
+        raise FpsGraphError(f"unknown --task {opts.task!r} (use image-cls, causal-lm or seq-cls)")
+    _check_options(opts)
+    device = _device(opts.device)
+    record = data_record(opts.masks) if isinstance(opts.masks, (str, os.PathLike)) else {"kind": "none"}
+    out, made = _prepare_output(opts)
+    try:   # a failed run leaves no folder of its own behind
+        return _run(opts, out, device, record, progress, on_epoch)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _run(opts: TrainOptions, out: Path, device: str, record: dict[str, Any], progress: ProgressFactory | None,
+         on_epoch: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     import torch
 
     from fps_graph.integrations.torch_export import build_model
 
-    _check_options(opts)
-    out = _prepare_output(opts)
-    device = _device(opts.device)
     warnings: list[str] = []
     t_start = time.perf_counter()
     model = build_model(opts.factory, opts.weights).to(device)
-    ch = _channels(model)
+    prep: list[ImagePrep] = []
 
-    def spec() -> InputSpec:
-        h, w = image_size(model, opts.image)
-        return InputSpec("input", (None, ch, h, w), np.dtype(np.float32))
+    def image_prep() -> ImagePrep:
+        if not prep:
+            prep.append(resolve_image_prep(opts, record, model))
+        return prep[0]
 
-    train_data = open_labeled(opts.data, spec, opts.image)
-    val_data = open_labeled(opts.val, spec, opts.image, classes=train_data.classes) if opts.val else None
+    train_data = open_labeled(opts.data, lambda: image_prep().spec(), lambda: image_prep().options())
+    val_data = open_labeled(opts.val, lambda: image_prep().spec(), lambda: image_prep().options(),
+                            classes=train_data.classes) if opts.val else None
     if len(train_data) == 0:
         raise FpsGraphError(f"{opts.data}: no training samples")
+    warnings.extend(train_data.notes + (val_data.notes if val_data is not None else []))
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_threads = torch.get_num_threads()
     try:
@@ -398,10 +569,14 @@ def run_train(opts: TrainOptions, progress: ProgressFactory | None = None,
             torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
             if opts.threads:
                 torch.set_num_threads(opts.threads)
-            result = _train(opts, model, train_data, val_data, out, device, progress, on_epoch, warnings)
+            result = _train(opts, model, train_data, val_data, out, device, progress, on_epoch, warnings,
+                            prep[0] if prep else None)
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
+    result.metrics["data"] = {"masks_record": record, "images": prep[0].to_json() if prep else None}
+    if prep:
+        result.metrics["notes"] = prep_notes(prep[0], record, str(opts.masks)) + result.metrics["notes"]
     result.metrics["time"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
     _write_json(out / FILES["metrics"], result.metrics)
     return result
@@ -421,7 +596,7 @@ def _device(name: str) -> str:
 
 def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labeled | None, out: Path, device: str,
            progress: ProgressFactory | None, on_epoch: Callable[[dict[str, Any]], None] | None,
-           warnings: list[str]) -> TrainResult:
+           warnings: list[str], prep: ImagePrep | None = None) -> TrainResult:
     import torch
 
     from fps_graph.training.sparse import _logits, attach, save_delta, save_state_dict
@@ -441,6 +616,11 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
                             f"pass --num-classes {n_classes_data} to train a new head")
     if opts.num_classes is None and n_classes_data < n_out:
         warnings.append(f"{opts.data} has {n_classes_data} classes, the model predicts {n_out}")
+    peft_plan = None
+    if opts.peft:
+        from fps_graph.integrations.peft import shira_plan
+
+        peft_plan = shira_plan(handle)       # refused here, before training, when SHiRA cannot hold the selection
 
     params = handle.trainable_parameters()
     if opts.optimizer == "adamw":
@@ -506,7 +686,7 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
     memory["train_state"] = state_memory(handle, opts.optimizer)
     model.eval()
 
-    files = {k: str(out / v) for k, v in FILES.items() if k in ("delta", "adapter_config", "metrics")}
+    files = {k: str(out / v) for k, v in FILES.items() if k in ("delta", "run_config", "metrics")}
     settings = _settings(opts)
     masks_sha = handle.masks.sha256 if handle.masks else ""
     save_delta(handle, out / FILES["delta"], {
@@ -516,8 +696,12 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
         save_state_dict(handle.merged_state_dict(), out / FILES["merged"], force=True,
                         metadata={"format": "pt", "fps_graph": "merged state dict"})
         files["merged"] = str(out / FILES["merged"])
-    counts = handle.counts()
-    counts.pop("full_tensor_names", None)
+    if peft_plan is not None:
+        from fps_graph.integrations.peft import write_shira
+
+        write_shira(handle, out, peft_plan, base_model=opts.factory, force=True)
+        files["peft"] = str(out / FILES["adapter_model"])
+    counts = honest_counts(handle)
     metrics: dict[str, Any] = {
         "epochs": epochs,
         "initial": {"val_loss": initial["loss"], "val_acc": initial["acc"]} if initial else None,
@@ -525,7 +709,7 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
         "trainable": counts,
         "trained_in_full": {k: handle.full_reason.get(k, "") for k in handle.full},
         "superseded": handle.superseded,
-        "notes": handle.notes,
+        "notes": [n for n in handle.notes if not n.startswith(SAID_BY_COUNTS)],
         "head": handle.head.to_json() if handle.head else None,
         "memory": memory,
         "time": {"train_seconds": round(train_seconds, 3), "samples_per_s": round(seen / train_seconds, 2)
@@ -536,7 +720,8 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
         "warnings": warnings,
         "plot": None,
     }
-    _write_json(out / FILES["adapter_config"], _adapter_config(opts, handle, train_data.classes, masks_sha, counts))
+    _write_json(out / FILES["run_config"], run_config(opts, handle, train_data.classes, masks_sha, counts,
+                                                      image=prep.to_json() if prep else None))
     if opts.plot:
         err = plot_curves(epochs, out / FILES["plot"], initial)
         if err:
@@ -555,15 +740,16 @@ def _settings(opts: TrainOptions) -> dict[str, Any]:
     return s
 
 
-def _adapter_config(opts: TrainOptions, handle: Any, classes: list[str], masks_sha: str | None,
-                    counts: dict[str, Any]) -> dict[str, Any]:
-    """A PEFT-style description of the run: what the delta file adapts and how to rebuild the model."""
+def run_config(opts: TrainOptions, handle: Any, classes: list[str], masks_sha: str | None,
+               counts: dict[str, Any], image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run_config.json: what the delta file adapts and how to rebuild the model (no `peft_type`: PEFT cannot load
+    the fps-graph delta format; `--peft` writes a real SHiRA adapter beside it)."""
     from fps_graph import __version__
 
     meta = handle.masks.metadata if handle.masks else {}
     return {
-        "peft_type": "FPS_SPARSE",
-        "task_type": "CLASSIFICATION",
+        "format": "fps-graph-run",
+        "task": opts.task or "image-cls",
         "base_model_name_or_path": opts.factory,
         "base_weights": opts.weights,
         "masks": opts.masks,
@@ -575,21 +761,12 @@ def _adapter_config(opts: TrainOptions, handle: Any, classes: list[str], masks_s
         "head": handle.head.to_json() if handle.head else None,
         "num_classes": handle.head.num_classes if handle.head else None,
         "class_names": classes,
-        "image": {"size": list(image_size(handle.model, opts.image)) if _has_size(handle.model, opts) else None,
-                  "mean": list(opts.image.mean), "std": list(opts.image.std), "crop_pct": opts.image.crop_pct},
+        "image": image,             # ImagePrep.to_json(): size, mean, std, crop_pct, layout, channels, from
         "trainable": counts,
         "delta_file": FILES["delta"],
         "inference_mode": True,
         "fps_graph_version": __version__,
     }
-
-
-def _has_size(model: Any, opts: TrainOptions) -> bool:
-    try:
-        image_size(model, opts.image)
-        return True
-    except FpsGraphError:
-        return False
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -617,17 +794,23 @@ def _draw(epochs: list[dict[str, Any]], path: Path, initial: dict[str, Any] | No
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     e = [r["epoch"] for r in epochs]
+    second = "ppl" if "train_ppl" in epochs[0] else "acc"      # causal LM: perplexity
     ax1.plot(e, [r["train_loss"] for r in epochs], "o-", label="train")
-    ax2.plot(e, [r["train_acc"] for r in epochs], "o-", label="train")
+    ax2.plot(e, [r[f"train_{second}"] for r in epochs], "o-", label="train")
     if "val_loss" in epochs[0]:
         ve = ([0] if initial else []) + e
         ax1.plot(ve, ([initial["loss"]] if initial else []) + [r["val_loss"] for r in epochs], "s-", label="val")
-        ax2.plot(ve, ([initial["acc"]] if initial else []) + [r["val_acc"] for r in epochs], "s-", label="val")
+        ax2.plot(ve, ([initial[second]] if initial else []) + [r[f"val_{second}"] for r in epochs], "s-",
+                 label="val")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
-    ax2.set_ylim(0, 1.02)
+    if second == "ppl":
+        ax2.set_ylabel("perplexity")
+        ax2.set_yscale("log")
+    else:
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1.02)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
