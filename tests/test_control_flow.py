@@ -579,3 +579,120 @@ def test_merged_decoder_gives_the_masks_of_the_unmerged_decoder(decoders, tmp_pa
     assert _strip_names(meta_m, fields) == _strip_names(meta_s, fields)
     for key, rec in meta_m["tensors"].items():     # the unmerged decoder's node, in its branch
         assert prefix + meta_s["tensors"][key]["nodes"][0] in rec["nodes"]
+
+
+# ---- apply on the merged decoder --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def delta(decoders):
+    """Masks selected on the no-past decoder, and a delta file of random trained changes at those entries (plus
+    model.norm.weight trained in full), with the fine-tuned PyTorch model to compare against."""
+    import copy
+
+    from fps_graph.formats.delta import FullEntry, SparseEntry, write_delta
+
+    folder = decoders["folder"]
+    st, _ = _stats(decoders["no_past"], _decoder_batches("no_past", merged=False))
+    idx, meta = _masks(decoders["no_past"], st, folder / "masks.safetensors")
+    model = decoders["model"]
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(3)
+    sparse, tensors = {}, {}
+    for key, ind in idx.items():
+        base = sd[key].reshape(-1)[ind].astype(np.float32)
+        sparse[key] = SparseEntry(ind.astype(np.int64), rng.normal(scale=0.2, size=ind.size).astype(np.float32),
+                                  base, tuple(sd[key].shape))
+        tensors[key] = {**meta["tensors"][key], "kind": "sparse", "shape": list(sd[key].shape), "dtype": "float32"}
+    norm = "model.norm.weight"
+    full = {norm: FullEntry(sd[norm] + rng.normal(scale=0.2, size=sd[norm].shape).astype(np.float32), sd[norm])}
+    tensors[norm] = {"kind": "full", "shape": list(sd[norm].shape), "dtype": "float32"}
+    path = folder / "delta.safetensors"
+    write_delta(path, sparse, full, tensors, {}, {"model_sha256": meta["model_sha256"]})
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        params = dict(tuned.named_parameters())
+        for key, e in sparse.items():
+            params[key].view(-1)[torch.from_numpy(e.indices)] = torch.from_numpy(e.values())
+        params[norm].copy_(torch.from_numpy(full[norm].value))
+    return {"path": path, "tuned": tuned, "keys": sorted(sparse) + [norm]}
+
+
+def _run(path: Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feed.items() if k in names})
+
+
+def _torch_logits(model, feed: dict[str, np.ndarray]) -> np.ndarray:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i in range(LAYERS):
+        if feed[PAST[2 * i]].shape[2]:
+            cache.update(torch.from_numpy(feed[PAST[2 * i]]), torch.from_numpy(feed[PAST[2 * i + 1]]), i)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(feed["input_ids"]), attention_mask=torch.from_numpy(feed["attention_mask"]),
+                    position_ids=torch.from_numpy(feed["position_ids"]), past_key_values=cache, use_cache=True)
+    return out.logits.numpy()
+
+
+def _close(got: np.ndarray, want: np.ndarray, rel: float = 1e-4) -> None:
+    assert got.shape == want.shape
+    err = float(np.max(np.abs(got - want)))
+    assert err <= rel * float(np.max(np.abs(want))), f"max abs error {err}"
+
+
+def test_apply_merged_decoder_equals_patched_unmerged_and_pytorch(decoders, delta, tmp_path):
+    from fps_graph.formats.io import sha256_file
+    from fps_graph.graph.apply import apply_delta
+
+    before = sha256_file(decoders["merged"])
+    report = apply_delta(decoders["merged"], delta["path"], tmp_path / "merged_ft.onnx")
+    assert sha256_file(decoders["merged"]) == before
+    # one shared outer initializer per trained tensor
+    assert sorted(report["updated"]) == delta["keys"] and all(len(v) == 1 for v in report["updated"].values())
+    apply_delta(decoders["no_past"], delta["path"], tmp_path / "no_past_ft.onnx")
+    apply_delta(decoders["with_past"], delta["path"], tmp_path / "with_past_ft.onnx")
+    for branch in ("no_past", "with_past"):
+        feed = _decoder_batches(branch, merged=True, n=1, seed=5)[0]
+        merged_out = _run(tmp_path / "merged_ft.onnx", feed)
+        single_out = _run(tmp_path / f"{branch}_ft.onnx", feed)
+        for a, b in zip(merged_out, single_out):
+            np.testing.assert_array_equal(a, b)
+        _close(merged_out[0], _torch_logits(delta["tuned"], feed))
+        base = _run(decoders["merged"], feed)[0]
+        assert np.max(np.abs(base - merged_out[0])) > 1e-3      # the delta did change the outputs
+
+
+def test_apply_patches_every_copy_inside_the_branches(decoders, delta, tmp_path):
+    """Each branch storing its own copy of every weight: both copies are found and patched."""
+    from fps_graph.graph.apply import apply_delta
+
+    report = apply_delta(decoders["copies"], delta["path"], tmp_path / "copies_ft.onnx")
+    for key, copies in report["updated"].items():
+        names = sorted(c["initializer"] for c in copies)
+        assert len(names) == 2 and names[0].startswith("optimum::if/else_branch::"), (key, names)
+        assert names[1].startswith("optimum::if/then_branch::")
+    for branch in ("no_past", "with_past"):
+        feed = _decoder_batches(branch, merged=True, n=1, seed=6)[0]
+        _close(_run(tmp_path / "copies_ft.onnx", feed)[0], _torch_logits(delta["tuned"], feed))
+
+
+def test_apply_keeps_external_data(decoders, delta, tmp_path):
+    from fps_graph.formats.io import sha256_file
+    from fps_graph.graph.apply import apply_delta
+
+    src = decoders["external"]
+    data = src.parent / (src.name + "_data")
+    hashes = (sha256_file(src), sha256_file(data))
+    out = tmp_path / "merged_ft.onnx"
+    report = apply_delta(src, delta["path"], out)
+    assert (sha256_file(src), sha256_file(data)) == hashes
+    assert report["external_data"] == str(out.parent / (out.name + ".data"))
+    proto = onnx.load(str(out), load_external_data=False)
+    big = [t for t in proto.graph.initializer if np.prod(t.dims) * 4 > 1024]      # the weights, all of them
+    assert len(big) >= 5 and all(t.data_location == TP.EXTERNAL for t in big)
+    feed = _decoder_batches("with_past", merged=True, n=1, seed=7)[0]
+    _close(_run(out, feed)[0], _torch_logits(delta["tuned"], feed))

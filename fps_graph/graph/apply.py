@@ -171,6 +171,7 @@ def _set_tensor(model: OnnxModel, name: str, value: np.ndarray) -> None:
         t = model.initializers[name]
         props = [(p.key, p.value) for p in t.metadata_props] if hasattr(t, "metadata_props") else []
         doc = t.doc_string
+        new.name = t.name          # its own name (a body's constant has a model-wide key, graph.walk)
         t.CopyFrom(new)
         t.doc_string = doc
         for k, v in props:
