@@ -51,6 +51,9 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
 @click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimisation level.")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--max-memory", "max_memory", type=float, default=None, metavar="MB",
+              help="Keep peak memory near MB: each batch runs in micro-batches sized from the model's activation "
+                   "bytes per sample (same statistics, summed); default: whole batches.")
 @click.option("--dense", is_flag=True, help="Write bool masks of each tensor's shape instead of indices.")
 @click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
               help="Also save the raw statistics (sums and counts) here.")
@@ -66,7 +69,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
-           reduce: str, provider: str, opt_level: str, threads: int | None, dense: bool,
+           reduce: str, provider: str, opt_level: str, threads: int | None, max_memory: float | None, dense: bool,
            stats_out: str | None, stats_in: tuple[str, ...], state_dict: str | None, force: bool,
            quiet: bool, ray_address: str | None, workers: int | None, workdir: str | None, resume: str | None,
            shard_size: int) -> None:
@@ -86,7 +89,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         score=score, stat=stat, k=k if (k is not None or budget is not None) else 1,
         budget=parse_budget(budget) if budget is not None else None, granularity=granularity,
         include=include, exclude=exclude, seed=seed, eps=eps, reduce=reduce, provider=provider,
-        opt_level=opt_level, threads=threads or None, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
+        opt_level=opt_level, threads=threads or None, max_memory_mb=max_memory, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
@@ -106,4 +109,5 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
             f" ({s['layers']} layers); {s['samples']} samples on {s['provider']}"
             f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
+            + (f"; micro-batches of {s['micro_batch']}" if s.get("micro_batch") else "")
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)

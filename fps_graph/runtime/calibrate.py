@@ -29,6 +29,7 @@ class CalibrationInfo:
     samples: int
     observers: int
     cluster: dict | None = None     # a distributed run's report (runtime.ray): workers, shards, start-up, memory
+    micro_batch: int = 0            # samples per ONNX Runtime run when batches were sliced (runtime.micro); 0: whole
 
 
 def _accumulate_features(st: Stats, layers: list[Layer], kinds: tuple[str, ...],
@@ -185,4 +186,5 @@ def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[
         step.close()
     if st.num_samples == 0:
         raise FpsGraphError("no calibration samples were read")
-    return st, CalibrationInfo(step.provider, time.perf_counter() - start, st.num_samples, len(step.observers))
+    return st, CalibrationInfo(step.provider, time.perf_counter() - start, st.num_samples, len(step.observers),
+                               micro_batch=step.micro.slice_size())

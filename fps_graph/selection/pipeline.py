@@ -61,6 +61,8 @@ class SelectOptions:
     provider: str = "auto"
     opt_level: str = "all"
     threads: int | None = None
+    max_memory_mb: float | None = None   # run each batch in micro-batches that fit this budget (runtime.memory)
+    micro_batch: int | None = None       # or in micro-batches of this many samples (library only)
     batch_size: int = 32
     max_samples: int | None = None
     shuffle: bool = False
@@ -205,7 +207,8 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
                                  kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
                                  threads=opts.threads, progress=cb)
     return collect_stats(plan.model, plan.layers, loader, kinds=kinds, reduce=opts.reduce, provider=opts.provider,
-                         opt_level=opts.opt_level, threads=opts.threads, progress=cb, shard_batches=per_shard)
+                         opt_level=opts.opt_level, threads=opts.threads, progress=cb, shard_batches=per_shard,
+                         micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb)
 
 
 def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
@@ -364,6 +367,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "seconds": time.perf_counter() - t0, "calibration_seconds": calib.seconds if calib else 0.0,
         "samples_per_s": (calib.samples / calib.seconds) if calib and calib.seconds > 0 else 0.0,
         "provider": calib.provider if calib else "none", "peak_rss_mb": peak_rss_mb(),
+        "micro_batch": calib.micro_batch if calib else 0,
         "cluster": calib.cluster if calib else None,
         "empty_tensors": len(empty),
     }
