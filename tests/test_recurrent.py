@@ -359,3 +359,19 @@ def test_silero_vad_conv_and_lstm_from_audio_and_static_state(tmp_path):
     assert sum(res.stats.counts.get(n, 0) for n in res.tensors[ih]["nodes"]) == chunks
     assert all(res.tensors[k]["selected"] == res.tensors[k]["shape"][0] for k in keys)            # k=1 per row
     assert any("never taken" in w or "no calibration data" in w or "saw no" in w for w in res.warnings)
+
+
+def test_static_state_with_another_batch_size_says_what_to_do(tmp_path):
+    from fps_graph.errors import FpsGraphError
+
+    net = build("gru", 1, False, True, state=True)
+    hx = state_inputs(net, B)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(B, T, IN), torch.from_numpy(hx[0])), str(path), input_names=["x", "h0"],
+                          dynamic_axes={"x": {0: "b"}, "h0": {1: "b"}}, dynamo=False)
+    np.save(tmp_path / "x.npy", data())
+    np.save(tmp_path / "h0.npy", hx[0])
+    with pytest.raises(FpsGraphError, match=r"h0 \[1, 4, 4\].*must match the batch size 3: set --batch-size"):
+        select(path, tmp_path / "x.npy", static={"h0": str(tmp_path / "h0.npy")}, batch_size=3)

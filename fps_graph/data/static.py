@@ -67,7 +67,7 @@ def load_static(files: Mapping[str, str], specs: Sequence[InputSpec]) -> dict[st
         if not kind_ok:
             raise FpsGraphError(f"--static {name}={path}: input {name!r} expects {spec.dtype.name}, "
                                 f"the array holds {arr.dtype.name}")
-        out[name] = np.ascontiguousarray(arr, dtype=spec.dtype)
+        out[name] = np.array(arr, dtype=spec.dtype, order="C")   # (ascontiguousarray would make a scalar 1-D)
     return out
 
 
@@ -86,9 +86,17 @@ class WithStatic:
             yield {**batch, **self.static}
 
 
+def with_static_hint(exc: Exception, static: Mapping[str, np.ndarray], batch_size: int) -> FpsGraphError:
+    """A runtime failure with static inputs in play, with the likely cause: a state whose batch axis differs."""
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in static.items())
+    return FpsGraphError(f"{exc} (static inputs are fed unchanged with every batch: {shapes}; one that holds a batch "
+                         f"axis, such as a recurrent state, must match the batch size {batch_size}: set --batch-size "
+                         "to its size or save it with the batch size)")
+
+
 def static_hint(name: str) -> str:
     """The advice for an input that has no sample axis."""
     return HINT.format(name=name)
 
 
-__all__ = ["WithStatic", "load_static", "parse_static", "static_hint"]
+__all__ = ["WithStatic", "load_static", "parse_static", "static_hint", "with_static_hint"]

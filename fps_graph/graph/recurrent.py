@@ -71,6 +71,13 @@ class RecurrentLayer(Layer):
         """One statistic per input column, shared by every row."""
         return stat.reshape(1, -1)
 
+    @property
+    def axis_text(self) -> str:
+        """The layout in words (inspect): PyTorch's, gates reordered from ONNX's."""
+        onnx_order, torch_order = GATE_ORDER[self.op]
+        what = "x_t" if self.part == "ih" else "h_(t-1)"
+        return f"[gates*H, in] gates {torch_order} (ONNX {onnx_order}); input {what}"
+
     def observer_key(self) -> tuple:
         """W: the features observer of X (shared by both directions); R: a state observer per direction."""
         if self.part == "ih":
