@@ -696,3 +696,30 @@ def test_apply_keeps_external_data(decoders, delta, tmp_path):
     assert len(big) >= 5 and all(t.data_location == TP.EXTERNAL for t in big)
     feed = _decoder_batches("with_past", merged=True, n=1, seed=7)[0]
     _close(_run(out, feed)[0], _torch_logits(delta["tuned"], feed))
+
+
+def test_cli_select_from_text_merged_equals_unmerged(decoders, tmp_path):
+    """`fps-graph select` from a text file: use_cache_branch false and an empty past are filled in (the HF/Optimum
+    conventions), and the merged decoder's masks hold the same bytes as the no-past decoder's."""
+    import shutil
+
+    from safetensors import safe_open
+
+    import hf_helpers
+    from fps_graph_cli.main import entry
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("decoder_model_merged.onnx", "decoder_model.onnx"):
+        shutil.copy(decoders["folder"] / name, folder / name)
+    hf_helpers.write_tokenizer(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(hf_helpers.cycle_text(12, seed=2)) + "\n")
+    outs = []
+    for name in ("decoder_model_merged.onnx", "decoder_model.onnx"):
+        out = tmp_path / f"{name}.masks.safetensors"
+        assert entry(["select", str(folder / name), str(text), "--k", "2", "-o", str(out), "-q"]) == 0
+        outs.append(out)
+    with safe_open(str(outs[0]), "numpy") as a, safe_open(str(outs[1]), "numpy") as b:
+        assert sorted(a.keys()) == sorted(b.keys()) and len(list(a.keys())) == 7 * LAYERS + 1
+        assert all(a.get_tensor(k).tobytes() == b.get_tensor(k).tobytes() for k in a.keys())
