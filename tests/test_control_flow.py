@@ -198,6 +198,54 @@ def test_loop_body_equals_unrolled_graph(tmp_path):
         np.testing.assert_array_equal(idx_loop[key], idx_flat[key])
 
 
+def test_loop_with_zero_iterations_gives_zero_counts(tmp_path):
+    path = loop_graph(tmp_path / "loop.onnx")
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
+        if t.name == "M":
+            t.CopyFrom(nh.from_array(np.array(0, np.int64), "M"))
+    onnx.save(model, str(path))
+    st, _ = _stats(path, [{"x0": RNG.normal(size=(4, 6)).astype(np.float32)}])
+    assert st.counts == {"loop/body/mm": 0.0, "loop/body/mmv": 0.0}
+    np.testing.assert_array_equal(st.sums["loop/body/mm"]["abs"], np.zeros(6))
+
+
+def test_conv_in_nested_loops_equals_unfold_oracle(tmp_path):
+    """Loop(2) { Loop(3) { h <- relu(conv(h)) } }: six convolutions of the carried map; window sums per iteration
+    (the map observer's outputs carry two iteration axes) == F.unfold over the six inputs."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    kernel = RNG.normal(size=(3, 3, 3, 3)).astype(np.float32) * 0.3
+    inner = h.make_graph([h.make_node("Conv", ["h_in", "K"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+                          h.make_node("Relu", ["y"], ["h_out"], name="relu"),
+                          h.make_node("Identity", ["c_in"], ["c_out"], name="cond")], "inner",
+                         [_vi("i", TP.INT64, []), _vi("c_in", TP.BOOL, []), _vi("h_in", shape=["N", 3, 5, 5])],
+                         [_vi("c_out", TP.BOOL, []), _vi("h_out", shape=["N", 3, 5, 5])])
+    outer = h.make_graph([h.make_node("Loop", ["M2", "", "h_in"], ["h_mid"], name="inner", body=inner),
+                          h.make_node("Identity", ["c_in"], ["c_out"], name="cond")], "outer",
+                         [_vi("j", TP.INT64, []), _vi("c_in", TP.BOOL, []), _vi("h_in", shape=["N", 3, 5, 5])],
+                         [_vi("c_out", TP.BOOL, []), _vi("h_mid", shape=["N", 3, 5, 5])])
+    g = h.make_graph([h.make_node("Loop", ["M1", "", "x"], ["hT"], name="outer", body=outer)], "g",
+                     [_vi("x", shape=["N", 3, 5, 5])], [_vi("hT", shape=["N", 3, 5, 5])],
+                     initializer=[nh.from_array(kernel, "K"), nh.from_array(np.array(2, np.int64), "M1"),
+                                  nh.from_array(np.array(3, np.int64), "M2")])
+    path = _save(g, tmp_path / "nested.onnx")
+    x = RNG.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    st, layers = _stats(path, [{"x": x}])
+    assert [(l.node, l.loops) for l in layers] == [("outer/body/inner/body/conv", 2)]
+    cur, want_abs, want_sq, count = torch.from_numpy(x), 0.0, 0.0, 0
+    for _ in range(6):
+        cols = F.unfold(cur.double(), 3, padding=1)           # [N, C*9, positions]
+        want_abs = want_abs + cols.abs().sum((0, 2)).numpy()
+        want_sq = want_sq + cols.square().sum((0, 2)).numpy()
+        count += cols.shape[0] * cols.shape[2]
+        cur = torch.relu(F.conv2d(cur, torch.from_numpy(kernel), padding=1))
+    np.testing.assert_allclose(st.sums[layers[0].node]["abs"].reshape(-1), want_abs, rtol=1e-5)
+    np.testing.assert_allclose(st.sums[layers[0].node]["sq"].reshape(-1), want_sq, rtol=1e-5)
+    assert st.counts[layers[0].node] == count
+
+
 def scan_graph(path: Path, opset: int = 17) -> Path:
     """Scan over the sequence axis: s <- s + x_t @ W (state), y_t = x_t @ W stacked."""
     body = h.make_graph([h.make_node("MatMul", ["x_t", "W"], ["y_t"], name="mm"),
