@@ -64,7 +64,7 @@ def shira_plan(handle: Any) -> ShiraPlan:
         module, attr = owners[0]
         if not isinstance(module, nn.Linear) or attr != "weight":
             raise FpsGraphError(f"SHiRA cannot hold the delta on {key}: it adapts nn.Linear weights only, this is "
-                                f"{type(module).__name__}.{attr}")
+                                f"{type(module).__name__.removeprefix('Parametrized')}.{attr}")
         targets[key] = names[id(module)]
         sizes[key] = (int(d.index.numel()), module.in_features, module.out_features)
     if not targets:
