@@ -5,6 +5,7 @@ import click
 
 from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from fps_graph.data.text import TextOptions
+from fps_graph.data.static import parse_static
 from fps_graph.errors import FpsGraphError
 from fps_graph.formats.io import check_output_path
 from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
@@ -59,6 +60,9 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
               help="Also save the raw statistics (sums and counts) here.")
 @click.option("--stats-in", multiple=True, type=click.Path(dir_okay=False),
               help="Select from saved statistics (summed over several files) instead of running the model.")
+@click.option("--static", "static", multiple=True, metavar="NAME=FILE.npy",
+              help="A model input with no sample axis (recurrent state, sample rate, a scalar), fed whole with every "
+                   "batch; never used to guess a batch size (repeatable).")
 @click.option("--state-dict", type=click.Path(dir_okay=False), default=None,
               help="safetensors state dict, to name weights by value where the graph does not say.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
@@ -70,7 +74,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
            reduce: str, provider: str, opt_level: str, threads: int | None, max_memory: float | None, dense: bool,
-           stats_out: str | None, stats_in: tuple[str, ...], state_dict: str | None, force: bool,
+           stats_out: str | None, stats_in: tuple[str, ...], static: tuple[str, ...], state_dict: str | None, force: bool,
            quiet: bool, ray_address: str | None, workers: int | None, workdir: str | None, resume: str | None,
            shard_size: int) -> None:
     """Select the weights of MODEL (ONNX file or Hugging Face export folder) to fine-tune, from calibration DATA
@@ -94,6 +98,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
         stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
+        static=parse_static(static),
         shard_size=shard_size, cluster=cluster_options(ray_address, workers, workdir, resume))
     if budget is not None:
         opts.k = None

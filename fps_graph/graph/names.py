@@ -41,10 +41,11 @@ class NameInfo:
     key_shape: tuple[int, ...]
     how: str
     notes: list[str] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)   # more of the layout: a derived tensor's gather (recurrent)
 
     def to_json(self) -> dict[str, Any]:
         """Metadata record for masks and stats files."""
-        return {"onnx": self.onnx, "torch": self.torch, "layout": {"transpose": self.perm},
+        return {"onnx": self.onnx, "torch": self.torch, "layout": {"transpose": self.perm, **self.layout},
                 "shape": list(self.key_shape), "name_source": self.how}
 
     def key_index(self, stored_shape: tuple[int, ...]) -> np.ndarray:
@@ -151,6 +152,10 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
     used: dict[str, str] = {}
     for weight, layer in first.items():
         info = _resolve_one(model, weight, layer, recorded, folded, state_dict, index)
+        if weight in model.derived:    # a recurrent weight in PyTorch's layout (graph/recurrent.py)
+            info.layout = dict(model.derived[weight].layout)
+            if info.how == "initializer-name":
+                info.how = model.derived[weight].how
         if info.key in used:
             info.notes.append(f"PyTorch name {info.key!r} also maps {used[info.key]!r}; keyed by ONNX name")
             info = NameInfo(weight, weight, None, None, tuple(layer.stored_shape), "duplicate", info.notes)

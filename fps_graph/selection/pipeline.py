@@ -15,6 +15,7 @@ import numpy as np
 from fps_graph import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
+from fps_graph.data.static import WithStatic, load_static, with_static_hint
 from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError
@@ -72,6 +73,7 @@ class SelectOptions:
     anchor: str | None = None
     anchor_stats_in: Sequence[str] = ()
     state_dict: str | None = None
+    static: dict[str, str] = field(default_factory=dict)   # input name -> .npy fed whole with every batch
     shard_size: int = DEFAULT_SHARD_SIZE   # samples per shard: --ray's unit of work and of the exact float64 sum
     cluster: ClusterOptions | None = None  # calibrate on Ray workers (runtime.ray) instead of in this process
     min_per_layer: int = 0          # network budget: every scored tensor keeps at least this many (selection/floor.py)
@@ -155,6 +157,8 @@ def describe(plan: Plan) -> dict[str, Any]:
 
 def _axis_text(layer: Layer) -> str:
     """How the input features line up with the stored weight, in words."""
+    if hasattr(layer, "axis_text"):     # recurrent layers (graph/recurrent.py)
+        return layer.axis_text
     if layer.op == "Conv":
         g = layer.conv["group"]
         return f"[out, in/{g}, *kernel]; input channel axis 1 (im2col)" if g > 1 else "[out, in, *kernel]; input axis 1"
@@ -175,7 +179,10 @@ def _needed_kinds(score: str, stat: str | None, stats_out: bool) -> tuple[str, .
 def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...],
               progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
     """Open the data, check it against the model inputs and collect statistics."""
-    specs = spec_list(plan.model)
+    static = load_static(opts.static, spec_list(plan.model))   # no sample axis: never data, never a batch size
+    specs = [s for s in spec_list(plan.model) if s.name not in static]
+    if not specs:
+        raise FpsGraphError("every model input is a static input; DATA has nothing left to feed")
     open_data = functools.partial(open_source, data, specs, opts.image, text_opts=opts.text,
                                   model_path=plan.model.path)   # picklable: Ray workers open the data the same way
     source = open_data()
@@ -183,9 +190,11 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
     plan.data[label] = source.record()
     batch_size, max_samples = opts.batch_size, opts.max_samples
     # text batches group equal lengths and fill their own fixed dims (data.text); no leftover rule applies
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)} \
-        if not isinstance(source, TextSource) else set()
-    if fixed:
+    # only inputs fed per sample count (static ones are out of specs); a fixed first dimension next to a dynamic one
+    # is no batch axis (silero-vad's state [2, B, 128] beside its audio [B, N]): guess nothing then
+    firsts = [s.shape[0] if s.shape else None for s in specs]
+    fixed = {d for d in firsts if isinstance(d, int)} if not isinstance(source, TextSource) else set()
+    if len(fixed) == 1 and all(isinstance(d, int) for d in firsts):
         batch_size = fixed.pop()
         if batch_size != opts.batch_size:
             warnings.append(f"the model's batch size is fixed at {batch_size}; using --batch-size {batch_size}")
@@ -206,9 +215,15 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
                                  data_key={"path": str(Path(data).resolve()), "record": plan.data[label]},
                                  kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
                                  threads=opts.threads, progress=cb)
-    return collect_stats(plan.model, plan.layers, loader, kinds=kinds, reduce=opts.reduce, provider=opts.provider,
-                         opt_level=opts.opt_level, threads=opts.threads, progress=cb, shard_batches=per_shard,
-                         micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb)
+    batches = WithStatic(loader, static) if static else loader
+    try:
+        return collect_stats(plan.model, plan.layers, batches, kinds=kinds, reduce=opts.reduce,
+                             provider=opts.provider, opt_level=opts.opt_level, threads=opts.threads, progress=cb,
+                             shard_batches=per_shard, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb)
+    except FpsGraphError as exc:
+        if static and str(exc).startswith("ONNX Runtime failed"):
+            raise with_static_hint(exc, static, batch_size) from exc
+        raise
 
 
 def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
