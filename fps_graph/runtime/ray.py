@@ -211,7 +211,8 @@ def _shard_error(exc: RayError, shard: Shard, cluster: ClusterOptions, workdir: 
 
 def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable[[], Source],
                       batches: list[np.ndarray], *, cluster: ClusterOptions, shard_batches: int,
-                      static: dict[str, np.ndarray] | None = None, data_key: dict[str, Any] | None = None, kinds: tuple[str, ...] = ("abs",),
+                      static: dict[str, np.ndarray] | None = None, data_key: dict[str, Any] | None = None,
+                      kinds: tuple[str, ...] = ("abs",),
                       reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
                       threads: int | None = None, micro_batch: int | None = None,
                       max_memory_mb: float | None = None, label: str = "calibration",
@@ -249,6 +250,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     todo = [s for s in shards if s.id not in saved]
     t0 = time.perf_counter()
     started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    connect_s = time.perf_counter() - t0
     actors: list[Any] = []
     board = None
     infos: list[dict[str, Any]] = []
@@ -286,7 +288,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     providers = sorted({i["provider"] for i in infos}) or [provider]
     report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
               "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,
-              "completion_order": order, "startup_seconds": startup, "worker_peak_rss_mb": worker_rss,
+              "completion_order": order, "startup_seconds": startup, "ray_init_seconds": connect_s,
+              "worker_peak_rss_mb": worker_rss,
               "hosts": sorted({i["host"] for i in infos}), "workdir": str(workdir.root) if workdir else None}
     return stats, CalibrationInfo(",".join(providers), seconds, stats.num_samples,
                                   max((i["observers"] for i in infos), default=len(plan_observers(layers)[0])),
