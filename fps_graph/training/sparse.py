@@ -89,10 +89,17 @@ class SparseDelta(nn.Module):
         self.delta = nn.Parameter(torch.zeros(index.numel(), dtype=torch.float32, device=index.device))
         self.shape = tuple(int(d) for d in shape)
         self.merged = False
+        self.rebuilder: Any = None       # fps_graph.training.recompute.Rebuilder: W' is rebuilt, not saved
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return weight
+        out = self._materialise(weight)
+        if self.rebuilder is not None:
+            self.rebuilder.note(out, lambda: self._materialise(weight), self.delta)
+        return out
+
+    def _materialise(self, weight: torch.Tensor) -> torch.Tensor:
         flat = weight.reshape(-1)
         return flat.index_put((self.index,), self.delta.to(weight.dtype), accumulate=True).view(weight.shape)
 
@@ -492,6 +499,14 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     if handle.superseded:
         handle.notes.append(f"trained in full instead of sparsely: {', '.join(handle.superseded)}")
     _install_state_dict_hooks(handle)
+    if handle.deltas:   # W + scatter(delta) is rebuilt in the backward pass instead of saved (recompute.py)
+        from fps_graph.training.recompute import install
+
+        owners = list({id(m): m for key in handle.deltas for m, _ in handle._owners[key]}.values())
+        rebuilder, hooks = install(owners)
+        handle._hooks.extend(hooks)
+        for d in handle.deltas.values():
+            d.rebuilder = rebuilder
     for m in model.modules():
         if _is_norm(m) and isinstance(m, nn.modules.batchnorm._NormBase) and \
                 not any(p.requires_grad for p in m.parameters(recurse=False)):
