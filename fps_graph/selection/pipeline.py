@@ -211,10 +211,11 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
         from fps_graph.runtime.ray import collect_stats_ray   # the optional extra: without Ray, a one-line error
 
         return collect_stats_ray(plan.model, plan.layers, open_data, batch_groups(source, loader.order(), batch_size),
-                                 shard_batches=per_shard, cluster=opts.cluster, label=label,
+                                 static=static, shard_batches=per_shard, cluster=opts.cluster, label=label,
                                  data_key={"path": str(Path(data).resolve()), "record": plan.data[label]},
                                  kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
-                                 threads=opts.threads, progress=cb)
+                                 threads=opts.threads, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb,
+                                 progress=cb)
     batches = WithStatic(loader, static) if static else loader
     try:
         return collect_stats(plan.model, plan.layers, batches, kinds=kinds, reduce=opts.reduce,
