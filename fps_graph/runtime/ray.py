@@ -130,9 +130,10 @@ class ShardWorker:
         return sum_shard(step, feed, empty,
                          lambda partial, first: check_finite(partial, step.order, first), report, shard.start)
 
-    def peak_rss_mb(self) -> float:
-        """High-water resident memory of this worker process, in MB."""
-        return _peak_rss_mb()
+    def finish(self) -> dict[str, Any]:
+        """What the worker measured: peak resident memory (MB), largest micro-batch (0: batches ran whole)."""
+        micro = getattr(self.step, "micro", None)
+        return {"peak_rss_mb": _peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
 
 
 class ProgressBoard:
@@ -274,7 +275,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         startup = time.perf_counter() - t0
         stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
                                                    kinds, cluster, total_samples, progress)
-        worker_rss = [ray.get(a.peak_rss_mb.remote(), timeout=30) for a in actors]
+        finished = [ray.get(a.finish.remote(), timeout=30) for a in actors]
     finally:
         for a in actors + ([board] if board is not None else []):
             try:
@@ -289,11 +290,11 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
               "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,
               "completion_order": order, "startup_seconds": startup, "ray_init_seconds": connect_s,
-              "worker_peak_rss_mb": worker_rss,
+              "worker_peak_rss_mb": [f["peak_rss_mb"] for f in finished],
               "hosts": sorted({i["host"] for i in infos}), "workdir": str(workdir.root) if workdir else None}
     return stats, CalibrationInfo(",".join(providers), seconds, stats.num_samples,
                                   max((i["observers"] for i in infos), default=len(plan_observers(layers)[0])),
-                                  cluster=report)
+                                  cluster=report, micro_batch=max((f["micro_batch"] for f in finished), default=0))
 
 
 def _wait_ready(actors: list[Any], cluster: ClusterOptions, cpu_share: float, gpu: int) -> list[dict[str, Any]]:
