@@ -160,6 +160,42 @@ def test_bad_shard_fails_the_job(ray_address, tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+def test_static_inputs_and_arrays_on_workers(ray_address, tmp_path):
+    """An .npy source read by the workers plus static inputs fed with every batch: NumPy oracle, local bytes."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["xs"]), helper.make_node("Add", ["xs", "shift"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6]),
+                           helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+                           helper.make_tensor_value_info("shift", TensorProto.FLOAT, [6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "m.onnx")
+    x = (rng.standard_normal((11, 6)) + 0.2).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "scale.npy", np.array(1.7, dtype=np.float32))
+    shift = rng.standard_normal(6).astype(np.float32)
+    np.save(tmp_path / "shift.npy", shift)
+    static = {"scale": str(tmp_path / "scale.npy"), "shift": str(tmp_path / "shift.npy")}
+    runs = {}
+    for name, cluster in (("local", None), ("ray", ClusterOptions(workers=2))):
+        opts = SelectOptions(k=1, batch_size=2, shard_size=4, provider="cpu", reduce="host", static=static,
+                             cluster=cluster)
+        runs[name] = run_select(tmp_path / "m.onnx", str(tmp_path / "x.npy"), opts).stats
+    assert runs["ray"].num_samples == 11 and runs["ray"].counts["mm"] == 11
+    assert np.array_equal(runs["ray"].sums["mm"]["abs"], runs["local"].sums["mm"]["abs"])
+    h = x.astype(np.float64) * np.float64(np.float32(1.7)) + shift.astype(np.float64)
+    np.testing.assert_allclose(runs["ray"].sums["mm"]["abs"], np.abs(h).sum(0), rtol=1e-6)
+
+
 def test_without_ray_one_line(tmp_path):
     out = tmp_path / "m.safetensors"
     code = ("import sys; sys.modules['ray'] = None\n"
