@@ -189,6 +189,9 @@ def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
     cpus, gpus = float(res.get("CPU", 1.0)), int(res.get("GPU", 0))
     use_gpu = gpus >= 1 and provider != "cpu"
     n = workers or (gpus if use_gpu else max(1, int(cpus)))
+    if use_gpu and n > gpus:
+        raise FpsGraphError(f"{n} workers need {n} GPUs (one each); the Ray cluster has {gpus}: ask for fewer "
+                            "workers, or run them on CPUs with the cpu provider")
     node_cpus = max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
                     default=cpus)
     share = max(0.01, np.floor(min(node_cpus, cpus / n) * 100) / 100)
@@ -326,7 +329,7 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
     pending: dict[Any, tuple[Shard, Any]] = {}
     results: dict[int, Stats | None] = {}         # finished, not yet added (None: saved on disk, read when added)
     total = Stats(model_sha256=model.sha256, kinds=tuple(kinds))
-    next_id, order, rerun = 0, [], []
+    next_id, order, rerun, finished = 0, [], [], set()
     reported = sum(s.samples for s in shards if s.id in saved)
     if progress is not None and reported:
         progress(reported)
@@ -349,13 +352,14 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
                     st = ray.get(ref)
                 except RayError as exc:
                     raise _shard_error(exc, shard, cluster, workdir) from exc
-                if shard.id in results or st.num_samples != shard.samples:   # never counted twice or short
-                    raise FpsGraphError(f"shard {shard.id}: got {st.num_samples} samples twice or short of "
-                                        f"{shard.samples} (internal error)")
+                if shard.id in finished or st.num_samples != shard.samples:     # never counted twice or short
+                    raise FpsGraphError(f"shard {shard.id}: a second result, or {st.num_samples} samples instead "
+                                        f"of {shard.samples} (internal error)")
                 if workdir is not None:
                     workdir.save(shard.id, st)
                 results[shard.id] = None if workdir is not None else st
                 order.append(shard.id)
+                finished.add(shard.id)
                 submit(actor)
         while next_id < len(shards) and (next_id in saved or next_id in results):
             shard = shards[next_id]
