@@ -274,3 +274,32 @@ def test_masks_of_a_differently_sized_model_name_the_key(lm, tmp_path):
         run_train(options({"folder": other, "masks": lm["masks"], "root": lm["root"]}, tmp_path / "run",
                           "train.txt"))
     assert not (tmp_path / "run").exists()
+
+
+def test_apply_merged_decoder_logits_equal_trained_pytorch(tmp_path):
+    """Trained by `train hf:DIR`, applied to an Optimum-style merged decoder (weights shared by both If branches):
+    both branches give the fine-tuned PyTorch model's logits (relative 1e-4), tied embedding copies included."""
+    pytest.importorskip("onnxruntime")
+    import test_control_flow as cf      # the decoder export and If merge of the control-flow tests
+
+    folder = H.make_folder(tmp_path / "lm", vocab_size=cf.VOCAB, use_cache=True)
+    from fps_graph.training.hf import load_hf_model
+
+    no_past, with_past = cf._export_decoders(load_hf_model(folder, "causal-lm"), tmp_path)
+    merged = cf.merge_decoders(no_past, with_past, tmp_path / "decoder_model_merged.onnx")
+    texts = H.cycle_text(32)
+    (tmp_path / "train.txt").write_text("\n".join(texts) + "\n")
+    npz = H.tokenize_npz(folder, texts[:8], tmp_path / "calib.npz", width=8)
+    z = dict(np.load(npz))
+    z["position_ids"] = np.tile(np.arange(8, dtype=np.int64), (8, 1))
+    np.savez(npz, **z)
+    masks = H.select_masks(no_past, npz, tmp_path / "masks.safetensors", k=2)
+    r = run_train(options({"folder": folder, "masks": masks, "root": tmp_path}, tmp_path / "run", "train.txt"))
+    assert entry(["apply", str(merged), str(tmp_path / "run" / "delta.safetensors"), "-o",
+                  str(tmp_path / "ft.onnx")]) == 0
+    tuned = r.handle.model
+    for branch in ("no_past", "with_past"):
+        feed = cf._decoder_batches(branch, merged=True, n=1, seed=5)[0]
+        got = cf._run(tmp_path / "ft.onnx", feed)[0]
+        cf._close(got, cf._torch_logits(tuned, feed))
+        assert np.max(np.abs(cf._run(merged, feed)[0] - got)) > 1e-3      # training changed the outputs

@@ -461,7 +461,10 @@ def run_hf_train(opts: Any, progress: Callable | None = None,
 
                 peft_plan = shira_plan(handle)          # refuse before training when SHiRA cannot hold it
             if opts.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(model, "activation_checkpointing_enable"):     # transformers >= 5 name
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             out, made = tr._prepare_output(opts)       # only now: bad input above leaves nothing behind
             try:
                 result = _loop(opts, task, model, handle, tok, train_data, val_data, out, device, progress,
