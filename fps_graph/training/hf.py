@@ -611,7 +611,9 @@ def _write_outputs(opts: Any, handle: Any, result: Any, out: Path, task: str, fo
         from fps_graph.integrations.peft import write_shira
 
         write_shira(handle, out, peft_plan, base_model=str(folder), task=task, force=True)
-        files["peft"] = str(out / "adapter_model.safetensors")
+        files["adapter_config"] = str(out / tr.FILES["adapter_config"])
+        files["adapter_model"] = str(out / tr.FILES["adapter_model"])
+        result.metrics["peft"] = {"type": "SHIRA", **peft_plan.to_json()}
     counts = handle.counts()
     counts.pop("full_tensor_names", None)
     m = result.metrics
