@@ -161,3 +161,29 @@ def test_cli_peft_run_loads_in_peft_and_refuses_tied_heads_before_training(lm, t
     assert entry(["train", f"hf:{lm['folder']}", "--masks", str(lm["tied"]), "-o", str(bad), *common]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SHiRA cannot hold" in err and not bad.exists()
+
+
+def test_factory_run_with_peft_loads_in_peft(tmp_path):
+    """`train FACTORY --peft` on a plain nn.Module: the head goes to modules_to_save, PEFT reproduces the run."""
+    from conftest_train import SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, select_masks, token_data, token_net
+
+    from fps_graph.training.sparse import load_delta
+    from fps_graph.training.train import TrainOptions, run_train
+
+    model = token_net()
+    weights = save_weights(model, tmp_path / "w.safetensors")
+    onnx_path = export(model, TOKEN_SHAPE, tmp_path / "m.onnx", dynamo=False)
+    x, y = token_data(48)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    masks = select_masks(onnx_path, x[:16], tmp_path / "masks.safetensors", k=2)
+    run_train(TrainOptions(factory=SPEC_TOKEN, weights=str(weights), masks=str(masks), data=str(tmp_path / "train.npz"),
+                           output=str(tmp_path / "run"), epochs=2, lr=2e-2, batch_size=16, train_bias=False,
+                           peft=True, threads=1, plot=False))
+    cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "SHIRA" and cfg["modules_to_save"] == ["head"]
+    ref = token_net()
+    load_delta(ref, tmp_path / "run" / "delta.safetensors")
+    loaded = peft.PeftModel.from_pretrained(token_net(), str(tmp_path / "run")).eval()
+    xt = torch.from_numpy(x[:8])
+    with torch.no_grad():
+        assert torch.equal(loaded(xt), ref(xt))
