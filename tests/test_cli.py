@@ -63,7 +63,9 @@ def test_inspect_json():
     assert {s["reason"] for s in view["skipped"]} == {"weight input 'transpose_1' is computed at run time, not a constant",
                                                        "weight input 'getitem_2' is computed at run time, not a constant",
                                                        "weight input 'transpose_3' is computed at run time, not a constant",
-                                                       "weight input 'getitem_5' is computed at run time, not a constant"}
+                                                       "weight input 'getitem_5' is computed at run time, not a constant",
+                                                       "pos_embed [1, 64, 32]: a constant input of Add, which is not "
+                                                       "scored (only MatMul, Gemm and Conv weights are)"}
     qkv = next(l for l in view["layers"] if l["name"] == "blocks.0.qkv.weight")
     assert qkv["weight_shape"] == [32, 96] and qkv["name_source"] == "export-metadata"
 
