@@ -303,3 +303,25 @@ def test_apply_merged_decoder_logits_equal_trained_pytorch(tmp_path):
         got = cf._run(tmp_path / "ft.onnx", feed)[0]
         cf._close(got, cf._torch_logits(tuned, feed))
         assert np.max(np.abs(cf._run(merged, feed)[0] - got)) > 1e-3      # training changed the outputs
+
+
+def test_seq_cls_from_a_causal_lm_folder_gets_a_new_seeded_head(lm, tmp_path):
+    """A causal-LM checkpoint trained for seq-cls: `score` is not in it, so it is new and seeded, and the delta
+    reloads onto a fresh AutoModelForSequenceClassification of that folder with the trained outputs."""
+    from fps_graph.training.hf import load_hf_model
+    from fps_graph.training.sparse import load_delta
+
+    masks = H.select_masks(lm["onnx"], lm["root"] / "calib.npz", tmp_path / "masks.safetensors", k=2,
+                           exclude=["lm_head*"])
+    H.write_jsonl(tmp_path / "train.jsonl", H.cls_records(40))
+    setup = {"folder": lm["folder"], "masks": masks, "root": tmp_path}
+    runs = [run_train(options(setup, tmp_path / f"run{i}", "train.jsonl", task="seq-cls", epochs=1)) for i in (0, 1)]
+    heads = [read_delta(tmp_path / f"run{i}" / "delta.safetensors").full["score.weight"] for i in (0, 1)]
+    assert heads[0].base is None and np.array_equal(heads[0].value, heads[1].value)
+    assert runs[0].metrics["head"]["replaced"] and runs[0].metrics["head"]["num_classes"] == 3
+    assert any("not in the checkpoint" in n for n in runs[0].metrics["notes"])
+    fresh = load_hf_model(lm["folder"], "seq-cls")
+    load_delta(fresh, tmp_path / "run0" / "delta.safetensors")
+    ids = torch.tensor([[1, 5, 6, 7], [1, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, runs[0].handle.model(input_ids=ids).logits)

@@ -494,10 +494,21 @@ def _attach(model: Any, opts: Any, task: str, data: TextData) -> Any:
     if task == "seq-cls" and n and num_classes < n:
         raise FpsGraphError(f"{opts.data} has {n} classes, more than --num-classes {num_classes}")
     masks = canonical_masks(model, opts.masks)
+    # a head the checkpoint lacks (a causal-LM folder trained for seq-cls) is new: seeded like a replaced one
+    fresh = head is not None and any(k.startswith(head + ".") for k in getattr(model, "fps_missing_keys", []))
+    if fresh and opts.train_head:
+        from fps_graph.training.sparse import replace_head
+
+        replace_head(model, head, int(num_classes or model.get_submodule(head).out_features), opts.seed)
     handle = attach(model, masks, head=head, num_classes=num_classes, train_bias=opts.train_bias,
                     train_head=opts.train_head,
                     train_norms=opts.train_norms, train_embeddings=opts.train_embeddings,
                     train_full=opts.train_full, seed=opts.seed)
+    if fresh and handle.head is not None and not handle.head.replaced:
+        handle.head.replaced, handle.head.old_classes = True, None
+        for name in [n for n in handle._base_full if n.startswith(head + ".")]:
+            del handle._base_full[name]          # no start values to check on reload: the head is new
+        handle.notes.append(f"head {head}: not in the checkpoint; a new seeded head (--seed {opts.seed})")
     if task == "seq-cls" and handle.head is not None and handle.head.replaced:
         model.config.num_labels = int(num_classes)
         model.num_labels = int(num_classes)
