@@ -51,7 +51,8 @@ from fps_graph_cli.common import TORCH_INSTALL, parse_floats, parse_ints, requir
 @click.option("--task", type=click.Choice(["image-cls", "causal-lm", "seq-cls"]), default=None,
               help="What to learn [default: image-cls for factories; for hf:DIR, from config.json's architectures].")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
-              help="Text tasks: most tokens per sample; longer texts are an error [default: select's, else 512].")
+              help="Text tasks: most tokens per sample; longer texts are an error [default: select's, else the "
+                   "model's limit].")
 @click.option("--tokenizer", default=None, help="Text tasks: tokenizer.json or its folder [default: select's, "
                                                 "else the model folder].")
 @click.option("--text-field", default="text", show_default=True, help="Text tasks: .jsonl field holding the text.")

@@ -41,7 +41,7 @@ DEFAULT_MAX_LENGTH = 512
 class TextOptions:
     """How text becomes model inputs for the text tasks."""
 
-    max_length: int | None = None          # None: the masks file's data record, else DEFAULT_MAX_LENGTH
+    max_length: int | None = None          # None: the masks file's data record, else the model's limit
     tokenizer: str | None = None           # tokenizer.json or a folder; None: masks record, else the model folder
     text_field: str = "text"
     label_field: str = "label"
@@ -430,8 +430,13 @@ def run_hf_train(opts: Any, progress: Callable | None = None,
         raise FpsGraphError("--weights does not apply to hf:DIR (the weights come from the folder's safetensors)")
     device = tr._device(opts.device)
     rec = _data_record(opts.masks)
+    if rec.get("kind") != "text":
+        rec = {}
     text: TextOptions = opts.text
-    max_length = int(text.max_length or rec.get("max_length") or DEFAULT_MAX_LENGTH)
+    from fps_graph.data.text import default_max_length
+
+    # as select chose it: --max-length, else the masks file's record, else the model's limit (as select's default)
+    max_length = int(text.max_length or rec.get("max_length") or default_max_length([folder])[0])
     tok_path = Path(text.tokenizer or rec.get("tokenizer") or folder)
     if not text.tokenizer and rec.get("tokenizer") and not tok_path.exists():
         tok_path = folder          # the record names select's path; the model folder holds the same tokenizer
