@@ -325,3 +325,17 @@ def test_seq_cls_from_a_causal_lm_folder_gets_a_new_seeded_head(lm, tmp_path):
     ids = torch.tensor([[1, 5, 6, 7], [1, 9, 10, 11]])
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, runs[0].handle.model(input_ids=ids).logits)
+
+
+def test_train_follows_the_masks_text_record(lm, tmp_path, capsys):
+    """`select` from text records its tokenizer and max length in the masks; train uses them unless told."""
+    masks = tmp_path / "masks.safetensors"
+    assert entry(["select", str(lm["onnx"]), str(lm["root"] / "train.txt"), "-o", str(masks), "--k", "2",
+                  "--tokenizer", str(lm["folder"]), "--max-length", "8"]) == 0
+    setup = {"folder": lm["folder"], "masks": masks, "root": lm["root"]}
+    with pytest.raises(FpsGraphError, match="longer than max_length 8"):
+        run_train(options(setup, tmp_path / "run", "train.txt"))
+    r = run_train(options(setup, tmp_path / "run", "train.txt", epochs=1, text=TextOptions(max_length=16)))
+    assert r.metrics["text"]["max_length"] == 16
+    assert r.metrics["text"]["tokenizer"] == str(lm["folder"] / "tokenizer.json")
+    assert r.metrics["text"]["masks_record"]["max_length"] == 8
