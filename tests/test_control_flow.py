@@ -771,3 +771,23 @@ def test_cli_select_from_text_merged_equals_unmerged(decoders, tmp_path):
     with safe_open(str(outs[0]), "numpy") as a, safe_open(str(outs[1]), "numpy") as b:
         assert sorted(a.keys()) == sorted(b.keys()) and len(list(a.keys())) == 7 * LAYERS + 1
         assert all(a.get_tensor(k).tobytes() == b.get_tensor(k).tobytes() for k in a.keys())
+
+
+def test_weight_stored_once_per_branch_is_one_entry(decoders, tmp_path):
+    """A merger that leaves each branch its own copy of every weight: each pair of equal copies with one PyTorch
+    name is one entry (their layers pooled); the masks are the unmerged decoder's, byte for byte."""
+    copies, single = decoders["copies"], decoders["no_past"]
+    plan = make_plan(copies)
+    assert len(plan.groups) == 7 * LAYERS + 1
+    for g in plan.groups:
+        weights = sorted({layer.weight for layer in g.layers})
+        assert len(weights) == 2 and weights[0].startswith("optimum::if/else_branch::"), weights
+        assert weights[1].startswith("optimum::if/then_branch::")
+    assert describe(plan)["layers"][0]["shared"] is True
+    st_c, _ = _stats(copies, _decoder_batches("no_past", merged=True))
+    st_s, _ = _stats(single, _decoder_batches("no_past", merged=False))
+    idx_c, _ = _masks(copies, st_c, tmp_path / "copies.safetensors")
+    idx_s, _ = _masks(single, st_s, tmp_path / "single.safetensors")
+    assert sorted(idx_c) == sorted(idx_s)
+    for key in idx_c:
+        assert idx_c[key].dtype == idx_s[key].dtype and idx_c[key].tobytes() == idx_s[key].tobytes(), key

@@ -156,12 +156,26 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
             info.layout = dict(model.derived[weight].layout)
             if info.how == "initializer-name":
                 info.how = model.derived[weight].how
+        if info.key in used and _is_copy(model, weight, used[info.key], info, infos[used[info.key]]):
+            info.how = f"{info.how} (a copy of {used[info.key]})"    # one entry (selection.copies)
+            infos[weight] = info
+            continue
         if info.key in used:
             info.notes.append(f"PyTorch name {info.key!r} also maps {used[info.key]!r}; keyed by ONNX name")
             info = NameInfo(weight, weight, None, None, tuple(layer.stored_shape), "duplicate", info.notes)
         used[info.key] = weight
         infos[weight] = info
     return infos
+
+
+def _is_copy(model: OnnxModel, a: str, b: str, info_a: NameInfo, info_b: NameInfo) -> bool:
+    """True when two stored constants hold the same values in the same layout (a weight stored once per If
+    branch); they are then one weight with one name."""
+    if info_a.perm != info_b.perm or a in model.derived or b in model.derived:
+        return False
+    if model.tensor_shape(a) != model.tensor_shape(b) or model.tensor_dtype(a) != model.tensor_dtype(b):
+        return False
+    return bool(np.array_equal(model.tensor(a), model.tensor(b)))
 
 
 def _resolve_one(model: OnnxModel, weight: str, layer: Layer, recorded: dict, folded: dict,

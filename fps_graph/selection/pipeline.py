@@ -25,6 +25,7 @@ from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
 from fps_graph.selection.positions import canonical_to_key
+from fps_graph.selection.copies import merge_copies
 from fps_graph.selection.scores import SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight
 from fps_graph.selection.ranking import Budget, select
 from fps_graph.selection.stats import Stats, load_merged
@@ -128,8 +129,8 @@ def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequ
             skipped.append(Skipped(layer.node, layer.op, "matched by --exclude"))
         else:
             kept.append(layer)
-    groups = group_by_weight(kept)
-    return Plan(model, kept, groups, {g.weight: names[g.weight] for g in groups}, skipped)
+    groups = merge_copies(group_by_weight(kept), names)    # a weight stored once per If branch: one entry
+    return Plan(model, kept, groups, {layer.weight: names[layer.weight] for layer in kept}, skipped)
 
 
 def describe(plan: Plan) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def describe(plan: Plan) -> dict[str, Any]:
             "chain": [s["op"] for s in layer.chain], "canonical": list(layer.canonical_shape),
             "input_axis": _axis_text(layer), "params": int(np.prod(layer.stored_shape)),
             "activation": layer.activation,
-            "shared": len(next(g for g in plan.groups if g.weight == layer.weight).layers) > 1,
+            "shared": len(next(g for g in plan.groups if any(l is layer for l in g.layers)).layers) > 1,
         })
     return {
         "model": str(plan.model.path), "sha256": plan.model.sha256,
