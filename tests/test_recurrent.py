@@ -380,3 +380,62 @@ def test_static_state_with_another_batch_size_says_what_to_do(tmp_path):
     np.save(tmp_path / "h0.npy", hx[0])
     with pytest.raises(FpsGraphError, match=r"h0 \[1, 4, 4\].*must match the batch size 3: set --batch-size"):
         select(path, tmp_path / "x.npy", static={"h0": str(tmp_path / "h0.npy")}, batch_size=3)
+
+
+def _layout_pair(tmp_path: Path, op: str) -> tuple[Path, Path, np.ndarray]:
+    """The same bidirectional node as layout=0 (after a Transpose) and layout=1, with h0 given; and h0 [D, B, H]."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.standard_normal((2, gates * HID, IN)).astype(np.float32), "W")
+    r = numpy_helper.from_array((0.5 * rng.standard_normal((2, gates * HID, HID))).astype(np.float32), "R")
+    h0 = rng.standard_normal((2, B, HID)).astype(np.float32)
+    attrs = {"hidden_size": HID, "direction": "bidirectional"}
+    if op == "GRU":
+        attrs["linear_before_reset"] = 1
+    paths = []
+    for layout in (0, 1):
+        nodes = []
+        x = "x"
+        if layout == 0:
+            nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]))
+            x = "xt"
+        nodes.append(helper.make_node(op, [x, "W", "R", "", "", "h0"], ["Y"], name="rec", layout=layout, **attrs))
+        hshape = [2, B, HID] if layout == 0 else [B, 2, HID]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", T, IN]),
+                                           helper.make_tensor_value_info("h0", onnx.TensorProto.FLOAT, hshape)],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], [w, r])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        p = tmp_path / f"{op}_layout{layout}.onnx"
+        onnx.save(m, p)
+        paths.append(p)
+    return paths[0], paths[1], h0
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_hand_built_bidirectional_node_matches_numpy(tmp_path, op):
+    """R's statistics equal a NumPy reference on the node's own Y and a given h0 (h_(t-1) = h0, Y[:-1] forward;
+    Y[1:], h0 reverse); W's are E|x_t|. (ONNX Runtime's CPU kernels refuse layout=1, so only layout=0 runs.)"""
+    import onnxruntime as ort
+
+    p0, _, h0 = _layout_pair(tmp_path, op)
+    x = data()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "h0.npy", h0)
+    res = select(p0, tmp_path / "x.npy", static={"h0": str(tmp_path / "h0.npy")})
+    assert len(res.tensors) == 4
+    sess = ort.InferenceSession(str(p0), providers=["CPUExecutionProvider"])
+    ys = [sess.run(None, {"x": x[s:s + B], "h0": h0})[0] for s in range(0, N, B)]   # [T, 2, B, H] each
+    for key, rec in res.tensors.items():
+        node = rec["nodes"][0]
+        assert res.stats.counts[node] == N * T
+        d = 1 if key.endswith("_reverse") else 0
+        if "weight_ih" in key:
+            want = np.abs(x.astype(np.float64)).sum((0, 1))
+        else:
+            want = np.zeros(HID)
+            for y in ys:
+                y = y[:, d]
+                prev = np.concatenate([h0[d][None], y[:-1]]) if d == 0 else np.concatenate([y[1:], h0[d][None]])
+                want += np.abs(prev.astype(np.float64)).sum((0, 1))
+        np.testing.assert_allclose(res.stats.sums[node]["abs"], want, rtol=1e-5, err_msg=key)
