@@ -26,6 +26,8 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
 @click.option("--budget", default=None, help="Instead of --k: a fraction (0.005), percentage (0.5%) or count.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="neuron", show_default=True,
               help="How --budget is spread: evenly per neuron, per layer (by size), or one network-wide ranking.")
+@click.option("--min-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --granularity network: every scored tensor keeps at least its N best entries.")
 @click.option("--include", multiple=True, help="Only layers whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose name matches this glob (repeatable).")
 @click.option("--anchor", default=None, help="gd-fps: reference data (the pre-training domain).")
@@ -59,7 +61,8 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
 @click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
               help="Also save the raw statistics (sums and counts) here.")
 @click.option("--stats-in", multiple=True, type=click.Path(dir_okay=False),
-              help="Select from saved statistics (summed over several files) instead of running the model.")
+              help="Select from saved statistics instead of running the model; repeat the flag to sum several "
+                   "files (--stats-in A --stats-in B). Not with DATA.")
 @click.option("--static", "static", multiple=True, metavar="NAME=FILE.npy",
               help="A model input with no sample axis (recurrent state, sample rate, a scalar), fed whole with every "
                    "batch; never used to guess a batch size (repeatable).")
@@ -69,7 +72,8 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @scale_out_options
 def select(model: str, data: str | None, output: str, score: str, stat: str | None, k: int | None,
-           budget: str | None, granularity: str, include: tuple[str, ...], exclude: tuple[str, ...],
+           budget: str | None, granularity: str, min_per_layer: int, include: tuple[str, ...],
+           exclude: tuple[str, ...],
            anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
@@ -99,7 +103,8 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
         stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
         static=parse_static(static),
-        shard_size=shard_size, cluster=cluster_options(ray_address, workers, workdir, resume))
+        min_per_layer=min_per_layer, shard_size=shard_size,
+        cluster=cluster_options(ray_address, workers, workdir, resume))
     if budget is not None:
         opts.k = None
     result = run_select(model, data, opts, progress=None if quiet else tqdm_progress, stats_out=bool(stats_out))
@@ -114,5 +119,6 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
             f" ({s['layers']} layers); {s['samples']} samples on {s['provider']}"
             f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
+            + (f"; {s['empty_tensors']} tensor(s) with nothing selected" if s.get("empty_tensors") else "")
             + (f"; micro-batches of {s['micro_batch']}" if s.get("micro_batch") else "")
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)

@@ -180,6 +180,8 @@ def _needed_kinds(score: str, stat: str | None, stats_out: bool) -> tuple[str, .
 def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...],
               progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
     """Open the data, check it against the model inputs and collect statistics."""
+    if plan.model.runtime_problem:   # e.g. IR version features newer than ONNX Runtime reads (graph/versions.py)
+        raise FpsGraphError(f"{plan.model.path}: {plan.model.runtime_problem}")
     static = load_static(opts.static, spec_list(plan.model))   # no sample axis: never data, never a batch size
     specs = [s for s in spec_list(plan.model) if s.name not in static]
     if not specs:

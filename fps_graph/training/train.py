@@ -299,31 +299,33 @@ def resolve_image_prep(opts: TrainOptions, record: dict[str, Any], model: Any) -
                      float(crop), layout, channels, origin)
 
 
+def _show(field_name: str, value: Any) -> str:
+    """A preprocessing value as the summary prints it: 12x12, 0.485,0.456,0.406, 0.875."""
+    if field_name == "size":
+        return "x".join(str(int(v)) for v in value)
+    if field_name in ("mean", "std"):
+        return ",".join(f"{float(v):g}" for v in value)
+    return f"{float(value):g}"
+
+
 def prep_notes(prep: ImagePrep, record: dict[str, Any], masks: str) -> list[str]:
     """What the summary says about the image preprocessing: its values, whose they are, and any override."""
-    h, w = prep.size
-    fmt = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
-    line = (f"images: {h}x{w} {prep.layout}, mean {fmt(prep.mean)}, std {fmt(prep.std)}, crop {prep.crop_pct:g}")
-    from_masks = [k for k, v in prep.origin.items() if v == "masks"]
-    if len(from_masks) == len(prep.origin):
+    used = {"size": prep.size, "mean": prep.mean, "std": prep.std, "crop_pct": prep.crop_pct}
+    line = (f"images: {_show('size', prep.size)} {prep.layout}, mean {_show('mean', prep.mean)}, "
+            f"std {_show('std', prep.std)}, crop {_show('crop_pct', prep.crop_pct)}")
+    if all(v == "masks" for v in prep.origin.values()):
         line += f", as select prepared them (recorded in {Path(masks).name})"
     else:
         line += " (" + ", ".join(f"{k} from {v}" for k, v in prep.origin.items()) + ")"
     out = [line]
     if record.get("kind") == "image":
-        rec_vals = {"size": tuple(record.get("size", ())), "mean": tuple(record.get("mean", ())),
-                    "std": tuple(record.get("std", ())), "crop_pct": record.get("crop_pct")}
-        mine = {"size": prep.size, "mean": prep.mean, "std": prep.std, "crop_pct": prep.crop_pct}
-        differ = [k for k in mine if prep.origin.get(k) == "option" and rec_vals[k] and
-                  tuple(np.atleast_1d(mine[k])) != tuple(np.atleast_1d(rec_vals[k]))]
+        differ = [k for k in used if prep.origin.get(k) == "option" and record.get(k) is not None
+                  and _show(k, used[k]) != _show(k, record[k])]
         if differ:
             out.append("the options override how select prepared its images: " + "; ".join(
-                f"{k} {mine[k] if k == 'crop_pct' else fmt(mine[k]) if k != 'size' else 'x'.join(map(str, mine[k]))}"
-                f" instead of {rec_vals[k] if k == 'crop_pct' else fmt(rec_vals[k]) if k != 'size' else 'x'.join(map(str, rec_vals[k]))}"
-                for k in differ))
+                f"{k} {_show(k, used[k])} instead of {_show(k, record[k])}" for k in differ))
     elif record.get("kind") not in (None, "none"):
-        out.append(f"select read {record.get('kind')} data, so the masks file says nothing about images: "
-                   + ", ".join(f"{k} from {v}" for k, v in prep.origin.items()))
+        out.append(f"select read {record['kind']} data, so the masks file says nothing about images")
     return out
 
 
@@ -566,13 +568,13 @@ def _run(opts: TrainOptions, out: Path, device: str, record: dict[str, Any], pro
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
-            torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+            deterministic(True, warn_only=device != "cpu")
             if opts.threads:
                 torch.set_num_threads(opts.threads)
             result = _train(opts, model, train_data, val_data, out, device, progress, on_epoch, warnings,
                             prep[0] if prep else None)
     finally:
-        torch.use_deterministic_algorithms(prev_det)
+        deterministic(prev_det)
         torch.set_num_threads(prev_threads)
     result.metrics["data"] = {"masks_record": record, "images": prep[0].to_json() if prep else None}
     if prep:
@@ -580,6 +582,20 @@ def _run(opts: TrainOptions, out: Path, device: str, record: dict[str, Any], pro
     result.metrics["time"]["total_seconds"] = round(time.perf_counter() - t_start, 3)
     _write_json(out / FILES["metrics"], result.metrics)
     return result
+
+
+def deterministic(mode: bool, warn_only: bool = False) -> None:
+    """torch.use_deterministic_algorithms without its import of the compiler stack: in torch 2.13 it imports
+    torch._inductor only to set a flag for compiled code (3-6 s on 2 busy cores; nothing here is compiled)."""
+    import sys
+
+    import torch
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor" in sys.modules:   # inductor loaded: keep its flag in step, at no cost
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 def _device(name: str) -> str:
