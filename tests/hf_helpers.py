@@ -91,8 +91,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def export_onnx(folder: Path, path: Path, kind: str = "causal-lm") -> Path:
-    """torch.onnx.export (TorchScript exporter) of the folder's model: inputs input_ids, attention_mask."""
+def export_onnx(folder: Path, path: Path, kind: str = "causal-lm", dynamo: bool = False) -> Path:
+    """torch.onnx.export of the folder's model (TorchScript exporter, or dynamo): inputs input_ids, attention_mask."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
@@ -106,10 +106,14 @@ def export_onnx(folder: Path, path: Path, kind: str = "causal-lm") -> Path:
     ids = torch.randint(4, VOCAB, (2, 8))
     am = torch.ones(2, 8, dtype=torch.int64)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    kw: dict = {"dynamic_axes": axes}
+    if dynamo:
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+        kw = {"dynamic_shapes": ({0: batch, 1: seq}, {0: batch, 1: seq})}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (ids, am), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamic_axes=axes, dynamo=False)
+                          output_names=["logits"], dynamo=dynamo, **kw)
     return path
 
 

@@ -339,3 +339,18 @@ def test_train_follows_the_masks_text_record(lm, tmp_path, capsys):
     assert r.metrics["text"]["max_length"] == 16
     assert r.metrics["text"]["tokenizer"] == str(lm["folder"] / "tokenizer.json")
     assert r.metrics["text"]["masks_record"]["max_length"] == 8
+
+
+def test_dynamo_export_keys_are_the_parameter_names(lm, tmp_path):
+    """select on a torch.onnx.export(dynamo=True) export keys its masks by parameter name too (folded-from
+    metadata), so attach on the transformers model takes them as they are."""
+    from fps_graph.training.hf import canonical_masks, load_hf_model
+    from fps_graph.training.sparse import attach
+
+    onnx_path = H.export_onnx(lm["folder"], tmp_path / "dynamo.onnx", dynamo=True)
+    masks = H.select_masks(onnx_path, lm["root"] / "calib.npz", tmp_path / "masks.safetensors", k=2)
+    legacy, dyn = load_indices(lm["masks"]), load_indices(masks)
+    assert sorted(dyn) == sorted(legacy)
+    model = load_hf_model(lm["folder"], "causal-lm")
+    handle = attach(model, canonical_masks(model, masks))
+    assert sorted(handle.deltas) == sorted((set(dyn) - {"lm_head.weight"}) | {"model.embed_tokens.weight"})
