@@ -297,3 +297,11 @@ def _batches(folder: Path, batch_size: int) -> list[np.ndarray]:
 
     src = open_source(folder, [InputSpec("x", ("N", "T", 12), np.dtype(np.float32))])
     return src.batches(np.arange(len(src)), batch_size)
+
+
+def test_anchor_with_anchor_stats_is_refused(tmp_path):
+    out = tmp_path / "m.safetensors"
+    code, _, err = cli("select", SAMPLE, IMAGES, "--score", "gd-fps", "--anchor", IMAGES, "--anchor-stats",
+                       tmp_path / "a.stats", "-o", out)
+    assert code == 2 and not out.exists()
+    one_error_line(err, "--anchor and --anchor-stats both given")
