@@ -791,3 +791,15 @@ def test_weight_stored_once_per_branch_is_one_entry(decoders, tmp_path):
     assert sorted(idx_c) == sorted(idx_s)
     for key in idx_c:
         assert idx_c[key].dtype == idx_s[key].dtype and idx_c[key].tobytes() == idx_s[key].tobytes(), key
+
+
+def test_body_external_data_outside_the_folder_is_refused(decoders, tmp_path):
+    src = merge_decoders(decoders["no_past"], decoders["with_past"], tmp_path / "m.onnx", share=False, external=True)
+    proto = onnx.load(str(src), load_external_data=False)
+    body = next(a.g for a in proto.graph.node[0].attribute if a.name == "else_branch")
+    big = next(t for t in body.initializer if t.data_location == TP.EXTERNAL)
+    next(e for e in big.external_data if e.key == "location").value = "../elsewhere.bin"
+    (tmp_path / "bad").mkdir()
+    onnx.save(proto, str(tmp_path / "bad" / "m.onnx"))
+    with pytest.raises(FpsGraphError, match="points outside the model's folder"):
+        make_plan(tmp_path / "bad" / "m.onnx")

@@ -14,6 +14,7 @@ same way as one in the main graph:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -179,6 +180,7 @@ def model_scopes(model) -> list[Scope]:
     for scope in scopes[1:]:
         for t in scope.graph.initializer:
             key = scope.consts[t.name]
+            _check_location(model, t, scope.path)
             _register(model, key, t.name, scope.path, local)
             model.initializers[key] = t
         for node in scope.graph.node:
@@ -196,6 +198,21 @@ def _register(model, key: str, name: str, path: str, local: dict[str, tuple[str,
         raise FpsGraphError(f"{model.path}: constant {name!r} of subgraph {path!r} gets the key {key!r}, which the "
                             "main graph already uses; rename one of them")
     local[key] = (path, name)
+
+
+def _check_location(model, t: onnx.TensorProto, path: str) -> None:
+    """Refuse a body's external data that points outside the model's folder or is missing (as for the main graph)."""
+    if not (t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL):
+        return
+    loc = next((e.value for e in t.external_data if e.key == "location"), "")
+    base = model.base_dir.resolve()
+    target = (base / loc).resolve()
+    if os.path.isabs(loc) or (target != base and base not in target.parents):
+        raise FpsGraphError(f"{model.path}: external data of initializer {t.name!r} in subgraph {path!r} points "
+                            f"outside the model's folder: {loc!r}")
+    if not target.is_file():
+        raise FpsGraphError(f"{model.path}: external data file of initializer {t.name!r} in subgraph {path!r} is "
+                            f"missing: {loc}")
 
 
 def local_name(model, key: str) -> str:
