@@ -339,7 +339,8 @@ def _save(proto: onnx.ModelProto, out: Path, external: bool) -> None:
             location = out.name + ".data"
             onnx.save(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=location, size_threshold=1024)
-            os.replace(tmp / location, out.parent / location)
+            if (tmp / location).exists():   # a small model (every tensor under 1 KB) keeps its weights inline
+                os.replace(tmp / location, out.parent / location)
         else:
             onnx.save(proto, str(staged))
         os.replace(staged, out)

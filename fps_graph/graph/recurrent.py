@@ -88,44 +88,130 @@ class RecurrentLayer(Layer):
 # --------------------------------------------------------------------------------- tracing weights to storage
 
 
-def _const(model: OnnxModel, scope: Any, name: str) -> np.ndarray | None:
-    """Value of a constant input (shapes, axes, slice bounds) or None when it is computed at run time."""
-    if not name:
+_SMALL_OPS = ("Add", "Sub", "Mul", "Div", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Slice", "Reshape",
+              "Identity", "Neg", "Range", "Min", "Max", "ConstantOfShape")
+
+
+def _const(model: OnnxModel, scope: Any, name: str, depth: int = 0) -> np.ndarray | None:
+    """Value of a small integer input (shapes, axes, slice bounds), folded from constants and static dimensions
+    where it is computed (dynamo exports without constant folding compute slice bounds from Shape of a zero state);
+    None when it depends on run-time values."""
+    if not name or depth > 24:
         return None
     key = scope.const_key(name)
     if key is not None:
         return model.tensor(key)
     node = scope.producer(name)
-    if node is not None and node.op_type == "Constant":
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Constant":
         return _constant_value(node)
-    return None
+    if node.op_type == "Shape":
+        dims = _static_shapes(model).get(node.input[0]) if scope.parent is None else None
+        if dims is None:
+            return None
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        part = dims[start:end] if end is not None else dims[start:]
+        return np.array(part, dtype=np.int64) if all(isinstance(d, int) for d in part) else None
+    if node.op_type not in _SMALL_OPS:
+        return None
+    values = [_const(model, scope, i, depth + 1) if i else None for i in node.input]
+    if any(v is None for v, i in zip(values, node.input) if i) or any(v.size > 4096 for v in values if v is not None):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {f"i{k}": v for k, v in enumerate(values) if v is not None}
+    inputs = [f"i{k}" if i else "" for k, i in enumerate(node.input)]
+    single = helper.make_node(node.op_type, inputs, ["out"], **{a.name: helper.get_attribute_value(a)
+                                                               for a in node.attribute})
+    try:
+        graph = helper.make_graph([single], "fold", [helper.make_tensor_value_info(
+            n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)) for n, v in feeds.items()],
+            [helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)])
+        folded = helper.make_model(graph, opset_imports=[helper.make_opsetid("", model.opset)])
+        return np.asarray(ReferenceEvaluator(folded).run(None, feeds)[0])
+    except Exception:   # an op the reference evaluator cannot run here: treat the value as computed
+        return None
 
 
-def trace_positions(model: OnnxModel, scope: Any, name: str, depth: int = 0) -> tuple[str, np.ndarray] | None:
-    """(stored constant, flat positions in it shaped like ``name``) for a tensor computed from one constant by
-    layout-only ops (Slice, Concat, Gather, Reshape, Transpose, ...); None when values are computed."""
+def _static_shapes(model: OnnxModel) -> dict[str, list]:
+    """Inferred shapes of main-graph values (ints for static dims), computed once, on a copy without weights."""
+    cached = model.__dict__.get("_fpsg_static_shapes")
+    if cached is not None:
+        return cached
+    proto = model.proto
+    copy = onnx.ModelProto()
+    copy.ir_version = proto.ir_version
+    copy.opset_import.extend(proto.opset_import)
+    g = copy.graph
+    g.node.extend(n for n in proto.graph.node if not any(a.type in (onnx.AttributeProto.GRAPH,
+                                                                      onnx.AttributeProto.GRAPHS) for a in n.attribute))
+    g.input.extend(proto.graph.input)
+    have = {i.name for i in proto.graph.input}
+    for t in proto.graph.initializer:
+        if t.name not in have:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    out: dict[str, list] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
+        for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    except Exception:
+        pass
+    model.__dict__["_fpsg_static_shapes"] = out
+    return out
+
+
+_SHIFT = 40   # a traced position is (index of its stored constant) << _SHIFT | (flat position in that constant)
+
+
+def trace_positions(model: OnnxModel, scope: Any, name: str, depth: int = 0
+                    ) -> tuple[tuple[str, ...], np.ndarray] | None:
+    """(stored constants, codes shaped like ``name``) for a tensor computed from constants by layout-only ops
+    (Slice, Concat, Gather, Reshape, Transpose, ...): each code is ``source index << 40 | flat position``, so a
+    W stacked from ``weight_ih_l0`` and ``weight_ih_l0_reverse`` (exports without constant folding) is followed
+    to both. None when any value is computed."""
     key = scope.const_key(name)
     if key is not None:
         shape = model.tensor_shape(key)
-        return key, np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        return (key,), np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
     node = scope.producer(name)
     if node is None or depth > 64 or node.domain not in ("", "ai.onnx") or node.op_type not in _LAYOUT_OPS:
         return None
     op = node.op_type
     if op == "Concat":
         parts = [trace_positions(model, scope, i, depth + 1) for i in node.input]
-        if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
+        if any(p is None for p in parts):
             return None
-        return parts[0][0], np.concatenate([p[1] for p in parts], axis=int(_attr(node, "axis", 0)))
+        sources: list[str] = []
+        arrays = []
+        for srcs, codes in parts:
+            remap = np.array([sources.index(x) if x in sources else (sources.append(x) or len(sources) - 1)
+                              for x in srcs], dtype=np.int64)
+            arrays.append((remap[codes >> _SHIFT] << _SHIFT) | (codes & ((1 << _SHIFT) - 1)))
+        try:
+            return tuple(sources), np.concatenate(arrays, axis=int(_attr(node, "axis", 0)))
+        except ValueError:
+            return None
     base = trace_positions(model, scope, node.input[0], depth + 1)
     if base is None:
         return None
-    src, idx = base
+    srcs, idx = base
     try:
         out = _layout_op(model, scope, node, idx, name)
     except (ValueError, IndexError, TypeError):
         return None
-    return None if out is None else (src, out)
+    return None if out is None else (srcs, out)
+
+
+def one_source(traced: tuple[tuple[str, ...], np.ndarray], part: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """(stored constant, flat positions) of a slice of traced codes that all come from one constant, else None."""
+    which = np.unique(part >> _SHIFT)
+    if which.size != 1:
+        return None
+    return traced[0][int(which[0])], part & ((1 << _SHIFT) - 1)
 
 
 def _layout_op(model: OnnxModel, scope: Any, node: onnx.NodeProto, idx: np.ndarray, name: str
@@ -230,6 +316,10 @@ def _key_names(model: OnnxModel, scope: Any, node: onnx.NodeProto, name: str, st
                direction: int, dirs: int) -> tuple[str, str]:
     """(PyTorch-style name of the weight, how it was found): dynamo metadata, the legacy node path, or the node."""
     suffix = "_reverse" if dirs == 2 and direction == 1 else ""
+    local = stored.split("::")[-1]
+    m = _TORCH_NAME.search(local)
+    if m and m.group(2) == part and bool(m.group(4)) == bool(suffix):   # exported unfolded: the parameter itself
+        return local, "initializer-name"
     folded = _folded_name(model, stored, part, bool(suffix))
     if folded:
         return folded, "folded-from"
@@ -238,7 +328,6 @@ def _key_names(model: OnnxModel, scope: Any, node: onnx.NodeProto, name: str, st
         path, k = mod
         base = f"weight_{part}_l{k}{suffix}"
         return (f"{path}.{base}" if path else base), "node-scope"
-    local = stored.split("::")[-1]
     m = re.search(r"weight_(ih|hh)(_l\d+)?$", local)
     if m and m.group(1) == part and dirs == 1:       # an LSTMCell/GRUCell parameter, sliced into gates
         return local, "initializer-name"
@@ -247,7 +336,13 @@ def _key_names(model: OnnxModel, scope: Any, node: onnx.NodeProto, name: str, st
 
 def _register(model: OnnxModel, key: str, node_name: str, source: str, index: np.ndarray, layout: dict,
               how: str) -> str:
-    """Register a derived tensor under key (made unique if the model already has that name); return its name."""
+    """Register a derived tensor under key (made unique if the model already has that name); return its name.
+
+    When the positions are the whole stored tensor in order (an unfolded export, an LSTMCell's weight), the stored
+    tensor is the PyTorch tensor itself: no derived tensor, its own name."""
+    shape = model.tensor_shape(source)
+    if tuple(index.shape) == tuple(shape) and np.array_equal(index.reshape(-1), np.arange(index.size)):
+        return source
     final = key
     if model.is_constant(final) and not (final in model.derived and model.derived[final].source == source
                                          and np.array_equal(model.derived[final].index, index)):
@@ -298,9 +393,14 @@ def dispatch_recurrent(model: OnnxModel, scope: Any, node: onnx.NodeProto, name:
     bias = trace_positions(model, scope, b_in) if b_in else None
     layers: list[Layer] = []
     for part, traced, act in (("ih", w, x), ("hh", r, y)):
-        src, idx = traced
         for d in range(dirs):
             reverse = direction == "reverse" or d == 1
+            found = one_source(traced, traced[1][d][rows])
+            if found is None:
+                skipped.append(Skipped(name, op, f"{'W' if part == 'ih' else 'R'}[{d}] mixes values of several "
+                                                 "stored tensors; not scored"))
+                continue
+            src, index = found
             key, how = _key_names(model, scope, node, name, src, part, d, dirs)
             if part == "hh" and op == "GRU" and not int(_attr(node, "linear_before_reset", 0)):
                 skipped.append(Skipped(name, op, f"{key}: GRU with linear_before_reset=0 applies R's candidate rows "
@@ -312,20 +412,24 @@ def dispatch_recurrent(model: OnnxModel, scope: Any, node: onnx.NodeProto, name:
                 continue
             lay = {"recurrent": {"op": op, "node": name, "part": part, "direction": d, "source": src,
                                  "source_shape": list(model.tensor_shape(src)), "gate_order": order}}
-            dname = _register(model, key, name, src, idx[d][rows], lay, how)
+            dname = _register(model, key, name, src, index, lay, how)
             if bias is not None and bias[1].shape == (dirs, 2 * gates * hidden):
                 half = bias[1][d][: gates * hidden] if part == "ih" else bias[1][d][gates * hidden:]
-                blay = {"recurrent": dict(lay["recurrent"], source=bias[0],
-                                          source_shape=list(model.tensor_shape(bias[0])))}
-                _register(model, re.sub(r"weight_(ih|hh)", r"bias_\1", dname), name, bias[0], half[rows], blay, how)
-            shape = (gates * hidden, int(idx.shape[2]))
+                bfound = one_source(bias, half[rows])
+                if bfound is not None:
+                    blay = {"recurrent": dict(lay["recurrent"], source=bfound[0],
+                                              source_shape=list(model.tensor_shape(bfound[0])))}
+                    _register(model, re.sub(r"weight_(ih|hh)", r"bias_\1", dname), name, bfound[0], bfound[1], blay,
+                              how)
+            shape = (gates * hidden, int(index.shape[1]))
             state = (init_h, dirs, layout, reverse) if part == "hh" else ()
             layers.append(RecurrentLayer(node=f"{name}:{key}", op=op, activation=act, weight=dname, chain=[],
                                          stored_shape=shape, op_shape=shape, feature_axis=-1, part=part,
                                          direction=d, state=state))
     if bias is not None:
-        skipped.append(Skipped(name, op, f"{bias[0]} {list(model.tensor_shape(bias[0]))}: recurrent biases are not "
-                                         "scored (train trains the biases of masked layers in full)"))
+        stored = ", ".join(f"{b} {list(model.tensor_shape(b))}" for b in bias[0])
+        skipped.append(Skipped(name, op, f"{stored}: recurrent biases are not scored (train trains the biases of "
+                                         "masked layers in full)"))
     if op == "LSTM" and ins[7]:
         skipped.append(Skipped(name, op, f"peephole weights {ins[7]!r}: not scored"))
     return layers, skipped
