@@ -3,7 +3,8 @@
 Models (random weights, perturbed so that no two tensors are bit-identical and the exporter cannot merge them):
 
 * ``tiny``     - the bundled sample (samples/tiny_model.py: tiny_hybrid), 32x32 inputs, 4 classes;
-* ``vit-b16``  - transformers ViTForImageClassification(ViTConfig(num_labels=1000)): ViT-B/16, 224x224, 86.6M;
+* ``vit-b16``  - transformers ViTForImageClassification(ViTConfig(num_labels=1000)): ViT-B/16, 224x224, 86.6M
+                 (SDPA attention, transformers' default); ``vit-b16-eager`` the same with eager attention;
 * ``resnet50`` - transformers ResNetForImageClassification(ResNetConfig(num_labels=1000)): ResNet-50, 25.6M.
 
 Exports are made once with fps_graph.integrations.torch_export.export (legacy TorchScript exporter, dynamic batch) and cached under
@@ -36,6 +37,8 @@ SPECS = {
     "tiny": ModelSpec("tiny", (3, 32, 32), 4, "bundled sample tiny_hybrid (conv stem + 2 blocks, dim 32)"),
     "vit-b16": ModelSpec("vit-b16", (3, 224, 224), 1000,
                          "transformers ViTForImageClassification(ViTConfig(num_labels=1000)), ViT-B/16"),
+    "vit-b16-eager": ModelSpec("vit-b16-eager", (3, 224, 224), 1000,
+                               "the same ViT-B/16 with eager attention (explicit softmax(QK^T)V, as most exports)"),
     "resnet50": ModelSpec("resnet50", (3, 224, 224), 1000,
                           "transformers ResNetForImageClassification(ResNetConfig(num_labels=1000)), ResNet-50"),
 }
@@ -64,6 +67,10 @@ def _hf(name: str, meta: bool = False):
         from transformers import ViTConfig, ViTForImageClassification
 
         cfg, cls = ViTConfig(num_labels=1000), ViTForImageClassification
+    elif name == "vit-b16-eager":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        cfg, cls = ViTConfig(num_labels=1000, attn_implementation="eager"), ViTForImageClassification
     elif name == "resnet50":
         from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -112,6 +119,10 @@ def factory(name: str):
 # Factories importable as MODULE:FACTORY by fps_graph.integrations.torch_export.
 def vit_b16():
     return factory("vit-b16")
+
+
+def vit_b16_eager():
+    return factory("vit-b16-eager")
 
 
 def resnet50():

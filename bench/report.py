@@ -10,13 +10,14 @@ from pathlib import Path
 
 LABELS = {
     "ours": "fps-graph select (in-graph reduction)",
+    "ours-lean": "fps-graph select --max-memory MB (micro-batches)",
     "host": "fps-graph select --reduce host",
     "hooks": "PyTorch forward hooks, no_grad (FPS)",
     "gps": "PyTorch forward+backward, top \\|grad\\| (GPS-style)",
     "plain": "ONNX Runtime inference only (floor)",
 }
-SHORT = {"ours": "ours", "host": "host", "hooks": "hooks", "gps": "GPS", "plain": "plain ORT"}
-COLORS = {"ours": "#1f77b4", "host": "#9ecae1", "hooks": "#ff7f0e", "gps": "#d62728", "plain": "#7f7f7f"}
+SHORT = {"ours": "ours", "ours-lean": "ours --max-memory", "host": "host", "hooks": "hooks", "gps": "GPS", "plain": "plain ORT"}
+COLORS = {"ours": "#1f77b4", "ours-lean": "#2ca02c", "host": "#9ecae1", "hooks": "#ff7f0e", "gps": "#d62728", "plain": "#7f7f7f"}
 
 
 def _cell(s: dict | None, fmt: str = "{:.1f}") -> str:
@@ -86,8 +87,10 @@ def markdown(res: dict) -> str:
         r = next(x for x in res["ratios"] if (x["model"], x["batch_size"], x["samples"]) == (model, batch, samples))
         lines += ["", "| ratio of medians | time | CPU | pass | peak RSS | above baseline |"
                   + (" device |" if cuda else ""), "|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
-        for key in ("gps/ours", "hooks/ours", "host/ours", "ours/plain"):
-            q = r[key]
+        for key in ("gps/ours", "gps/ours-lean", "hooks/ours", "host/ours", "ours/plain", "ours-lean/plain"):
+            q = r.get(key)
+            if not q or not any(v for v in q.values()):
+                continue
             row = f"| {key} | {_x(q['total_s'])} | {_x(q.get('cpu_s'))} | {_x(q['pass_s'])} | " \
                   f"{_x(q['peak_rss_mb'])} | {_x(q['peak_above_baseline_mb'])} |"
             if cuda:
@@ -97,7 +100,7 @@ def markdown(res: dict) -> str:
                    (model, batch, samples)), None)
         if ag:
             parts = []
-            for other in ("hooks", "host", "gps"):
+            for other in ("ours-lean", "hooks", "host", "gps"):
                 val = ag.get(f"ours~{other}")
                 if f"ours~{other}" in ag:
                     parts.append(f"{SHORT[other]} {'n/a (different weight names)' if val is None else f'{100 * val:.2f}%'}")
@@ -105,11 +108,11 @@ def markdown(res: dict) -> str:
                 lines += ["", "Same selection as ours (share of ours' selected weights also selected by): "
                           + ", ".join(parts) + "."]
     if res.get("targets"):
-        lines += ["", "## Targets (ViT-B/16, batch 32, CPU)", "", "| samples | target | measured | met |",
-                  "|---:|---|---:|---|"]
+        lines += ["", "## Targets (ViT-B/16, batch 32, CPU)", "", "| model | samples | target | measured | met |",
+                  "|---|---:|---|---:|---|"]
         for t in res["targets"]:
             met = "n/a" if t["met"] is None else ("**yes**" if t["met"] else "**no**")
-            lines.append(f"| {t['samples']} | {t['target']} | {_x(t['value'])} | {met} |")
+            lines.append(f"| {t.get('model', 'vit-b16')} | {t['samples']} | {t['target']} | {_x(t['value'])} | {met} |")
     fails = [r for r in res["runs"] if r["rc"] != 0]
     if fails:
         lines += ["", f"{len(fails)} measurement(s) failed; first error: `{fails[0].get('error', '')[:300]}`"]

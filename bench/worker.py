@@ -6,6 +6,7 @@
 Methods (all read the same .npy through fps_graph's Loader, same batch size, same samples, same thread count):
 
 * ``ours``  - fps_graph.selection.pipeline.run_select + write_result, i.e. exactly ``fps-graph select`` (in-graph reduction);
+* ``ours-lean`` - the same with ``--max-memory MB`` (micro-batches sized to the budget, same masks);
 * ``host``  - the same with ``--reduce host`` (raw activations leave ONNX Runtime, reduced in NumPy);
 * ``hooks`` - FPS the obvious PyTorch way: forward pre-hooks on every nn.Linear / nn.Conv2d under torch.no_grad(),
   sum |x| per input feature (Conv: F.unfold windows), then |W| * E|x| and top-K per output neuron;
@@ -130,16 +131,16 @@ class Sampler(threading.Thread):
 # ONNX Runtime methods
 
 
-def run_ours(a, reduce: str) -> dict:
+def run_ours(a, reduce: str, max_memory_mb: float | None = None) -> dict:
     from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
     opts = SelectOptions(k=a.k, reduce=reduce, provider=a.provider, threads=a.threads, batch_size=a.batch_size,
-                         max_samples=a.samples, opt_level=a.opt_level)
+                         max_samples=a.samples, opt_level=a.opt_level, max_memory_mb=max_memory_mb)
     res = run_select(a.onnx, a.data, opts)
     write_result(res, a.masks, force=True)
     s = res.summary
     return {"pass_s": s["calibration_seconds"], "provider": s["provider"], "selected": s["selected"],
-            "samples_seen": s["samples"]}
+            "samples_seen": s["samples"], "micro_batch": s.get("micro_batch", 0), "max_memory_mb": max_memory_mb}
 
 
 def run_plain(a) -> dict:
@@ -314,7 +315,8 @@ def run_torch(a, method: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", required=True, choices=["ours", "host", "hooks", "gps", "plain"])
+    p.add_argument("--method", required=True, choices=["ours", "ours-lean", "host", "hooks", "gps", "plain"])
+    p.add_argument("--max-memory", type=float, default=None, help="ours-lean: fps-graph select --max-memory MB")
     p.add_argument("--model", required=True)
     p.add_argument("--onnx", required=True)
     p.add_argument("--weights", required=True)
@@ -368,6 +370,8 @@ def main(argv=None) -> int:
     sampler.start()
     if a.method in ("ours", "host"):
         res = run_ours(a, "graph" if a.method == "ours" else "host")
+    elif a.method == "ours-lean":
+        res = run_ours(a, "graph", a.max_memory)
     elif a.method == "plain":
         res = run_plain(a)
     else:
