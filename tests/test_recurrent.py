@@ -451,3 +451,15 @@ def test_hand_built_bidirectional_node_matches_numpy(tmp_path, op):
                 prev = np.concatenate([h0[d][None], y[:-1]]) if d == 0 else np.concatenate([y[1:], h0[d][None]])
                 want += np.abs(prev.astype(np.float64)).sum((0, 1))
         np.testing.assert_allclose(res.stats.sums[node]["abs"], want, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.skipif(_silero_model() is None, reason="silero-vad wheel not installed (pip install --no-deps silero-vad)")
+def test_silero_vad_zero_state_warns_that_r_scores_tie(tmp_path):
+    np.save(tmp_path / "audio.npy", (0.1 * np.random.default_rng(1).standard_normal((3, 512))).astype(np.float32))
+    np.save(tmp_path / "state.npy", np.zeros((2, 1, 128), np.float32))
+    np.save(tmp_path / "sr.npy", np.array(16000, dtype=np.int64))
+    static = {"state": str(tmp_path / "state.npy"), "sr": str(tmp_path / "sr.npy")}
+    res = run_select(_silero_model(), str(tmp_path / "audio.npy"),
+                     SelectOptions(batch_size=1, provider="cpu", k=1, static=static))
+    notes = [w for w in res.warnings if "every h_(t-1) it multiplied was zero" in w]
+    assert len(notes) == 1 and notes[0].startswith("If_0_then_branch__Inline_0__decoder.rnn.weight_hh:")

@@ -441,6 +441,24 @@ def scored_sources(model: OnnxModel, layers: list[Layer]) -> set[str]:
     return {d.source for d in model.derived.values() if d.layout.get("recurrent", {}).get("node") in nodes}
 
 
+def zero_state_notes(layers: list[Layer], stats: Any, keys: dict[str, str] | None = None) -> list[str]:
+    """Warnings for recurrent weights R whose every observed h_(t-1) was zero (one step per sample from a zero
+    initial state, as silero-vad chunks with a fresh state): all their FPS scores tie at zero."""
+    notes = []
+    seen: set[str] = set()
+    for layer in layers:
+        if not isinstance(layer, RecurrentLayer) or layer.part != "hh" or layer.weight in seen:
+            continue
+        group = [l for l in layers if l.weight == layer.weight]
+        seen.add(layer.weight)
+        sums = [stats.sums.get(l.node, {}).get("abs") for l in group]
+        if any(stats.counts.get(l.node, 0) for l in group) and all(s is None or not np.any(s) for s in sums):
+            notes.append(f"{(keys or {}).get(layer.weight, layer.weight)}: every h_(t-1) it multiplied was zero (a zero initial state and one step "
+                         "per sample?), so its scores all tie; feed a state taken from running the model on data "
+                         "(--static), or --exclude it")
+    return notes
+
+
 # ----------------------------------------------------------------------------------------- state observers
 
 
@@ -506,4 +524,4 @@ def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: st
 
 
 __all__ = ["RECURRENT_OPS", "RecurrentLayer", "dispatch_recurrent", "scored_sources", "state_reducer_nodes",
-           "torch_rows", "trace_positions"]
+           "torch_rows", "trace_positions", "zero_state_notes"]

@@ -24,6 +24,7 @@ from fps_graph.graph.layers import Layer, Skipped, find_layers
 from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
+from fps_graph.graph.recurrent import zero_state_notes
 from fps_graph.selection.positions import canonical_to_key
 from fps_graph.selection.copies import merge_copies
 from fps_graph.selection.scores import SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight
@@ -357,6 +358,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
     if stats is not None and opts.score not in ("magnitude", "random"):   # If branches the data never took
         _drop_unreached(plan, stats, warnings)
+        warnings.extend(zero_state_notes(plan.layers, stats, {w: n.key for w, n in plan.names.items()}))
     groups = plan.groups
 
     def scorer(i: int) -> WeightScores:
