@@ -566,3 +566,32 @@ def test_jsonl_folder_equals_txt(bert, tmp_path, capsys):
     code, err = run_cli(capsys, "select", root, tmp_path / "js", "-o", out, "-q", "--text-field", "body")
     assert code == 0, err
     assert {k: v.tolist() for k, v in load_masks(out).items()} == {k: v.tolist() for k, v in dense(b).items()}
+
+
+def test_merged_decoder_folder_from_text(tmp_path):
+    """An Optimum-style merged decoder (If on use_cache_branch) given as a folder, fed text: use_cache_branch False,
+    empty past, the same statistics as the plain decoder and as the per-sequence PyTorch oracle."""
+    cf = pytest.importorskip("test_control_flow")   # the merged-decoder builder lives with the control-flow tests
+    lm = cf._llama()
+    no_past, with_past = cf._export_decoders(lm, tmp_path)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    cf.merge_decoders(no_past, with_past, folder / "decoder_model_merged.onnx")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=cf.VOCAB, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    assert tok.get_vocab_size() <= cf.VOCAB
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(TEXT_LINES) + "\n")
+    merged = select(folder, data, batch_size=3)
+    plain = select(no_past, data, batch_size=3, tokenizer=str(folder))
+    assert sorted(merged.indices) == sorted(plain.indices)
+    assert all(np.array_equal(merged.indices[k], plain.indices[k]) for k in plain.indices)
+    ref = per_sequence_oracle(lm, folder / "tokenizer.json", TEXT_LINES, 64, llama_forward)
+    check_against_oracle(plain, ref)
+    for key, want in oracle_masks(lm, ref, 1).items():
+        assert np.array_equal(dense(merged)[key], want), key
