@@ -228,7 +228,7 @@ def test_qdq_quantized_model(tmp_path, exported):
         assert res.indices[key].tolist() == (top if rec["torch"] else stored).tolist()
 
 
-def test_subgraph_and_runtime_weights_listed_as_skipped(tmp_path):
+def test_subgraph_layers_found_and_runtime_weights_listed_as_skipped(tmp_path):
     inner = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["z"], name="inner_mm")], "then", [],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["z2"])], "else", [],
@@ -245,12 +245,11 @@ def test_subgraph_and_runtime_weights_listed_as_skipped(tmp_path):
                           [numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "w")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "c.onnx")
     layers, skipped = find_layers(load_model(tmp_path / "c.onnx"))
-    assert [l.node for l in layers] == ["outer_mm"]
+    assert [l.node for l in layers] == ["outer_mm", "branch/then_branch/inner_mm"]   # If bodies: docs/control_flow.md
     reasons = {s.node: s.reason for s in skipped}
     assert reasons["dyn_mm"] == "weight input 'x2' is computed at run time, not a constant"
-    assert reasons["branch/then_branch/inner_mm"] == "inside a If subgraph"
     code, out, _ = cli("inspect", tmp_path / "c.onnx")
-    assert code == 0 and "inside a If subgraph" in out and "computed at run time" in out
+    assert code == 0 and "branch/then_branch/inner_mm" in out and "computed at run time" in out
 
 
 def test_external_data_model_stays_external(tmp_path, exported):
