@@ -343,6 +343,9 @@ def _register(model: OnnxModel, key: str, node_name: str, source: str, index: np
     shape = model.tensor_shape(source)
     if tuple(index.shape) == tuple(shape) and np.array_equal(index.reshape(-1), np.arange(index.size)):
         return source
+    for name, d in model.derived.items():   # the same weights read by another node (a module called twice): one tensor
+        if d.source == source and d.index.shape == index.shape and np.array_equal(d.index, index):
+            return name
     final = key
     if model.is_constant(final) and not (final in model.derived and model.derived[final].source == source
                                          and np.array_equal(model.derived[final].index, index)):
