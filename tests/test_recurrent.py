@@ -463,3 +463,35 @@ def test_silero_vad_zero_state_warns_that_r_scores_tie(tmp_path):
                      SelectOptions(batch_size=1, provider="cpu", k=1, static=static))
     notes = [w for w in res.warnings if "every h_(t-1) it multiplied was zero" in w]
     assert len(notes) == 1 and notes[0].startswith("If_0_then_branch__Inline_0__decoder.rnn.weight_hh:")
+
+
+def test_module_called_twice_is_one_pooled_entry(tmp_path):
+    """The same nn.GRU applied twice (legacy export: two GRU nodes on the same initializers): one key per weight,
+    statistics pooled over both calls (counts add up; sums equal the two calls' PyTorch inputs)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(IN, IN, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(self.rnn(x)[0])[0]
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    path = tmp_path / "twice.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(B, T, IN),), str(path), input_names=["x"], dynamo=False)
+    np.save(tmp_path / "x.npy", data())
+    res = select(path, tmp_path / "x.npy")
+    assert sorted(res.tensors) == ["rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    rec = res.tensors["rnn.weight_ih_l0"]
+    assert len(rec["nodes"]) == 2
+    with torch.no_grad():
+        x = torch.from_numpy(data())
+        h1 = net.rnn(x)[0]
+    want = np.abs(x.double().numpy()).sum((0, 1)) + np.abs(h1.double().numpy()).sum((0, 1))
+    got = sum(res.stats.sums[n]["abs"] for n in rec["nodes"])
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    assert sum(res.stats.counts[n] for n in rec["nodes"]) == 2 * N * T
