@@ -297,6 +297,8 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str, labels: list
 def _cell(c: dict[str, Any]) -> str:
     if not c.get("n"):
         return ""
+    if c["n"] < 2:
+        return f"{c['mean_pp']:+.2f} (n=1)"
     mark = "**" if abs(c["mean_pp"]) >= 2 * c["sem_pp"] else ""
     return f"{mark}{c['mean_pp']:+.2f} ± {c['sem_pp']:.2f}{mark}"
 
