@@ -595,3 +595,16 @@ def test_merged_decoder_folder_from_text(tmp_path):
     check_against_oracle(plain, ref)
     for key, want in oracle_masks(lm, ref, 1).items():
         assert np.array_equal(dense(merged)[key], want), key
+
+
+def test_text_beside_a_model_without_token_ids(tmp_path, bert):
+    """A folder of .txt notes is no text data for an image model; a .txt file for it is refused by name."""
+    from fps_graph.data.sources import open_source
+
+    specs = [InputSpec("input", ("N", 3, 8, 8), np.dtype(np.float32))]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("no data here\n")
+    with pytest.raises(FpsGraphError, match="no data files .* are text, and this model takes no token ids"):
+        open_source(tmp_path / "notes", specs)
+    with pytest.raises(FpsGraphError, match=r"README.txt is text, but the model takes no token ids \(inputs: input"):
+        open_source(tmp_path / "notes" / "README.txt", specs)

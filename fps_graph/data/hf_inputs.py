@@ -26,7 +26,7 @@ import numpy as np
 from fps_graph.data.sources import InputSpec, _fmt_shape
 from fps_graph.errors import FpsGraphError
 
-__all__ = ["InputPlan", "plan_inputs", "read_hf_config", "CONVENTIONS"]
+__all__ = ["InputPlan", "plan_inputs", "read_hf_config", "takes_token_ids", "CONVENTIONS"]
 
 CONVENTIONS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cache_position",
                "past_key_values.*", "past_*", "use_cache_branch")
@@ -45,6 +45,11 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
         return {}
     text = cfg.get("text_config")
     return {**text, **cfg} if isinstance(text, dict) else cfg
+
+
+def takes_token_ids(specs: list[InputSpec]) -> bool:
+    """True when some input can take token ids: ``input_ids``, or an integer input of rank 2 (or unknown rank)."""
+    return any(s.name == "input_ids" or (_is_int(s.dtype) and len(s.shape) in (0, 2)) for s in specs)
 
 
 def _is_past(name: str) -> bool:

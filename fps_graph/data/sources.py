@@ -360,13 +360,18 @@ def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: Ima
                 text_opts: "TextOptions | None" = None, model_path: str | os.PathLike | None = None) -> Source:
     """A Source for a data folder or file, checked against the model inputs (text needs the model's path, where
     its tokenizer lives, or text_opts.tokenizer)."""
+    from fps_graph.data.hf_inputs import takes_token_ids
     from fps_graph.data.text import TextSource, is_text_path   # text imports this module
 
     p = Path(path)
     opts = image_opts or ImageOptions()
     if not p.exists():
         raise FpsGraphError(f"data path not found: {p}")
-    if is_text_path(p):
+    text = is_text_path(p)
+    if text and p.is_file() and not takes_token_ids(specs):
+        raise FpsGraphError(f"{p} is text, but the model takes no token ids (inputs: "
+                            f"{', '.join(f'{s.name} {s.dtype.name} {_fmt_shape(s.shape)}' for s in specs)})")
+    if text and takes_token_ids(specs):   # a folder of .txt notes beside images is not text data for an image model
         if p.is_dir() and (list_files(p, ARRAY_EXTS) or list_files(p, IMAGE_EXTS)):
             raise FpsGraphError(f"{p}: holds text files beside images or array files; point at one kind")
         return TextSource(p, specs, model_path, text_opts)
@@ -387,6 +392,9 @@ def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: Ima
         return _image_source(images, specs, opts)
     if not any(p.iterdir()):
         raise FpsGraphError(f"data folder is empty: {p}")
+    if text:
+        raise FpsGraphError(f"no data files (images or .npy/.npz/.safetensors) found in {p}; its .txt/.jsonl files "
+                            "are text, and this model takes no token ids")
     raise FpsGraphError(f"no data files (images, .npy/.npz/.safetensors or .txt/.jsonl) found in {p}")
 
 
