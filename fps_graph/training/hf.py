@@ -455,7 +455,7 @@ def run_hf_train(opts: Any, progress: Callable | None = None,
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
-            torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+            tr.deterministic(True, warn_only=device != "cpu")
             if opts.threads:
                 torch.set_num_threads(opts.threads)
             model = load_hf_model(folder, task).to(device)
@@ -484,7 +484,7 @@ def run_hf_train(opts: Any, progress: Callable | None = None,
                     shutil.rmtree(made, ignore_errors=True)
                 raise
     finally:
-        torch.use_deterministic_algorithms(prev_det)
+        tr.deterministic(prev_det)
         torch.set_num_threads(prev_threads)
     return result
 
