@@ -192,3 +192,43 @@ def test_end_to_end_sample_runs(tmp_path, capsys):
     assert summary["accuracy"]["finetuned_onnx"] == summary["accuracy"]["finetuned_pytorch"]
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "tiny_hybrid_finetuned.onnx").is_file()
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_apply_patches_a_constant_node_inside_an_if_branch(tmp_path):
+    """A Conv kernel held by a Constant node inside an If branch (as other producers store weights) is patched in
+    place, keeps its name, and the patched model computes what a plain Conv with the trained kernel computes."""
+    from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+
+    from fps_graph.formats.delta import SparseEntry, write_delta
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv = h.make_node("Conv", ["x", "conv.weight"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    const = h.make_node("Constant", [], ["conv.weight"], name="w", value=nh.from_array(kernel, "conv.weight"))
+    vi = lambda n, s: h.make_tensor_value_info(n, TP.FLOAT, s)   # noqa: E731
+    then = h.make_graph([const, conv], "then", [], [vi("y", ["N", 4, 6, 6])])
+    other = h.make_graph([h.make_node("Identity", ["z"], ["y2"], name="id")], "else", [], [vi("y2", ["N", 4, 6, 6])])
+    g = h.make_graph([h.make_node("If", ["c"], ["out"], name="sr", then_branch=then, else_branch=other)], "g",
+                     [vi("x", ["N", 3, 6, 6]), h.make_tensor_value_info("c", TP.BOOL, []), vi("z", ["N", 4, 6, 6])],
+                     [vi("out", ["N", 4, 6, 6])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    idx = np.array([0, 5, 40, 107], dtype=np.int64)
+    delta = rng.normal(size=idx.size).astype(np.float32)
+    entry = SparseEntry(idx, delta, kernel.reshape(-1)[idx], kernel.shape)
+    write_delta(tmp_path / "d.safetensors", {"conv.weight": entry}, {},
+                {"conv.weight": {"kind": "sparse", "shape": list(kernel.shape), "dtype": "float32"}}, {}, {})
+    report = apply_delta(tmp_path / "m.onnx", tmp_path / "d.safetensors", tmp_path / "out.onnx")
+    assert [u["initializer"] for u in report["updated"]["conv.weight"]] == ["sr/then_branch::conv.weight"]
+    tuned = kernel.copy().reshape(-1)
+    tuned[idx] = entry.values()
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    body = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert body.node[0].output[0] == "conv.weight" and body.node[0].attribute[0].t.name == "conv.weight"
+    np.testing.assert_array_equal(nh.to_array(body.node[0].attribute[0].t).reshape(-1), tuned)
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x, "c": np.array(True), "z": np.zeros((2, 4, 6, 6), np.float32)})[0]
+    want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(tuned.reshape(kernel.shape)), padding=1)
+    assert_close(got, want.numpy())
