@@ -216,6 +216,12 @@ def main() -> None:
         else:
             res["runs"].append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(json.dumps(res["runs"][-1]), file=sys.stderr, flush=True)
+        _write(res, t0)            # after every method: a cut-short run keeps what it measured
+    print(markdown(res))
+
+
+def _write(res: dict, t0: float) -> None:
+    """bench/results/<name>.{json,md,png} from the runs so far."""
     ok = [r for r in res["runs"] if "error" not in r]
     res["params"] = ok[0]["params"] if ok else 0
     res["load_after"] = os.getloadavg()
@@ -224,8 +230,8 @@ def main() -> None:
     out = RESULTS / res["name"]
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    if ok:
+        plot(res, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
