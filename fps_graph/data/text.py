@@ -333,12 +333,14 @@ class TextSource(Source):
         if not n:
             return []
         first = self.samples[self.tokens.truncated[0]]
+        limit = "" if self.max_length_from == "--max-length" else f"the limit is from {self.max_length_from}; "
         return [f"{n} of {len(self)} text samples were longer than {self.max_length} tokens and were truncated "
-                f"(first: {first.file}:{first.line}; --max-length from {self.max_length_from})"]
+                f"(first: {first.file}:{first.line}; {limit}--max-length sets it, --no-truncate refuses long samples)"]
 
     def record(self) -> dict[str, Any]:
         """What the masks metadata keeps about this data (tokenizer, lengths, field)."""
-        return {"kind": "text", "tokenizer": str(self.tokenizer_path), "tokenizer_sha256": sha256_of(self.tokenizer_path),
+        return {"kind": "text", "tokenizer": str(self.tokenizer_path.resolve()),
+                "tokenizer_sha256": sha256_of(self.tokenizer_path),
                 "max_length": self.max_length, "max_length_from": self.max_length_from,
                 "text_field": self.opts.text_field, "truncate": self.opts.truncate,
                 "truncated": len(self.tokens.truncated), "tokens": int(self.tokens.offsets[-1]),
