@@ -139,8 +139,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                "driver_peak_rss_mb": _median([r["driver_peak_rss_mb"] for r in ok]),
                "worker_peak_rss_mb": _median([max(c["worker_peak_rss_mb"]) for c in cl]) if cl else None,
                "workers_total_rss_mb": _median([sum(c["worker_peak_rss_mb"]) for c in cl]) if cl else None,
-               "tree_peak_rss_mb": _median([r["tree_peak_rss_mb"] for r in ok]),
-               "tree_peak_pss_mb": _median([r["tree_peak_pss_mb"] for r in ok]),
+               "tree_peak_rss_mb": _median([r.get("tree_peak_rss_mb") for r in ok]),
+               "tree_peak_pss_mb": _median([r.get("tree_peak_pss_mb") for r in ok]),
                "ray_init_s": _median([c["ray_init_seconds"] for c in cl]) if cl else None,
                "startup_s": _median([c["startup_seconds"] for c in cl]) if cl else None,
                "range_samples_per_s": [min(r["samples_per_s"] for r in ok), max(r["samples_per_s"] for r in ok)]}
@@ -150,7 +150,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         if base:
             r["speed_vs_local"] = r["samples_per_s"] / base["samples_per_s"]
             r["end_to_end_vs_local"] = base["process_wall_s"] / r["process_wall_s"]
-            r["tree_pss_vs_local"] = r["tree_peak_pss_mb"] / base["tree_peak_pss_mb"]
+            if r["tree_peak_pss_mb"] and base["tree_peak_pss_mb"]:
+                r["tree_pss_vs_local"] = r["tree_peak_pss_mb"] / base["tree_peak_pss_mb"]
     return rows
 
 
@@ -175,7 +176,8 @@ def markdown(res: dict) -> str:
              f"{s['reps']} repetitions, order rotated |",
              f"| load average | {res['load']} (**shared machine: other jobs ran on the 2 cores; timings are "
              "noisy**) |",
-             f"| masks | {res['masks_identical']} |", "",
+             f"| masks | {res['masks_identical']} |"] + ([f"| note | {res['note']} |"] if res.get("note") else []) + [
+             "",
              "*calibration s* and *samples/s*: the pass over the data (for Ray: from the workers being ready to "
              "the last shard added); *process s*: the whole process, imports and Ray start-up included; *Ray "
              "init*: `ray.init` starting a local instance; *start-up*: from before `ray.init` to every worker "
@@ -219,8 +221,13 @@ def plot(res: dict, path: Path) -> bool:
     ax[1].set_title("seconds")
     ax[1].legend(fontsize=8)
     x = np.arange(len(rows))
-    ax[2].bar(x - 0.2, [r["tree_peak_rss_mb"] for r in rows], 0.4, label="tree RSS", color="#228833")
-    ax[2].bar(x + 0.2, [r["tree_peak_pss_mb"] for r in rows], 0.4, label="tree PSS", color="#66ccee")
+    if all(r["tree_peak_rss_mb"] for r in rows):
+        ax[2].bar(x - 0.2, [r["tree_peak_rss_mb"] for r in rows], 0.4, label="tree RSS", color="#228833")
+        ax[2].bar(x + 0.2, [r["tree_peak_pss_mb"] for r in rows], 0.4, label="tree PSS", color="#66ccee")
+    else:   # runs collected with --from-runs: no process-tree sampling
+        ax[2].bar(x - 0.2, [r["driver_peak_rss_mb"] for r in rows], 0.4, label="driver RSS", color="#228833")
+        ax[2].bar(x + 0.2, [r["workers_total_rss_mb"] or 0 for r in rows], 0.4, label="workers RSS (sum)",
+                  color="#66ccee")
     ax[2].plot(x, [r["driver_peak_rss_mb"] for r in rows], "k_", markersize=20, label="driver RSS")
     ax[2].set_xticks(x, names)
     ax[2].set_title("peak memory, MB")
@@ -233,6 +240,53 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
+def from_runs(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Results from the per-run files of an interrupted run (no process-tree memory; process time from its log)."""
+    import hashlib
+    import re
+
+    walls: dict[tuple[str, int], float] = {}
+    if args.log:
+        current = None
+        for line in Path(args.log).read_text().splitlines():
+            m = re.match(r"\[bench\] rep (\d+)/\d+ (\S+) \.\.\.", line)
+            if m:
+                current = (m.group(2), int(m.group(1)) - 1)
+            m = re.match(r"\[bench\]\s+rc 0, .* ([0-9.]+) s$", line)
+            if m and current:
+                walls[current] = float(m.group(1))
+    runs = []
+    for path in sorted(Path(args.from_runs).glob("*-[0-9]*.json")):
+        cfg, rep_ = path.stem.rsplit("-", 1)
+        rec = json.loads(path.read_text())
+        masks = path.with_suffix(".safetensors")
+        runs.append(dict(rec, config=cfg, rep=int(rep_), rc=0,
+                         process_wall_s=walls.get((cfg, int(rep_)), rec["wall_in_process_s"]),
+                         masks_sha=hashlib.sha256(masks.read_bytes()).hexdigest()))
+    info = ensure_model(args.model)
+    onnx_path = onnx_variant(info, "external") if args.model != "tiny" else info["onnx"]
+    name = args.name or f"ray_{args.model}_n{args.samples}-cpu"
+    shas = {r["masks_sha"] for r in runs}
+    res = {"name": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": "python -m bench.ray_scaling " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+           "minutes": sum(r["process_wall_s"] for r in runs) / 60, "machine": machine_info("cpu"),
+           "versions": versions(),
+           "settings": {"model": args.model, "onnx_name": Path(onnx_path).name, "samples": args.samples,
+                        "batch_size": args.batch_size, "shard_size": args.shard_size,
+                        "reps": len({r["rep"] for r in runs})},
+           "load": f"{os.getloadavg()[0]:.2f} when summarized (the runs' own loads are in the log)",
+           "masks_identical": ("byte-identical in every run" if len(shas) == 1 else f"{len(shas)} different files"),
+           "note": "collected with --from-runs from an interrupted run: no process-tree memory sampling",
+           "runs": runs}
+    res["summary"] = summarize(runs)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(res))
+    plot(res, RESULTS / f"{name}.png")
+    print(markdown(res))
+    return 0 if len(shas) == 1 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit-b16")
@@ -243,12 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--from-runs", default=None, metavar="DIR",
+                    help="Summarize the per-run files an interrupted run left in DIR (its temporary folder) instead "
+                         "of measuring; --log FILE adds the process times from its stderr")
+    ap.add_argument("--log", default=None, help="With --from-runs: the interrupted run's stderr.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         Path(args.child_out).write_text(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.from_runs:
+        return from_runs(args, argv)
     t0 = time.perf_counter()
     info = ensure_model(args.model)
     onnx_path = onnx_variant(info, "external") if args.model != "tiny" else info["onnx"]
