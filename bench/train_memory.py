@@ -145,7 +145,7 @@ def markdown(res: dict) -> str:
              "", f"Command: `{res['command']}`  ",
              f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['ram_gb']} GB RAM; torch {m['torch']}; "
              f"load average before {m['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} (other work shares "
-             "these cores: times are indicative)", "",
+             "these cores: times are indicative)"] + ([f"Note: {res['note']}"] if res.get("note") else []) + ["",
              "| method | trainable values | peak RSS (MB) | RSS after setup (MB) | peak vs full | s / step | "
              "time vs full |", "|---|---:|---:|---:|---:|---:|---:|"]
     for key in METHODS:
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--note", default="", help="A sentence for the Markdown report (how the run was made).")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
@@ -205,7 +206,7 @@ def main() -> None:
             "--steps", str(args.steps), "--rank", str(args.rank)] + (["--quick"] if args.quick else [])
     res = {"name": args.name or ("train_memory_quick" if args.quick else "train_memory"),
            "command": "python -m bench.train_memory " + " ".join(sys.argv[1:]), "machine": _machine(),
-           "settings": {"seq": args.seq, "batch": args.batch, "steps": args.steps, "rank": args.rank,
+           "note": args.note, "settings": {"seq": args.seq, "batch": args.batch, "steps": args.steps, "rank": args.rank,
                         "config": config(args.quick), "optimizer": "AdamW", "dtype": "float32"}, "runs": []}
     for method in args.methods.split(","):
         print(f"{method} ...", file=sys.stderr, flush=True)
