@@ -1,1 +1,1 @@
-"""Stage 1, data readers: calibration and training samples (images, arrays) turned into batches of model inputs."""
+"""Stage 1, data readers: calibration and training samples (images, arrays, text) turned into batches of model inputs."""

@@ -1,1 +1,1 @@
-"""Bridges to other tools: PyTorch -> ONNX export (more to come: Hugging Face, PEFT, Ray)."""
+"""Bridges to other tools: PyTorch -> ONNX export with the name map, and PEFT adapters from trained deltas."""
