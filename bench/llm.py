@@ -39,14 +39,24 @@ SMALL = dict(TINYLLAMA, hidden_size=256, intermediate_size=704, num_hidden_layer
 METHODS = ("ours", "ours-lean", "plain", "gps", "before")
 
 
+LAYERS: int | None = None   # --layers: the TinyLlama shape with fewer decoder layers (fixed costs per layer)
+
+
+def _shape(small: bool) -> dict:
+    cfg = dict(SMALL if small else TINYLLAMA)
+    if LAYERS:
+        cfg["num_hidden_layers"] = LAYERS
+    return cfg
+
+
 def cache_dir(small: bool) -> Path:
-    return HERE / ".cache" / ("llm-small" if small else "llm-1b")
+    return HERE / ".cache" / (("llm-small" if small else "llm-1b") + (f"-L{LAYERS}" if LAYERS else ""))
 
 
 def _config(small: bool):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**(SMALL if small else TINYLLAMA), use_cache=True)
+    return LlamaConfig(**_shape(small), use_cache=True)
 
 
 def ensure_model(small: bool, log=print) -> dict:
@@ -114,7 +124,7 @@ def ensure_model(small: bool, log=print) -> dict:
         f.unlink()
     raw.rmdir()
     info = {"onnx": str(d / "model.onnx"), "weights": str(d / "model.safetensors"), "params": params,
-            "config": SMALL if small else TINYLLAMA, "export_seconds": time.perf_counter() - t0,
+            "config": _shape(small), "export_seconds": time.perf_counter() - t0,
             "exporter": "torch.onnx.export(dynamo=False, opset 17), Optimum input/output names, external data",
             "onnx_data_bytes": (d / "model.onnx.data").stat().st_size}
     info_path.write_text(json.dumps(info, indent=1))
@@ -124,7 +134,7 @@ def ensure_model(small: bool, log=print) -> dict:
 
 def ensure_data(small: bool, sequences: int, length: int, seed: int = 0) -> str:
     """Seeded token ids and the inputs they need (ones mask, positions, empty caches) as an .npz."""
-    cfg = SMALL if small else TINYLLAMA
+    cfg = _shape(small)
     path = cache_dir(small) / f"tokens-n{sequences}-t{length}-s{seed}.npz"
     if path.is_file():
         return str(path)
@@ -377,6 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="cProfile the ours/before runs (top functions in JSON)")
     p.add_argument("--small", action="store_true")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 22, TinyLlama)")
     p.add_argument("--prepare", action="store_true", help="only build, save and export the model (cached)")
     p.add_argument("--methods", default="ours,ours-lean,plain,gps")
     p.add_argument("--before", default=None, help="a checkout whose fps_graph runs as method 'before'")
@@ -391,6 +402,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/fpsg-llm-bench")
     a = p.parse_args(argv)
     a.method = a.worker
+    global LAYERS
+    LAYERS = a.layers
     if a.worker:
         res = _worker(a)
         Path(a.out).write_text(json.dumps(res))
@@ -405,11 +418,11 @@ def main(argv=None) -> int:
         return 0
     # in a child: a process's peak RSS (ru_maxrss) starts from its parent's RSS at fork, so the driver never
     # imports torch; the workers' peaks are their own
-    subprocess.run([sys.executable, "-m", "bench.llm", "--prepare"] + (["--small"] if a.small else []), cwd=str(ROOT),
-                   check=True)
+    subprocess.run([sys.executable, "-m", "bench.llm", "--prepare"] + (["--small"] if a.small else [])
+                   + ([f"--layers={a.layers}"] if a.layers else []), cwd=str(ROOT), check=True)
     info = json.loads((cache_dir(a.small) / "info.json").read_text())
     data = ensure_data(a.small, a.sequences, a.length)
-    name = a.name or f"llama-{'small' if a.small else '1b'}_b{a.batch_size}_n{a.sequences}x{a.length}-cpu"
+    name = a.name or f"llama-{'small' if a.small else '1b'}{f'-L{a.layers}' if a.layers else ''}_b{a.batch_size}_n{a.sequences}x{a.length}-cpu"
     res = {"name": name, "command": "python -m bench.llm " + " ".join(argv if argv is not None else sys.argv[1:]),
            "created": datetime.datetime.now().isoformat(timespec="seconds"), "model": info,
            "machine": f"{os.cpu_count()} cores, "
