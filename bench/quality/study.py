@@ -1,8 +1,9 @@
 """The variant study (issue 13): every selection rule on every experiment, paired, plus the diagnosis behind it.
 
     python -m bench.quality [--quick] [--experiments crepe-noise,crepe-phone,vit,cnn] [--seeds N] [--jobs 2]
+    python -m bench.quality --experiments cnn --first-seed 4 --seeds 2     # more seeds, merged into the results
 
-Rules: the paper's ``fps``, ``random``, ``magnitude``, GPS-style gradients (``gps``, the reference that sees the
+Rules: the paper's ``fps``, ``random`` (``magnitude`` with --methods), GPS-style gradients (``gps``, the reference that sees the
 task loss) and the variants of fps_graph/selection/variants.py (``fps-cover``, ``fps-sample``, ``act-sample``,
 ``gd-diff``), all through ``fps-graph select`` except ``gps``. Paired design: per experiment and seed, every rule
 gets the same training split, calibration data, trainer (``fps-graph train``), recipe, order and number of
@@ -19,7 +20,8 @@ within-row rank agreement of each score with the gradient, the share of the grad
 (relative to GPS's own, which holds the most possible at the same per-neuron counts), and how many distinct input
 features the selection touches (input-feature coverage).
 
-Writes bench/results/quality_variants[_quick].{json,md,png}; rerunning some experiments replaces only theirs.
+Writes bench/results/quality_variants[_quick].{json,md,png} after every training run; seeds already in the file
+are kept (a rerun seed replaces its own), so long studies can be split over invocations or processes (--merge).
 """
 from __future__ import annotations
 
