@@ -180,6 +180,8 @@ def plot(res: dict, path: Path) -> None:
     ax1.legend()
     ax2.bar(names, [r["step_median_s"] for r in runs], color="#ff7f0e")
     ax2.set_ylabel("seconds per step")
+    if res.get("note"):
+        ax2.set_title("indicative only (see note)", fontsize=9)
     s = res["settings"]
     fig.suptitle(f"Training a {res['params'] / 1e6:.0f}M decoder (fp32, seq {s['seq']}, batch {s['batch']}, CPU)")
     fig.tight_layout()
