@@ -190,7 +190,7 @@ def markdown(res: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["summary"]:
         lines.append(
-            f"| {r['label']} | {_f(r['calibration_s'])} | {_f(r['samples_per_s'])} | "
+            f"| {r['label']} | {_f(r['calibration_s'])} | {_f(r['samples_per_s'], '{:.2f}')} | "
             f"{_f(r.get('speed_vs_local'), '{:.2f}x')} | {_f(r['process_wall_s'])} | "
             f"{_f(r.get('end_to_end_vs_local'), '{:.2f}x')} | {_f(r['ray_init_s'])} | {_f(r['startup_s'])} | "
             f"{_f(r['driver_peak_rss_mb'], '{:.0f}')} | {_f(r['worker_peak_rss_mb'], '{:.0f}')} / "
