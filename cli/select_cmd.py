@@ -20,7 +20,11 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
 @click.argument("data", required=False)
 @click.option("-o", "--output", default="masks.safetensors", show_default=True, help="Masks file to write.")
 @click.option("--score", type=click.Choice(SCORES), default="fps", show_default=True,
-              help="fps: |W|*E|x|; wanda: |W|*sqrt(E x^2); magnitude; random (seeded); gd-fps: needs --anchor.")
+              help="fps: |W|*E|x|; wanda: |W|*sqrt(E x^2); magnitude; random (seeded); gd-fps: needs --anchor. "
+                   "Variants (docs/quality.md): fps-cover: FPS top-K, but no input taken by over 2x its share of a "
+                   "layer's neurons; fps-sample: K per neuron drawn in proportion to the FPS score (seeded); "
+                   "act-sample: drawn in proportion to the input's rms alone (seeded); "
+                   "gd-diff: |W|*|E_data|x|-E_anchor|x||, needs --anchor.")
 @click.option("--stat", type=click.Choice(STATS), default=None, help="Activation statistic (default: the score's).")
 @click.option("--k", "k", type=int, default=None, help="Top-K input connections per output neuron [default: 1].")
 @click.option("--budget", default=None, help="Instead of --k: a fraction (0.005), percentage (0.5%) or count.")
@@ -30,10 +34,12 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
               help="With --granularity network: every scored tensor keeps at least its N best entries.")
 @click.option("--include", multiple=True, help="Only layers whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose name matches this glob (repeatable).")
-@click.option("--anchor", default=None, help="gd-fps: reference data (the pre-training domain).")
-@click.option("--anchor-stats", multiple=True, type=click.Path(dir_okay=False), help="gd-fps: saved anchor statistics.")
+@click.option("--anchor", default=None, help="gd-fps, gd-diff: reference data (the pre-training domain).")
+@click.option("--anchor-stats", multiple=True, type=click.Path(dir_okay=False),
+              help="gd-fps, gd-diff: saved anchor statistics.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="gd-fps: added to the anchor statistic.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --score random and --shuffle.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for --score random, fps-sample, act-sample and --shuffle.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
 @click.option("--shuffle", is_flag=True, help="Shuffle samples (seeded) before taking --max-samples.")
