@@ -296,6 +296,20 @@ def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str, labels: list
     return {"n": int(d.size), "mean_pp": float(d.mean()), "sem_pp": sem, "share_ge": float(np.mean(d >= 0))}
 
 
+def paired_seeds(runs: list[dict[str, Any]], a: str, b: str, metric: str, labels: list[str]) -> dict[str, Any]:
+    """Like `paired`, but each seed's mean over the points is one sample: the standard error is over seeds only,
+    since the points of one seed share the training split and are not independent."""
+    idx = {(r["method"], r["point"], r["seed"]): r["metrics"][metric] for r in runs}
+    seeds = sorted({s for (m, p, s) in idx if m == a})
+    per = [np.mean([idx[(a, p, s)] - idx[(b, p, s)] for p in labels if (a, p, s) in idx and (b, p, s) in idx])
+           for s in seeds if any((a, p, s) in idx and (b, p, s) in idx for p in labels)]
+    d = np.array(per) * 100
+    if d.size == 0:
+        return {"n": 0}
+    sem = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {"n": int(d.size), "mean_pp": float(d.mean()), "sem_pp": sem, "share_ge": float(np.mean(d >= 0))}
+
+
 def _cell(c: dict[str, Any]) -> str:
     if not c.get("n"):
         return ""
@@ -312,7 +326,8 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
         metric = "acc" if "acc" in sec["runs"][0]["metrics"] else "rpa"
         groups = {"all": sec["points"], "K": [p for p in sec["points"] if p.startswith("K=")],
                   "layer": [p for p in sec["points"] if not p.startswith("K=")]}
-        out[exp] = {b: {m: {g: paired(sec["runs"], m, b, metric, pts) for g, pts in groups.items() if pts}
+        out[exp] = {b: {m: {**{g: paired(sec["runs"], m, b, metric, pts) for g, pts in groups.items() if pts},
+                             "seeds": paired_seeds(sec["runs"], m, b, metric, sec["points"])}
                          for m in sec["methods"] if m != b} for b in BASELINES}
     return out
 
@@ -341,6 +356,15 @@ def write_report(stem: Path, doc: dict[str, Any]) -> None:
             md.append(f"| {LABELS.get(m, m)} | " + " | ".join(_cell(c) for c in cells)
                       + f" | {ahead} of {len(exps)} (behind: {behind}) |")
         md.append("")
+    md += ["## Per-seed paired difference (difference to random | to FPS)", "",
+           "Each seed's mean over the points is one sample; ± is the standard error over seeds (n = seeds), the "
+           "stricter test, since a seed's points share its training split.", "",
+           "| method | " + " | ".join(exps) + " |", "|" + " --- |" * (len(exps) + 1)]
+    for m in methods:
+        cells = [f"{_cell(doc['paired'][e]['random'].get(m, {}).get('seeds', {})) or '-'} \\| "
+                 f"{_cell(doc['paired'][e]['fps'].get(m, {}).get('seeds', {})) or '-'}" for e in exps]
+        md.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    md.append("")
     md += ["## By granularity (difference to random | to FPS)", "",
            "| method | " + " | ".join(f"{e} K | {e} layer" for e in exps) + " |",
            "|" + " --- |" * (2 * len(exps) + 1)]
