@@ -15,6 +15,9 @@ def cli() -> None:
 
 
 def _register() -> None:
+    """Add the subcommands (once): imported inside ``entry`` so that Ctrl-C while they load is caught there too."""
+    if cli.commands:
+        return
     from fps_graph_cli import export_cmd, inspect_cmd, select_cmd
 
     cli.add_command(inspect_cmd.inspect)
@@ -34,8 +37,6 @@ def _register() -> None:
         pass
 
 
-_register()
-
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -44,6 +45,7 @@ def _one_line(text: str) -> str:
 def entry(argv: list[str] | None = None) -> int:
     """Console-script entry: run the app; bad input gives one line on stderr and exit code 2, never a traceback."""
     try:
+        _register()
         rv = cli.main(args=argv, prog_name="fps-graph", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
