@@ -147,13 +147,19 @@ def test_existing_output_is_refused_without_force(tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT handled and unblocked, whatever the test process inherited or set (Ray, torch threads)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
     data = tmp_path / "many.npy"
     # a sparse file of zeros: far more samples than the run can get through before the signal
     np.lib.format.open_memmap(data, mode="w+", dtype=np.float32, shape=(400000, 3, 32, 32)).flush()
     out = tmp_path / "m.safetensors"
     p = subprocess.Popen([sys.executable, "-m", "fps_graph_cli.main", "select", str(SAMPLE), str(data), "-o", str(out),
-                          "--batch-size", "1"], stderr=subprocess.PIPE)
+                          "--batch-size", "1"], stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     seen = bytearray()
 
     def read() -> None:   # stderr in the background, so the progress bar shows when calibration is under way
@@ -177,8 +183,13 @@ def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
         time.sleep(1.0)
         if p.poll() is not None:
             raise AssertionError(f"the run ended before it could be interrupted: {p.returncode} {seen.decode()}")
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        sig = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn"))]
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=60)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 60 s after SIGINT; child signal state {sig}") from None
     finally:
         if p.poll() is None:                       # never leave the child running (CI checks for leftovers)
             p.kill()
