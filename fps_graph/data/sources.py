@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import abc
 import concurrent.futures as cf
 import mmap
 import os
@@ -73,7 +74,7 @@ def check_array(name: str, arr_shape: tuple, arr_dtype: np.dtype, spec: InputSpe
         raise FpsGraphError(f"{source}: input {spec.name!r} expects {spec.dtype.name}, found {arr_dtype.name}")
 
 
-class Source:
+class Source(abc.ABC):
     """Random access to samples: len() and fetch(indices) -> {input name: batch array}.
 
     Overridable: ``batches(order, batch_size)`` (the index groups the Loader feeds, e.g. samples of one shape
@@ -81,11 +82,13 @@ class Source:
     file so `train` can prepare its data the same way; a dict with at least ``kind``).
     """
 
-    def __len__(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """The number of samples."""
 
+    @abc.abstractmethod
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
-        raise NotImplementedError  # pragma: no cover - interface
+        """The samples at ``indices`` as one batch per model input (decoded on ``pool`` when given)."""
 
     def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """The sample indices of each batch, in feeding order (text sources group equal lengths instead)."""
