@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
+from fps_graph.formats.io import decode_metadata
 
 DELTA_FORMAT = "fps-graph-delta"
 DELTA_VERSION = "1"
@@ -110,12 +111,7 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
         raise FpsGraphError(f"cannot read delta file {p}: {exc}") from None
     if raw.get("format") != DELTA_FORMAT:
         raise FpsGraphError(f"{p} is not an fps-graph delta file (written by `fps-graph train`)")
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except ValueError:
-            meta[k] = v
+    meta: dict[str, Any] = decode_metadata(raw)
     tensors = meta.get("tensors") or {}
     head = meta.get("head") or {}
     sparse: dict[str, SparseEntry] = {}

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from fps_graph.errors import FpsGraphError
 
@@ -75,3 +76,14 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         f.write(raw[8 + n:])
+
+
+def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    """A safetensors header's string values, JSON-decoded where they are JSON (structured records), else kept."""
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
+    return meta

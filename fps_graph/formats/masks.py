@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import FpsGraphError
-from fps_graph.formats.io import save_safetensors
+from fps_graph.formats.io import decode_metadata, save_safetensors
 
 MASKS_FORMAT = "fps-graph-masks"
 MASKS_VERSION = "1"
@@ -56,12 +56,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise FpsGraphError(f"cannot read masks file {path}: {exc}") from None
     if raw.get("format") != MASKS_FORMAT:
         raise FpsGraphError(f"{path} is not an fps-graph masks file")
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except ValueError:
-            meta[k] = v
+    meta: dict[str, Any] = decode_metadata(raw)
     return meta
 
 
