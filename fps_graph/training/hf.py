@@ -538,19 +538,8 @@ def _loop(opts: Any, task: str, model: Any, handle: Any, tok: Tokenizer, train_d
 
     pad_id = int(model.config.pad_token_id) if getattr(model.config, "pad_token_id", None) is not None \
         else tok.pad_id
-    params = handle.trainable_parameters()
-    if opts.optimizer == "adamw":
-        optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    elif opts.optimizer == "adam":
-        optim = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    else:
-        optim = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay)
+    optim, sched, steps_per_epoch = tr.make_optimizer(handle.trainable_parameters(), opts, len(train_data))
     n_train = min(len(train_data), opts.max_samples or len(train_data))
-    steps_per_epoch = math.ceil(n_train / opts.batch_size)
-    total = steps_per_epoch * opts.epochs
-    warmup = int(round(opts.warmup_epochs * steps_per_epoch))
-    min_ratio = opts.min_lr / opts.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: tr.lr_factor(s, warmup, total, min_ratio))
     initial = evaluate_text(model, val_data, task, opts.batch_size, pad_id, device) if val_data else None
     mem = tr.PeakMemory(device)
     mem.start()

@@ -452,6 +452,25 @@ def state_memory(handle: Any, optimizer: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------- train
 
 
+def make_optimizer(params: Any, opts: Any, n_data: int) -> tuple[Any, Any, int]:
+    """The optimiser (AdamW/Adam/SGD) over ``params`` and its warm-up + cosine schedule; also the steps per epoch."""
+    import torch
+
+    if opts.optimizer == "adamw":
+        optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    elif opts.optimizer == "adam":
+        optim = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        optim = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay)
+    n_train = min(n_data, opts.max_samples or n_data)
+    steps_per_epoch = math.ceil(n_train / opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    warmup = int(round(opts.warmup_epochs * steps_per_epoch))
+    min_ratio = opts.min_lr / opts.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, warmup, total, min_ratio))
+    return optim, sched, steps_per_epoch
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to min_ratio at `total` steps."""
     if warmup > 0 and step < warmup:
@@ -638,19 +657,8 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
 
         peft_plan = shira_plan(handle)       # refused here, before training, when SHiRA cannot hold the selection
 
-    params = handle.trainable_parameters()
-    if opts.optimizer == "adamw":
-        optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    elif opts.optimizer == "adam":
-        optim = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    else:
-        optim = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay)
+    optim, sched, steps_per_epoch = make_optimizer(handle.trainable_parameters(), opts, len(train_data))
     n_train = min(len(train_data), opts.max_samples or len(train_data))
-    steps_per_epoch = math.ceil(n_train / opts.batch_size)
-    total = steps_per_epoch * opts.epochs
-    warmup = int(round(opts.warmup_epochs * steps_per_epoch))
-    min_ratio = opts.min_lr / opts.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, warmup, total, min_ratio))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
 
     initial = None
