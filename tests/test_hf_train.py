@@ -354,3 +354,38 @@ def test_dynamo_export_keys_are_the_parameter_names(lm, tmp_path):
     model = load_hf_model(lm["folder"], "causal-lm")
     handle = attach(model, canonical_masks(model, masks))
     assert sorted(handle.deltas) == sorted((set(dyn) - {"lm_head.weight"}) | {"model.embed_tokens.weight"})
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_hf_grad_clip_bounds_the_step_and_optimizer_is_sgd(lm, cls, tmp_path, capsys, task):
+    """`train hf:DIR --optimizer sgd --grad-clip C`, one full-batch step (SGD's momentum buffer starts as the
+    gradient): all trained values together move by lr * C, in the direction of the unclipped step."""
+    setup, data = (lm, "train.txt") if task == "causal-lm" else (cls, "train.jsonl")
+    lr, clip = 0.05, 1e-3
+
+    def run(name: str, *flags: str, rate: float = lr):
+        out = tmp_path / name
+        code, err = _cli([f"hf:{setup['folder']}", "--masks", str(setup["masks"]), "--data",
+                          str(setup["root"] / data), "-o", str(out), "--epochs", "1", "--batch-size", "64", "--lr",
+                          str(rate), "--warmup-epochs", "0", "--optimizer", "sgd", "--threads", "1", "--no-plot",
+                          "-q", "--task", task, *flags], capsys)
+        assert code == 0, err
+        return read_delta(out / "delta.safetensors")
+
+    # the new, seeded seq-cls head has no start value in the file: a run at lr 1e-30 leaves it at its start
+    start = {k: e.value for k, e in run("zero", rate=1e-30).full.items() if e.base is None}
+    assert ("score.weight" in start) == (task == "seq-cls")
+
+    def changed(d) -> dict[str, np.ndarray]:
+        out = {f"{k}:delta": e.delta for k, e in d.sparse.items()}
+        out.update({k: e.value - (e.base if e.base is not None else start[k]) for k, e in d.full.items()})
+        return out
+
+    def norm(t: dict[str, np.ndarray]) -> float:
+        return math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.values()))
+
+    clipped, free = changed(run("clip", "--grad-clip", str(clip))), changed(run("free"))
+    assert norm(clipped) == pytest.approx(lr * clip, rel=1e-4)
+    assert norm(free) > 10 * lr * clip
+    for k in free:
+        np.testing.assert_allclose(clipped[k], free[k] * (lr * clip / norm(free)), rtol=1e-3, atol=1e-8, err_msg=k)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -293,3 +294,115 @@ def test_unnormalised_training_arrays_warn(setup, tmp_path):
     np.savez(tmp_path / "raw.npz", x=np.round(x * 40).astype(np.int64), y=y)
     r = run_train(options(setup, tmp_path / "run", data=str(tmp_path / "raw.npz"), val=None, epochs=1, plot=False))
     assert len(r.warnings) == 1 and "input 'x' is int64 with values" in r.warnings[0] and "raw.npz" in r.warnings[0]
+
+
+# --- --optimizer, --weight-decay, --grad-clip: the update each gives, against torch.optim and hand computations ----
+
+
+def _trained(run: Path) -> dict[str, np.ndarray]:
+    """What training changed, per trained tensor: a sparse delta, or a full tensor's value minus its start."""
+    d = read_delta(run / "delta.safetensors")
+    out = {f"{k}:delta": e.delta for k, e in d.sparse.items()}
+    out.update({k: e.value - e.base for k, e in d.full.items()})
+    return out
+
+
+def _reference(setup, optimizer: str, lr: float, wd: float, clip: float | None, steps: int):
+    """The run's updates rebuilt with torch.optim on the same trainable tensors (attach with the defaults), one
+    full-batch step per epoch, clipping done by hand; returns the changes and the pre-clip gradient norms."""
+    from safetensors.torch import load_file
+
+    from fps_graph.training.sparse import attach
+
+    model = token_net()
+    model.load_state_dict(load_file(setup["weights"]))
+    z = np.load(setup["train"])
+    x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
+    handle = attach(model, setup["masks"], example_input=x[:1])
+    params = handle.trainable_parameters()
+    start = {k: p.detach().clone() for k, p in handle.named_trainable().items()}
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+    opt = cls(params, lr=lr, weight_decay=wd, **extra)
+    norms = []
+    handle.train(True)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+        norms.append(norm)
+        if clip is not None and norm > clip:
+            for p in params:
+                p.grad.mul_(clip / (norm + 1e-6))
+        opt.step()
+    return {k: (p.detach() - start[k]).numpy() for k, p in handle.named_trainable().items()}, norms
+
+
+def _train_cli(setup, out: Path, *flags: str, epochs: int = 3, lr: float = 0.05) -> Path:
+    """`fps-graph train` with one full-batch step per epoch at a constant learning rate (no warm-up, --min-lr =
+    --lr), so every step's size is the optimiser's own."""
+    args = ["train", SPEC_TOKEN, "--weights", setup["weights"], "--masks", setup["masks"], "--data", setup["train"],
+            "-o", str(out), "--epochs", str(epochs), "--batch-size", "96", "--lr", str(lr), "--min-lr", str(lr),
+            "--warmup-epochs", "0", "--threads", "1", "--no-plot", "-q", *flags]
+    assert entry(args) == 0
+    return out
+
+
+@pytest.mark.parametrize("optimizer,wd,clip", [("sgd", 0.0, None), ("sgd", 0.3, None), ("adam", 0.3, None),
+                                               ("adamw", 0.3, None), ("adamw", 0.0, 0.05), ("sgd", 0.1, 0.05)])
+def test_optimizer_weight_decay_and_clip_give_torch_optims_update(setup, tmp_path, optimizer, wd, clip):
+    flags = ["--optimizer", optimizer, "--weight-decay", str(wd)] + (["--grad-clip", str(clip)] if clip else [])
+    got = _trained(_train_cli(setup, tmp_path / "run", *flags))
+    want, norms = _reference(setup, optimizer, 0.05, wd, clip, steps=3)
+    assert sorted(got) == sorted(want)
+    for k in want:   # the run's batch is shuffled: the same sums in another order, so not bit for bit
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    if clip is not None:
+        assert min(norms) > 2 * clip          # the clip did bind on every step
+
+
+def test_weight_decay_changes_only_trained_entries_and_shrinks_them(setup, tmp_path):
+    """One SGD step: weight decay adds -lr * wd * start value to each fully trained tensor (hand computation),
+    nothing to the deltas (they start at 0), and no entry outside the trained ones moves."""
+    from safetensors.torch import load_file
+
+    from fps_graph.training.sparse import load_delta
+
+    lr, wd = 0.05, 0.5
+    plain = _trained(_train_cli(setup, tmp_path / "plain", "--optimizer", "sgd", epochs=1, lr=lr))
+    decayed_run = _train_cli(setup, tmp_path / "wd", "--optimizer", "sgd", "--weight-decay", str(wd), epochs=1, lr=lr)
+    decayed = _trained(decayed_run)
+    d = read_delta(decayed_run / "delta.safetensors")
+    for k, e in d.full.items():
+        np.testing.assert_allclose(decayed[k] - plain[k], -lr * wd * e.base, rtol=1e-4, atol=1e-7, err_msg=k)
+        assert np.abs(e.base).max() > 0.01
+    for k in d.sparse:
+        np.testing.assert_allclose(decayed[f"{k}:delta"], plain[f"{k}:delta"], rtol=1e-5, atol=1e-8)
+    # three AdamW steps with a large decay: entries outside the selection and the frozen tensors stay bit for bit
+    run = _train_cli(setup, tmp_path / "adamw", "--weight-decay", "5")
+    base = token_net()
+    base.load_state_dict(load_file(setup["weights"]))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    after = load_delta(base, run / "delta.safetensors").merged_state_dict()
+    idx = load_indices(setup["masks"])
+    full = set(read_delta(run / "delta.safetensors").full)
+    for k, v in after.items():
+        moved = np.flatnonzero((v != before[k]).reshape(-1).numpy())
+        if k in full:
+            continue
+        allowed = idx.get(k, np.array([], dtype=np.int64))
+        assert np.isin(moved, allowed).all(), k
+
+
+def test_grad_clip_bounds_the_step_of_every_trained_value(setup, tmp_path):
+    """One SGD step (its momentum buffer starts as the gradient): the change of all trained values together has
+    norm lr * clip when the gradient norm exceeds clip, and more without --grad-clip."""
+    lr, clip = 0.05, 0.01
+    clipped = _trained(_train_cli(setup, tmp_path / "c", "--optimizer", "sgd", "--grad-clip", str(clip), epochs=1,
+                                  lr=lr))
+    free = _trained(_train_cli(setup, tmp_path / "f", "--optimizer", "sgd", epochs=1, lr=lr))
+    norm = lambda t: math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.values()))  # noqa: E731
+    assert norm(clipped) == pytest.approx(lr * clip, rel=1e-4)
+    assert norm(free) > 10 * lr * clip
+    for k in free:        # the same direction, scaled
+        np.testing.assert_allclose(clipped[k], free[k] * (lr * clip / norm(free)), rtol=1e-3, atol=1e-7)   # float32 value - start

@@ -559,7 +559,7 @@ def _loop(opts: Any, task: str, model: Any, handle: Any, tok: Tokenizer, train_d
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), opts.grad_clip)
             optim.step()
             sched.step()
             loss_sum += float(loss.detach()) * n

@@ -685,7 +685,7 @@ def _train(opts: TrainOptions, model: Any, train_data: Labeled, val_data: Labele
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                torch.nn.utils.clip_grad_norm_(handle.trainable_parameters(), opts.grad_clip)
             optim.step()
             sched.step()
             bs = int(y.numel())
