@@ -6,7 +6,7 @@ from typing import Callable
 
 import click
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import RuntimeFailure
 
 # How to install what `train` and `export` need (also in docs/train_apply.md). torch first: a plain
 # `pip install fps-graph[torch]` on a machine without a GPU would pull the multi-GB CUDA wheels.
@@ -23,9 +23,9 @@ def require(module: str, command: str, install: str) -> None:
         missing = getattr(exc, "name", None) or module
         what = f"{module}, which is not installed" if missing == module else \
             f"{module}, which cannot be imported ({missing} is missing)"
-        raise FpsGraphError(f"`fps-graph {command}` needs {what}: {install}") from exc
+        raise RuntimeFailure(f"`fps-graph {command}` needs {what}: {install}") from exc
     except OSError as exc:   # a wheel whose compiled libraries do not load
-        raise FpsGraphError(f"`fps-graph {command}` needs {module}, which fails to load ({exc}): reinstall it; "
+        raise RuntimeFailure(f"`fps-graph {command}` needs {module}, which fails to load ({exc}): reinstall it; "
                             f"{install}") from exc
 
 
@@ -50,8 +50,8 @@ def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
         return None
     try:
         return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from exc
 
 
 def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -60,5 +60,5 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
         return None
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from exc

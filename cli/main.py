@@ -2,40 +2,67 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 import click
 
 from fps_graph import FpsGraphError, __version__
+from fps_graph.errors import RuntimeFailure
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="fps-graph")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="On an error, print the traceback with its chain of causes after the "
+                                            "one-line message (for bug reports).")
+def cli(debug: bool) -> None:
     """Forward-only parameter selection (FPS) for sparse fine-tuning, on ONNX graphs."""
 
 
+def _needs_torch(name: str) -> click.Command:
+    """Stand-in for a subcommand whose module needs torch where torch is not installed: says what to install."""
+    from fps_graph_cli.common import TORCH_INSTALL
+
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   add_help_option=False, help=f"(needs torch: {TORCH_INSTALL})")
+    def stub() -> None:
+        raise RuntimeFailure(f"`fps-graph {name}` needs torch, which is not installed: {TORCH_INSTALL}")
+
+    return stub
+
+
 def _register() -> None:
-    """Add the subcommands (once): imported inside ``entry`` so that Ctrl-C while they load is caught there too."""
+    """Add the subcommands (once): imported inside ``entry`` so that Ctrl-C while they load is caught there too.
+
+    An ImportError here is a bug and surfaces as one (a command never vanishes); only a missing torch, the optional
+    extra, turns ``train`` into a stub that says what to install.
+    """
     if cli.commands:
         return
-    from fps_graph_cli import export_cmd, inspect_cmd, select_cmd
+    from fps_graph_cli import apply_cmd, export_cmd, inspect_cmd, select_cmd
 
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(select_cmd.select)
     cli.add_command(export_cmd.export)
     try:
         from fps_graph_cli import train_cmd
-
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        cli.add_command(_needs_torch("train"))
+    else:
         cli.add_command(train_cmd.train)
-    except ImportError:
-        pass
-    try:
-        from fps_graph_cli import apply_cmd
+    cli.add_command(apply_cmd.apply)
 
-        cli.add_command(apply_cmd.apply)
-    except ImportError:
-        pass
 
+def _debug_requested(argv: list[str]) -> bool:
+    """Whether the group option --debug comes before the subcommand (read from argv: an error can come before
+    click has parsed anything, e.g. while the subcommands load)."""
+    for arg in argv:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
 
 
 def _one_line(text: str) -> str:
@@ -43,10 +70,14 @@ def _one_line(text: str) -> str:
 
 
 def entry(argv: list[str] | None = None) -> int:
-    """Console-script entry: run the app; bad input gives one line on stderr and exit code 2, never a traceback."""
+    """Console-script entry: run the app; bad input gives one line on stderr and exit code 2, never a traceback
+    (``--debug`` adds the traceback and its causes after that line)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
+    failure: BaseException | None = None
     try:
         _register()
-        rv = cli.main(args=argv, prog_name="fps-graph", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="fps-graph", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code
@@ -59,17 +90,22 @@ def entry(argv: list[str] | None = None) -> int:
         code = exc.exit_code or 2
     except FpsGraphError as exc:
         click.echo(f"error: {_one_line(str(exc))}", err=True)
-        code = 2
+        code, failure = 2, exc
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("error: interrupted; no output written", err=True)
         code = 130
-    except MemoryError:
+    except MemoryError as exc:
         click.echo("error: out of memory (try a smaller --batch-size)", err=True)
-        code = 1
+        code, failure = 1, exc
     except ImportError as exc:   # an optional package missing below the subcommands' own checks (common.require)
-        name = (getattr(exc, "name", None) or "").split(".")[0] or _one_line(str(exc))
+        top = (getattr(exc, "name", None) or "").split(".")[0]
+        if top in ("fps_graph", "fps_graph_cli"):
+            raise                # our own module failing to import is a bug: its traceback is the report
+        name = top or _one_line(str(exc))
         click.echo(f"error: the Python package {name!r} is missing or broken: pip install {name}", err=True)
-        code = 2
+        code, failure = 2, exc
+    if debug and failure is not None:
+        traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
     if argv is None:
         sys.exit(code)
     return code

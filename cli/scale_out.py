@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import click
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions
 
 
@@ -37,10 +37,10 @@ def cluster_options(ray_address: str | None, workers: int | None, workdir: str |
     if ray_address is None:
         given = [name for name, v in (("--workers", workers), ("--workdir", workdir), ("--resume", resume)) if v]
         if given:
-            raise FpsGraphError(f"{'/'.join(given)} only apply with --ray")
+            raise OptionError(f"{'/'.join(given)} only apply with --ray")
         return None
     if workdir and resume:
-        raise FpsGraphError("give either --workdir (a new run) or --resume (continue one), not both")
+        raise OptionError("give either --workdir (a new run) or --resume (continue one), not both")
     return ClusterOptions(address=ray_address or None, workers=workers, workdir=resume or workdir,
                           resume=bool(resume))
 

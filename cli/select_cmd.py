@@ -6,7 +6,7 @@ import click
 from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from fps_graph.data.text import TextOptions
 from fps_graph.data.static import parse_static
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.formats.io import check_output_path
 from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
 from fps_graph.selection.scores import SCORES, STATS
@@ -90,9 +90,9 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
     """Select the weights of MODEL (ONNX file or Hugging Face export folder) to fine-tune, from calibration DATA
     (images, .npy/.npz/.safetensors, or text: .txt/.jsonl, a file or a folder)."""
     if k is not None and budget is not None:
-        raise FpsGraphError("give either --k or --budget, not both")
+        raise OptionError("give either --k or --budget, not both")
     if not 0 < crop_pct <= 1:
-        raise FpsGraphError("--crop-pct must be in (0, 1]")
+        raise OptionError("--crop-pct must be in (0, 1]")
     check_output_path(output, force)
     if stats_out:
         check_output_path(stats_out, force)

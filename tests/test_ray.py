@@ -1,9 +1,7 @@
 """`select --ray` on a local Ray (2 CPUs, started once): byte-identical to the local run, faults, resume, errors."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -15,10 +13,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from fps_graph.runtime.ray import FAULTS_ENV  # noqa: E402
+import fps_graph.runtime.ray as fray  # noqa: E402
 from fps_graph.runtime.shards import ClusterOptions  # noqa: E402
 from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
+from ray_faults import faulty  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny_hybrid.onnx"
@@ -75,10 +74,10 @@ def test_byte_identical_for_any_worker_count(ray_address, tmp_path, local, monke
     """1, 2 and 3 workers; with 2, shard 0 finishes last; with 3, the worker running shard 1 exits mid-shard."""
     flag = tmp_path / "crash-once"
     if fault == "late shard 0":
-        monkeypatch.setenv(FAULTS_ENV, json.dumps({"delay": {"0": 2.0}}))
+        monkeypatch.setattr(fray, "ShardWorker", faulty(delay={0: 2.0}))
     elif fault:
         flag.touch()
-        monkeypatch.setenv(FAULTS_ENV, json.dumps({"crash": {"shard": 1, "batch": 0, "flag": str(flag)}}))
+        monkeypatch.setattr(fray, "ShardWorker", faulty(crash={"shard": 1, "batch": 0, "flag": str(flag)}))
     opts = SelectOptions(k=1, batch_size=8, shard_size=16, reduce="host", cluster=ClusterOptions(workers=workers))
     report, masks, stats = _run(opts, tmp_path)
     assert masks == local[0] and stats == local[1]
@@ -98,11 +97,14 @@ def _shard_files(workdir: Path) -> dict[str, tuple[int, int]]:
 
 def test_resume_after_driver_kill(ray_address, tmp_path, local):
     workdir, out = tmp_path / "work", tmp_path / "killed.safetensors"
-    env = dict(os.environ, **{FAULTS_ENV: json.dumps({"delay_each": 1.0})})
-    cmd = [sys.executable, "-m", "fps_graph_cli.main", "select", str(SAMPLE), str(IMAGES), "-o", str(out), *SHARDING,
+    child = ("import sys; sys.path.insert(0, sys.argv.pop(1))\n"
+             "import ray_faults; ray_faults.install(delay_each=1.0)\n"
+             "from fps_graph_cli.main import entry\n"
+             "sys.exit(entry(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", child, str(Path(__file__).parent), "select", str(SAMPLE), str(IMAGES), "-o", str(out), *SHARDING,
            *HOST, str(tmp_path / "killed.stats.safetensors"), "-q", f"--ray={ray_address}", "--workers", "1",
            "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while len(_shard_files(workdir)) < 2:
         if proc.poll() is not None or time.monotonic() > deadline:

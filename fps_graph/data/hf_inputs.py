@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.data.sources import InputSpec, _fmt_shape
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError
 
 __all__ = ["InputPlan", "plan_inputs", "read_hf_config", "takes_token_ids", "CONVENTIONS"]
 
@@ -114,15 +114,15 @@ def _past_shape(spec: InputSpec, cfg: dict[str, Any], where: str) -> tuple:
             _cfg_int(cfg, "head_dim") or (lambda h, n: h // n if h and n else None)(
                 _cfg_int(cfg, "hidden_size", "n_embd", "d_model"), _cfg_int(cfg, "num_attention_heads", "n_head")))
         if heads is None or head_dim is None:
-            raise FpsGraphError(f"{where}: input {spec.name!r} {_fmt_shape(dims)} has symbolic head dims and no "
+            raise ModelError(f"{where}: input {spec.name!r} {_fmt_shape(dims)} has symbolic head dims and no "
                                 "config.json beside the model says them (num_key_value_heads, head_dim); put the "
                                 "model's config.json beside it")
         if isinstance(dims[2], int) and dims[2] != 0:
-            raise FpsGraphError(f"{where}: input {spec.name!r} has a fixed past length of {dims[2]} (a static "
+            raise ModelError(f"{where}: input {spec.name!r} has a fixed past length of {dims[2]} (a static "
                                 "cache); export the model with a dynamic past length")
         return ("B", heads, 0, head_dim)
     if not dims:
-        raise FpsGraphError(f"{where}: input {spec.name!r} has no declared shape; cannot make an empty cache for it")
+        raise ModelError(f"{where}: input {spec.name!r} has no declared shape; cannot make an empty cache for it")
     shape: list = ["B"]
     past_done = False
     for d in dims[1:]:
@@ -132,7 +132,7 @@ def _past_shape(spec: InputSpec, cfg: dict[str, Any], where: str) -> tuple:
             shape.append(0)
             past_done = True
         else:
-            raise FpsGraphError(f"{where}: input {spec.name!r} {_fmt_shape(dims)} has more than one symbolic axis "
+            raise ModelError(f"{where}: input {spec.name!r} {_fmt_shape(dims)} has more than one symbolic axis "
                                 "besides the batch; cannot tell which is the past length")
     return tuple(shape)
 
@@ -170,29 +170,29 @@ def plan_inputs(specs: list[InputSpec], config: dict[str, Any], where: str | os.
             unknown.remove(ints[0])
     if unknown:
         s = unknown[0]
-        raise FpsGraphError(f"{where}: model input {s.name!r} {_fmt_shape(s.shape)} is not made by the tokenizer "
+        raise ModelError(f"{where}: model input {s.name!r} {_fmt_shape(s.shape)} is not made by the tokenizer "
                             f"and follows no transformers/Optimum convention ({', '.join(CONVENTIONS)}); give it once "
                             f"with --static {s.name}=FILE.npy if it has no sample axis, else select from an .npz "
                             "keyed by input name that holds every input")
     ids_name = next((n for n, k in kinds.items() if k == "ids"), None)
     if ids_name is None:
-        raise FpsGraphError(f"{where}: no input_ids input to feed token ids to (inputs: "
+        raise ModelError(f"{where}: no input_ids input to feed token ids to (inputs: "
                             f"{', '.join(by_name) or 'none'})")
     ids_spec = by_name[ids_name]
     if not _is_int(ids_spec.dtype):
-        raise FpsGraphError(f"{where}: input {ids_name!r} expects {ids_spec.dtype.name}, not token ids (integers)")
+        raise ModelError(f"{where}: input {ids_name!r} expects {ids_spec.dtype.name}, not token ids (integers)")
     if len(ids_spec.shape) not in (0, 2):
-        raise FpsGraphError(f"{where}: input {ids_name!r} has shape {_fmt_shape(ids_spec.shape)}; token ids need "
+        raise ModelError(f"{where}: input {ids_name!r} has shape {_fmt_shape(ids_spec.shape)}; token ids need "
                             "[batch, sequence]")
     for n, k in kinds.items():
         if k in ("ones", "zeros", "positions") and len(by_name[n].shape) not in (0, 2):
-            raise FpsGraphError(f"{where}: input {n!r} has shape {_fmt_shape(by_name[n].shape)}; the convention is "
+            raise ModelError(f"{where}: input {n!r} has shape {_fmt_shape(by_name[n].shape)}; the convention is "
                                 "[batch, sequence]; feed this model from an .npz keyed by input name instead")
     shape = ids_spec.shape
     fixed_len = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
     fixed_batch = shape[0] if len(shape) == 2 and isinstance(shape[0], int) else None
     if fixed_batch is not None and fixed_batch != 1:
-        raise FpsGraphError(f"{where}: input {ids_name!r} has a fixed batch size of {fixed_batch}; text is fed in "
+        raise ModelError(f"{where}: input {ids_name!r} has a fixed batch size of {fixed_batch}; text is fed in "
                             "batches of equal-length sequences of any size. Export with a dynamic batch axis "
                             "(or a batch of 1)")
     return InputPlan(ids_name, kinds, by_name, past_shapes, fixed_len, fixed_batch,

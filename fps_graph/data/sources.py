@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from fps_graph.data.text import TextOptions
@@ -61,17 +61,17 @@ def check_array(name: str, arr_shape: tuple, arr_dtype: np.dtype, spec: InputSpe
     """Refuse arrays whose per-sample shape or dtype cannot feed the model input."""
     want = spec.shape
     if want and len(want) != len(arr_shape):
-        raise FpsGraphError(f"{source}: input {spec.name!r} expects shape {_fmt_shape(want)}, "
+        raise DataError(f"{source}: input {spec.name!r} expects shape {_fmt_shape(want)}, "
                             f"found {_fmt_shape(arr_shape)}")
     for i, (w, f) in enumerate(zip(want, arr_shape)):
         if i > 0 and isinstance(w, int) and w != f:
-            raise FpsGraphError(f"{source}: input {spec.name!r} expects shape {_fmt_shape(want)}, "
+            raise DataError(f"{source}: input {spec.name!r} expects shape {_fmt_shape(want)}, "
                                 f"found {_fmt_shape(arr_shape)}")
     kind_ok = (is_float(spec.dtype) and (arr_dtype.kind in "fiub" or is_float(arr_dtype))) or \
               (np.issubdtype(spec.dtype, np.integer) and arr_dtype.kind in "iub") or \
               (spec.dtype == np.bool_ and arr_dtype.kind == "b")
     if not kind_ok:
-        raise FpsGraphError(f"{source}: input {spec.name!r} expects {spec.dtype.name}, found {arr_dtype.name}")
+        raise DataError(f"{source}: input {spec.name!r} expects {spec.dtype.name}, found {arr_dtype.name}")
 
 
 class Source(abc.ABC):
@@ -129,7 +129,7 @@ def _open_arrays(path: Path, specs: list[InputSpec]) -> ArrayFile:
     except FpsGraphError:
         raise
     except Exception as exc:
-        raise FpsGraphError(f"cannot read array file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise DataError(f"cannot read array file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     arrays: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name in raw:
@@ -141,12 +141,12 @@ def _open_arrays(path: Path, specs: list[InputSpec]) -> ArrayFile:
         elif len(specs) == 1 and any(k in raw for k in ("x", "inputs", "input")):
             arrays[spec.name] = raw[next(k for k in ("x", "inputs", "input") if k in raw)]
         elif "" in raw:
-            raise FpsGraphError(f"{path}: a .npy file can feed only a single-input model; this model has inputs "
+            raise DataError(f"{path}: a .npy file can feed only a single-input model; this model has inputs "
                                 f"{[s.name for s in specs]} (use .npz or .safetensors keyed by input name; an input with no "
                                 "sample axis, such as a recurrent state or a sample rate, goes in once with --static "
                                 "NAME=FILE.npy)")
         else:
-            raise FpsGraphError(f"{path}: missing model input {spec.name!r} (found keys {sorted(raw)}); add it to the "
+            raise DataError(f"{path}: missing model input {spec.name!r} (found keys {sorted(raw)}); add it to the "
                                 f"file, or if it has no sample axis (a recurrent state, a sample rate) pass it once for "
                                 f"every batch with --static {spec.name}=FILE.npy")
     lengths = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
@@ -154,12 +154,12 @@ def _open_arrays(path: Path, specs: list[InputSpec]) -> ArrayFile:
         most = max(lengths.values())
         odd = [n for n, v in lengths.items() if v != most]
         flag = f"--static {odd[0]}=FILE.npy" if len(odd) == 1 else "--static NAME=FILE.npy"
-        raise FpsGraphError(f"{path}: inputs have different numbers of samples {lengths}; an input with no sample axis "
+        raise DataError(f"{path}: inputs have different numbers of samples {lengths}; an input with no sample axis "
                             f"({', '.join(map(repr, odd))}?) is not data: pass it once for every batch with {flag}")
     for spec in specs:
         a = arrays[spec.name]
         if a.ndim == 0:
-            raise FpsGraphError(f"{path}: input {spec.name!r} is a scalar, so it has no sample axis; pass it once for "
+            raise DataError(f"{path}: input {spec.name!r} is a scalar, so it has no sample axis; pass it once for "
                                 f"every batch with --static {spec.name}=FILE.npy")
         check_array(spec.name, a.shape, a.dtype, spec, str(path))
     return ArrayFile(path, arrays, next(iter(lengths.values())))
@@ -261,7 +261,7 @@ class ArraySource(Source):
         out = {}
         for s in self.specs:
             if len({p.shape[1:] for p in parts[s.name]}) > 1:   # only batches() groups shapes; fetch is direct
-                raise FpsGraphError(f"input {s.name!r}: a batch spans array files whose samples differ in shape "
+                raise DataError(f"input {s.name!r}: a batch spans array files whose samples differ in shape "
                                     f"{sorted({tuple(p.shape[1:]) for p in parts[s.name]})}; batch with Loader, "
                                     "which keeps each shape apart")
             arr = np.concatenate(parts[s.name]) if len(parts[s.name]) > 1 else parts[s.name][0]
@@ -273,24 +273,24 @@ def image_layout(spec: InputSpec, opts: ImageOptions) -> tuple[str, int, tuple[i
     """('NCHW' or 'NHWC', channels, (H, W)) for an image input, from its declared shape and the options."""
     shape = spec.shape
     if len(shape) != 4:
-        raise FpsGraphError(f"images can feed only a 4-D image input; input {spec.name!r} has shape "
+        raise DataError(f"images can feed only a 4-D image input; input {spec.name!r} has shape "
                             f"{_fmt_shape(shape)}")
     if shape[1] in (1, 3):
         layout, ch, hw = "NCHW", shape[1], (shape[2], shape[3])
     elif shape[3] in (1, 3):
         layout, ch, hw = "NHWC", shape[3], (shape[1], shape[2])
     else:
-        raise FpsGraphError(f"input {spec.name!r} with shape {_fmt_shape(shape)} does not look like an image input"
+        raise DataError(f"input {spec.name!r} with shape {_fmt_shape(shape)} does not look like an image input"
                             " (1 or 3 channels expected)")
     if opts.size is not None:
         if all(isinstance(d, int) for d in hw) and tuple(hw) != tuple(opts.size):
-            raise FpsGraphError(f"input {spec.name!r} expects images of {hw[0]}x{hw[1]}, "
+            raise OptionError(f"input {spec.name!r} expects images of {hw[0]}x{hw[1]}, "
                                 f"--image-size asks for {opts.size[0]}x{opts.size[1]}")
         hw = opts.size
     if not all(isinstance(d, int) for d in hw):
-        raise FpsGraphError(f"input {spec.name!r} has dynamic height/width; pass --image-size H,W")
+        raise OptionError(f"input {spec.name!r} has dynamic height/width; pass --image-size H,W")
     if len(opts.mean) not in (1, ch) or len(opts.std) not in (1, ch):
-        raise FpsGraphError(f"--mean/--std need 1 or {ch} values for input {spec.name!r}")
+        raise OptionError(f"--mean/--std need 1 or {ch} values for input {spec.name!r}")
     return layout, int(ch), (int(hw[0]), int(hw[1]))
 
 
@@ -310,8 +310,8 @@ def load_image(path: Path, channels: int, size: tuple[int, int], opts: ImageOpti
             im = im.crop((left, top, left + w, top + h))
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise FpsGraphError(f"cannot decode image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                            ) from None
+        raise DataError(f"cannot decode image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                            ) from exc
     if arr.ndim == 2:
         arr = arr[:, :, None]
     mean = np.asarray(opts.mean, dtype=np.float32)
@@ -329,7 +329,7 @@ class ImageSource(Source):
         self.opts = opts
         self.layout, self.channels, self.size = image_layout(spec, opts)
         if not is_float(spec.dtype):
-            raise FpsGraphError(f"input {spec.name!r} expects {spec.dtype.name}; images give floats")
+            raise DataError(f"input {spec.name!r} expects {spec.dtype.name}; images give floats")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -369,14 +369,14 @@ def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: Ima
     p = Path(path)
     opts = image_opts or ImageOptions()
     if not p.exists():
-        raise FpsGraphError(f"data path not found: {p}")
+        raise DataError(f"data path not found: {p}")
     text = is_text_path(p)
     if text and p.is_file() and not takes_token_ids(specs):
-        raise FpsGraphError(f"{p} is text, but the model takes no token ids (inputs: "
+        raise DataError(f"{p} is text, but the model takes no token ids (inputs: "
                             f"{', '.join(f'{s.name} {s.dtype.name} {_fmt_shape(s.shape)}' for s in specs)})")
     if text and takes_token_ids(specs):   # a folder of .txt notes beside images is not text data for an image model
         if p.is_dir() and (list_files(p, ARRAY_EXTS) or list_files(p, IMAGE_EXTS)):
-            raise FpsGraphError(f"{p}: holds text files beside images or array files; point at one kind")
+            raise DataError(f"{p}: holds text files beside images or array files; point at one kind")
         return TextSource(p, specs, model_path, text_opts)
     if p.is_file():
         ext = p.suffix.lower()
@@ -384,26 +384,26 @@ def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: Ima
             return ArraySource([p], specs)
         if ext in IMAGE_EXTS:
             return _image_source([p], specs, opts)
-        raise FpsGraphError(f"{p}: not a data file (expected an image, .npy/.npz/.safetensors or .txt/.jsonl)")
+        raise DataError(f"{p}: not a data file (expected an image, .npy/.npz/.safetensors or .txt/.jsonl)")
     arrays = list_files(p, ARRAY_EXTS)
     images = list_files(p, IMAGE_EXTS)
     if arrays and images:
-        raise FpsGraphError(f"{p}: holds both images and array files; point at one kind")
+        raise DataError(f"{p}: holds both images and array files; point at one kind")
     if arrays:
         return ArraySource(arrays, specs)
     if images:
         return _image_source(images, specs, opts)
     if not any(p.iterdir()):
-        raise FpsGraphError(f"data folder is empty: {p}")
+        raise DataError(f"data folder is empty: {p}")
     if text:
-        raise FpsGraphError(f"no data files (images or .npy/.npz/.safetensors) found in {p}; its .txt/.jsonl files "
+        raise DataError(f"no data files (images or .npy/.npz/.safetensors) found in {p}; its .txt/.jsonl files "
                             "are text, and this model takes no token ids")
-    raise FpsGraphError(f"no data files (images, .npy/.npz/.safetensors or .txt/.jsonl) found in {p}")
+    raise DataError(f"no data files (images, .npy/.npz/.safetensors or .txt/.jsonl) found in {p}")
 
 
 def _image_source(files: list[Path], specs: list[InputSpec], opts: ImageOptions) -> ImageSource:
     if len(specs) != 1:
-        raise FpsGraphError(f"images can feed only single-input models; this one has inputs {[s.name for s in specs]}"
+        raise DataError(f"images can feed only single-input models; this one has inputs {[s.name for s in specs]}"
                             " (use .npz or .safetensors keyed by input name)")
     return ImageSource(files, specs[0], opts)
 
@@ -433,7 +433,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self.batch_size < 1:
-            raise FpsGraphError("--batch-size must be at least 1")
+            raise OptionError("--batch-size must be at least 1")
         order = self.order()
         batches = self.source.batches(order, self.batch_size)
         pool = cf.ThreadPoolExecutor(max_workers=self.workers)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from fps_graph.data.sources import InputSpec, _fmt_shape, is_float
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, OptionError
 
 HINT = "pass it once for every batch as a static input (CLI: --static {name}=FILE.npy)"
 
@@ -26,9 +26,9 @@ def parse_static(items: Iterable[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
-            raise FpsGraphError(f"--static {item!r}: expected NAME=FILE.npy (a model input name and an array file)")
+            raise OptionError(f"--static {item!r}: expected NAME=FILE.npy (a model input name and an array file)")
         if name in out:
-            raise FpsGraphError(f"--static {name}= given twice; give each static input once")
+            raise OptionError(f"--static {name}= given twice; give each static input once")
         out[name] = path
     return out
 
@@ -36,14 +36,14 @@ def parse_static(items: Iterable[str]) -> dict[str, str]:
 def _load_npy(name: str, path: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise FpsGraphError(f"--static {name}={path}: file not found")
+        raise DataError(f"--static {name}={path}: file not found")
     if p.suffix.lower() != ".npy":
-        raise FpsGraphError(f"--static {name}={path}: expected a .npy file (np.save(path, array))")
+        raise DataError(f"--static {name}={path}: expected a .npy file (np.save(path, array))")
     try:
         return np.load(p, allow_pickle=False)
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FpsGraphError(f"--static {name}={path}: cannot read the array: {msg}") from None
+        raise DataError(f"--static {name}={path}: cannot read the array: {msg}") from exc
 
 
 def load_static(files: Mapping[str, str], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
@@ -53,19 +53,19 @@ def load_static(files: Mapping[str, str], specs: Sequence[InputSpec]) -> dict[st
     for name, path in files.items():
         spec = by_name.get(name)
         if spec is None:
-            raise FpsGraphError(f"--static {name}=: the model has no input {name!r} to feed "
+            raise DataError(f"--static {name}=: the model has no input {name!r} to feed "
                                 f"(its inputs: {', '.join(sorted(by_name)) or 'none'})")
         arr = _load_npy(name, path)
         want = spec.shape
         if want and len(want) != arr.ndim or any(isinstance(w, int) and w != f for w, f in zip(want, arr.shape)):
-            raise FpsGraphError(f"--static {name}={path}: array of shape {_fmt_shape(arr.shape)} does not fit input "
+            raise DataError(f"--static {name}={path}: array of shape {_fmt_shape(arr.shape)} does not fit input "
                                 f"{name!r} of shape {_fmt_shape(want)} (a static input is fed whole, with no sample "
                                 "axis added)")
         kind_ok = (is_float(spec.dtype) and arr.dtype.kind in "fiub") or \
                   (np.issubdtype(spec.dtype, np.integer) and arr.dtype.kind in "iub") or \
                   (spec.dtype == np.bool_ and arr.dtype.kind == "b")
         if not kind_ok:
-            raise FpsGraphError(f"--static {name}={path}: input {name!r} expects {spec.dtype.name}, "
+            raise DataError(f"--static {name}={path}: input {name!r} expects {spec.dtype.name}, "
                                 f"the array holds {arr.dtype.name}")
         out[name] = np.array(arr, dtype=spec.dtype, order="C")   # (ascontiguousarray would make a scalar 1-D)
     return out
@@ -89,7 +89,7 @@ class WithStatic:
 def with_static_hint(exc: Exception, static: Mapping[str, np.ndarray], batch_size: int) -> FpsGraphError:
     """A runtime failure with static inputs in play, with the likely cause: a state whose batch axis differs."""
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in static.items())
-    return FpsGraphError(f"{exc} (static inputs are fed unchanged with every batch: {shapes}; one that holds a batch "
+    return DataError(f"{exc} (static inputs are fed unchanged with every batch: {shapes}; one that holds a batch "
                          f"axis, such as a recurrent state, must match the batch size {batch_size}: set --batch-size "
                          "to its size or save it with the batch size)")
 

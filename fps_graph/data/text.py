@@ -27,7 +27,7 @@ import numpy as np
 
 from fps_graph.data.hf_inputs import InputPlan, plan_inputs, read_hf_config
 from fps_graph.data.sources import InputSpec, Source, list_files
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, ModelError, OptionError, RuntimeFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -112,9 +112,9 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if len(found) == 1:
         return p / found[0]
     if found:
-        raise FpsGraphError(f"model folder {p} holds several .onnx files ({', '.join(found)}) and none of "
+        raise ModelError(f"model folder {p} holds several .onnx files ({', '.join(found)}) and none of "
                             f"{', '.join(MODEL_FILES)}; pass the file to use")
-    raise FpsGraphError(f"model folder {p} holds no .onnx file (looked for {', '.join(MODEL_FILES)})")
+    raise ModelError(f"model folder {p} holds no .onnx file (looked for {', '.join(MODEL_FILES)})")
 
 
 def find_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> Path:
@@ -124,7 +124,7 @@ def find_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.Pat
         if t.is_dir():
             t = t / "tokenizer.json"
         if not t.is_file():
-            raise FpsGraphError(f"tokenizer not found: {t} (give a tokenizer.json or a folder holding one)")
+            raise DataError(f"tokenizer not found: {t} (give a tokenizer.json or a folder holding one)")
         return t
     if model_path is not None:
         m = Path(model_path)
@@ -132,9 +132,9 @@ def find_tokenizer(model_path: str | os.PathLike | None, tokenizer: str | os.Pat
         for cand in (folder / "tokenizer.json", folder.parent / "tokenizer.json" if folder.name == "onnx" else None):
             if cand is not None and cand.is_file():
                 return cand
-        raise FpsGraphError(f"text data needs the model's tokenizer: no tokenizer.json beside {m}; "
+        raise DataError(f"text data needs the model's tokenizer: no tokenizer.json beside {m}; "
                             "pass --tokenizer PATH (a tokenizer.json or a Hugging Face model folder)")
-    raise FpsGraphError("text data needs a tokenizer; pass --tokenizer PATH")
+    raise DataError("text data needs a tokenizer; pass --tokenizer PATH")
 
 
 def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
@@ -142,7 +142,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     try:
         from tokenizers import Tokenizer
     except ImportError as exc:
-        raise FpsGraphError("text data needs the tokenizers package: pip install 'fps-graph[text]' "
+        raise RuntimeFailure("text data needs the tokenizers package: pip install 'fps-graph[text]' "
                             "(or pip install tokenizers)") from exc
 
     p = find_tokenizer(None, path)
@@ -150,7 +150,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
         tok = Tokenizer.from_file(str(p))
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FpsGraphError(f"cannot load tokenizer {p}: {first}") from exc
+        raise DataError(f"cannot load tokenizer {p}: {first}") from exc
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -162,9 +162,9 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
         with open(path, encoding="utf-8-sig", newline=None) as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError as exc:
-        raise FpsGraphError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from exc
     except OSError as exc:
-        raise FpsGraphError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
 
 
@@ -172,7 +172,7 @@ def _read_file(path: Path, field: str) -> list[TextSample]:
     """The samples of one .txt or .jsonl file."""
     rows = _read_lines(path)
     if not rows:
-        raise FpsGraphError(f"{path}: empty text file (no non-empty line); remove it or add samples")
+        raise DataError(f"{path}: empty text file (no non-empty line); remove it or add samples")
     if path.suffix.lower() != ".jsonl":
         return [TextSample(text, path, n) for n, text in rows]
     out = []
@@ -180,17 +180,17 @@ def _read_file(path: Path, field: str) -> list[TextSample]:
         try:
             rec = json.loads(line)
         except ValueError as exc:
-            raise FpsGraphError(f"{path}:{n}: not a JSON object ({exc.args[0] if exc.args else exc})") from exc
+            raise DataError(f"{path}:{n}: not a JSON object ({exc.args[0] if exc.args else exc})") from exc
         if not isinstance(rec, dict):
-            raise FpsGraphError(f"{path}:{n}: expected a JSON object per line, found {type(rec).__name__}")
+            raise DataError(f"{path}:{n}: expected a JSON object per line, found {type(rec).__name__}")
         if field not in rec:
             keys = ", ".join(sorted(rec)[:8])
-            raise FpsGraphError(f"{path}:{n}: no field {field!r} (fields: {keys}); choose one with --text-field")
+            raise DataError(f"{path}:{n}: no field {field!r} (fields: {keys}); choose one with --text-field")
         text = rec[field]
         if not isinstance(text, str):
-            raise FpsGraphError(f"{path}:{n}: field {field!r} holds {type(text).__name__}, not a string")
+            raise DataError(f"{path}:{n}: field {field!r} holds {type(text).__name__}, not a string")
         if not text.strip():
-            raise FpsGraphError(f"{path}:{n}: field {field!r} is empty")
+            raise DataError(f"{path}:{n}: field {field!r} is empty")
         out.append(TextSample(text, path, n))
     return out
 
@@ -199,15 +199,15 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[TextSample]
     """Every sample of a .txt/.jsonl file or of a folder of them (path order, then line order)."""
     p = Path(path)
     if not p.exists():
-        raise FpsGraphError(f"data path not found: {p}")
+        raise DataError(f"data path not found: {p}")
     if p.is_file():
         if p.suffix.lower() not in TEXT_EXTS:
-            raise FpsGraphError(f"{p}: not a text file (expected .txt or .jsonl)")
+            raise DataError(f"{p}: not a text file (expected .txt or .jsonl)")
         files = [p]
     else:
         files = list_files(p, TEXT_EXTS)
         if not files:
-            raise FpsGraphError(f"no .txt or .jsonl files found in {p}")
+            raise DataError(f"no .txt or .jsonl files found in {p}")
     samples: list[TextSample] = []
     for f in files:
         samples.extend(_read_file(f, field))
@@ -219,7 +219,7 @@ def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int, *, t
     """Token ids (special tokens added) of each text, cut to max_length; with truncate=False a longer text is an
     error naming ``where[i]``."""
     if max_length < 1:
-        raise FpsGraphError(f"max_length must be at least 1, got {max_length}")
+        raise OptionError(f"max_length must be at least 1, got {max_length}")
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)   # special tokens are kept; the rest is cut from the right
     try:
@@ -230,13 +230,13 @@ def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int, *, t
     if truncated and not truncate:
         i = truncated[0]
         place = where[i] if where is not None else f"sample {i}"
-        raise FpsGraphError(f"{place}: longer than max_length {max_length} tokens ({len(truncated)} such samples); "
+        raise DataError(f"{place}: longer than max_length {max_length} tokens ({len(truncated)} such samples); "
                             "raise --max-length, shorten the text, or allow truncation")
     lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
         place = where[int(empty[0])] if where is not None else f"sample {int(empty[0])}"
-        raise FpsGraphError(f"{place}: the tokenizer gives no tokens for this text")
+        raise DataError(f"{place}: the tokenizer gives no tokens for this text")
     offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int64, count=int(offsets[-1]))
@@ -307,12 +307,12 @@ class TextSource(Source):
         limit = self.plan.max_positions
         if limit is not None and self.max_length > limit:
             if opts.max_length is not None:
-                raise FpsGraphError(f"--max-length {self.max_length} exceeds the model's {limit} positions "
+                raise OptionError(f"--max-length {self.max_length} exceeds the model's {limit} positions "
                                     "(config.json max_position_embeddings)")
             self.max_length, self.max_length_from = limit, "config.json max_position_embeddings"
         fixed = self.plan.fixed_length
         if fixed is not None:
-            raise FpsGraphError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of {fixed}; "
+            raise ModelError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of {fixed}; "
                                 "every sample would need padding, which would count in the statistics. Export the "
                                 "model with a dynamic sequence axis")
         tok = load_tokenizer(self.tokenizer_path)
@@ -363,6 +363,6 @@ class TextSource(Source):
     def fetch(self, indices: np.ndarray, pool: cf.Executor | None = None) -> dict[str, np.ndarray]:
         lengths = set(int(self.lengths[i]) for i in indices)
         if len(lengths) != 1:   # only batches() makes batches for this source
-            raise FpsGraphError("internal: a text batch mixes sequence lengths (padding would count)")
+            raise RuntimeFailure("internal: a text batch mixes sequence lengths (padding would count)")
         ids = np.stack([self.tokens.sample(int(i)) for i in indices])
         return self.plan.build(ids)

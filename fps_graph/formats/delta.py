@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError
 from fps_graph.formats.io import decode_metadata
 
 DELTA_FORMAT = "fps-graph-delta"
@@ -41,7 +41,7 @@ class SparseEntry:
     def values(self) -> np.ndarray:
         """Fine-tuned values at the indices: float32(base + delta), bit-identical to the PyTorch forward."""
         if self.base is None:
-            raise FpsGraphError("sparse delta has no base values")
+            raise DataError("sparse delta has no base values")
         return (self.base.astype(np.float32) + self.delta.astype(np.float32)).astype(np.float32)
 
 
@@ -102,15 +102,15 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
 
     p = str(path)
     if not os.path.isfile(p):
-        raise FpsGraphError(f"delta file not found: {p}")
+        raise DataError(f"delta file not found: {p}")
     try:
         with safe_open(p, framework="numpy") as f:
             raw = f.metadata() or {}
         arrays = load_file(p)
     except Exception as exc:
-        raise FpsGraphError(f"cannot read delta file {p}: {exc}") from None
+        raise DataError(f"cannot read delta file {p}: {exc}") from exc
     if raw.get("format") != DELTA_FORMAT:
-        raise FpsGraphError(f"{p} is not an fps-graph delta file (written by `fps-graph train`)")
+        raise DataError(f"{p} is not an fps-graph delta file (written by `fps-graph train`)")
     meta: dict[str, Any] = decode_metadata(raw)
     tensors = meta.get("tensors") or {}
     head = meta.get("head") or {}
@@ -122,23 +122,23 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
             try:
                 idx = arrays[f"{key}:indices"].astype(np.int64)
                 delta = arrays[f"{key}:delta"].astype(np.float32)
-            except KeyError:
-                raise FpsGraphError(f"{p}: sparse tensor {key!r} lacks its indices or delta") from None
+            except KeyError as exc:
+                raise DataError(f"{p}: sparse tensor {key!r} lacks its indices or delta") from exc
             base = arrays.get(f"{key}:base")
             n = int(np.prod(shape))
             if idx.shape != delta.shape or (base is not None and base.shape != idx.shape):
-                raise FpsGraphError(f"{p}: {key!r}: indices, delta and base differ in length")
+                raise DataError(f"{p}: {key!r}: indices, delta and base differ in length")
             if idx.size and (idx.min() < 0 or idx.max() >= n or np.any(np.diff(idx) <= 0)):
-                raise FpsGraphError(f"{p}: {key!r}: indices are not sorted, unique and inside a tensor of shape "
+                raise DataError(f"{p}: {key!r}: indices are not sorted, unique and inside a tensor of shape "
                                     f"{list(shape)}")
             sparse[key] = SparseEntry(idx, delta, base, shape)
         elif rec.get("kind") == "full":
             if key not in arrays:
-                raise FpsGraphError(f"{p}: fully trained tensor {key!r} is missing")
+                raise DataError(f"{p}: fully trained tensor {key!r} is missing")
             value = arrays[key]
             if tuple(value.shape) != shape:
-                raise FpsGraphError(f"{p}: {key!r} has shape {list(value.shape)}, the header says {list(shape)}")
+                raise DataError(f"{p}: {key!r} has shape {list(value.shape)}, the header says {list(shape)}")
             full[key] = FullEntry(value, arrays.get(f"{key}:base"))
         else:
-            raise FpsGraphError(f"{p}: tensor {key!r} has unknown kind {rec.get('kind')!r}")
+            raise DataError(f"{p}: tensor {key!r} has unknown kind {rec.get('kind')!r}")
     return DeltaFile(p, sparse, full, tensors, head, meta)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 
 
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
@@ -17,11 +17,11 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise FpsGraphError(f"output folder does not exist: {parent}")
+        raise OptionError(f"output folder does not exist: {parent}")
     if out.is_dir():
-        raise FpsGraphError(f"output path is a folder: {out}")
+        raise OptionError(f"output path is a folder: {out}")
     if out.exists() and not force:
-        raise FpsGraphError(f"output file exists: {out} (use --force to overwrite)")
+        raise OptionError(f"output file exists: {out} (use --force to overwrite)")
     return out
 
 

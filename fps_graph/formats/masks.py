@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError
 from fps_graph.formats.io import decode_metadata, save_safetensors
 
 MASKS_FORMAT = "fps-graph-masks"
@@ -48,14 +48,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise FpsGraphError(f"masks file not found: {path}")
+        raise DataError(f"masks file not found: {path}")
     try:
         with safe_open(str(path), framework="numpy") as f:
             raw = f.metadata() or {}
     except Exception as exc:
-        raise FpsGraphError(f"cannot read masks file {path}: {exc}") from None
+        raise DataError(f"cannot read masks file {path}: {exc}") from exc
     if raw.get("format") != MASKS_FORMAT:
-        raise FpsGraphError(f"{path} is not an fps-graph masks file")
+        raise DataError(f"{path} is not an fps-graph masks file")
     meta: dict[str, Any] = decode_metadata(raw)
     return meta
 
@@ -85,7 +85,7 @@ def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
             out[key] = arr
             continue
         if key not in tensors:
-            raise FpsGraphError(f"{path}: no shape recorded for {key!r}")
+            raise DataError(f"{path}: no shape recorded for {key!r}")
         shape = tuple(tensors[key]["shape"])
         m = np.zeros(int(np.prod(shape)), dtype=bool)
         m[arr.astype(np.int64)] = True

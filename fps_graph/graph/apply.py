@@ -10,6 +10,7 @@ touched: the graph and its speed stay as they were. External data stays external
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,14 +24,15 @@ from onnx import numpy_helper
 
 from fps_graph import __version__
 from fps_graph.formats.delta import DeltaFile, read_delta
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.formats.io import check_output_path, sha256_file
-from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.model import SHAPE_ERRORS, OnnxModel
 from fps_graph.graph.names import folded_from, resolve_names
 from fps_graph.graph.walk import local_name, model_scopes, node_reads, scope_of_key
 from fps_graph.selection.pipeline import make_plan
 
 META_FINETUNED = "fps_graph.finetuned"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
             if not model.is_constant(onnx_name):
                 pass   # another export of the same model: found by the other sources
             elif _shape_after(model.tensor_shape(onnx_name), perm) != shape:
-                raise FpsGraphError(f"{key}: initializer {onnx_name!r} has shape {list(model.tensor_shape(onnx_name))}"
+                raise DataError(f"{key}: initializer {onnx_name!r} has shape {list(model.tensor_shape(onnx_name))}"
                                     f", which with layout {perm} does not give the trained shape {list(shape)}")
             else:
                 add(onnx_name, perm, "masks-record")
@@ -106,7 +108,7 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
                 elif len(stored) == 2 and stored[::-1] == shape:
                     add(name, [1, 0], "folded-copy")
         if not found:
-            raise FpsGraphError(f"cannot find {key} (shape {list(shape)}) in {model.path}: no initializer holds it "
+            raise DataError(f"cannot find {key} (shape {list(shape)}) in {model.path}: no initializer holds it "
                                 "(by recorded layout, graph metadata, node scope or name); was the model exported "
                                 "from the network that was trained, without folding it into other constants (e.g. "
                                 "BatchNorm folded into a Conv by the legacy exporter)?")
@@ -183,7 +185,7 @@ def _set_tensor(model: OnnxModel, name: str, value: np.ndarray) -> None:
             new.name = attr.t.name
             attr.t.CopyFrom(new)
             return
-    raise FpsGraphError(f"Constant node for {name!r} holds no 'value' tensor this tool can rewrite")
+    raise ModelError(f"Constant node for {name!r} holds no 'value' tensor this tool can rewrite")
 
 
 def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
@@ -255,7 +257,8 @@ def _infer_output_shapes(model: OnnxModel, names: set[str]) -> dict[str, onnx.Te
     copy.functions.extend(proto.functions)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False)
-    except Exception:
+    except SHAPE_ERRORS as exc:   # the caller clears those shapes and says so in its notes
+        log.info("shape inference failed after a head change: %s", exc)
         return {}
     out = {}
     for vi in list(inferred.graph.output) + list(inferred.graph.value_info):
@@ -273,7 +276,7 @@ def _protect_input(model_path: Path, model: OnnxModel, out: Path) -> None:
                 ins.add((model.base_dir / e.value).resolve())
     for p in (out, out.parent / (out.name + ".data")):
         if p.resolve() in ins:
-            raise FpsGraphError(f"output {p} would overwrite the input model or its data; choose another -o")
+            raise OptionError(f"output {p} would overwrite the input model or its data; choose another -o")
 
 
 def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, output: str | os.PathLike,
@@ -288,7 +291,7 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
     external = model.has_external_data()
     data_out = out.parent / (out.name + ".data")
     if external and data_out.exists() and not force:
-        raise FpsGraphError(f"output data file exists: {data_out} (use --force to overwrite)")
+        raise OptionError(f"output data file exists: {data_out} (use --force to overwrite)")
     notes: list[str] = []
     if df.metadata.get("model_sha256") and df.metadata["model_sha256"] != model.sha256:
         notes.append("the masks were selected on another ONNX file; tensors matched by name and value")
@@ -303,7 +306,7 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
         for t in targets[key]:
             stored = model.tensor(t.name)
             if check and not _check_base(key, t, stored, df):
-                raise FpsGraphError(f"{t.name!r} in {mp} (the copy of {key}, found by {t.how}) does not hold the "
+                raise DataError(f"{t.name!r} in {mp} (the copy of {key}, found by {t.how}) does not hold the "
                                     "values training started from: the delta belongs to another model or weights, "
                                     "or the exporter folded other constants into it (e.g. BatchNorm into a Conv)")
             new = _new_value(key, t, stored, df)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes, model_scopes, node_names
 
@@ -370,7 +370,7 @@ def _layer_of(model: OnnxModel, scope: Scope, node: onnx.NodeProto, name: str,
     try:
         op_shape = _op_shape(stored_shape, chain)
     except ValueError as exc:
-        raise FpsGraphError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from None
+        raise ModelError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from exc
     return _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
 
 

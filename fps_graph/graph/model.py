@@ -9,7 +9,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError
+
+# onnx's C++ exceptions derive from Exception directly: shape inference and the checker raise these
+ONNX_ERRORS: tuple[type[Exception], ...] = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError)
+# what onnx.shape_inference.infer_shapes raises on a model it cannot follow (best-effort callers fall back)
+SHAPE_ERRORS: tuple[type[Exception], ...] = (*ONNX_ERRORS, RuntimeError, ValueError, TypeError)
 from fps_graph.formats.io import sha256_file
 from fps_graph.graph.versions import fit_runtime
 
@@ -77,13 +82,13 @@ class OnnxModel:
             try:
                 return numpy_helper.to_array(self.initializers[name], base_dir=str(self.base_dir))
             except (OSError, ValueError) as exc:
-                raise FpsGraphError(f"{self.path}: cannot read initializer {name!r}: {exc}") from None
+                raise ModelError(f"{self.path}: cannot read initializer {name!r}: {exc}") from exc
         if name in self.constant_nodes:
             return _constant_value(self.constant_nodes[name])
         if name in self.derived:
             d = self.derived[name]
             return self.tensor(d.source).reshape(-1)[d.index]
-        raise FpsGraphError(f"{self.path}: {name!r} is not a constant tensor")
+        raise ModelError(f"{self.path}: {name!r} is not a constant tensor")
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a constant tensor without reading its data."""
@@ -119,7 +124,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
             return np.array(attr.i, dtype=np.int64)
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
-    raise FpsGraphError(f"Constant node {node.name!r} has no value this tool can read")
+    raise ModelError(f"Constant node {node.name!r} has no value this tool can read")
 
 
 def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
@@ -132,33 +137,33 @@ def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
         loc = info.get("location", "")
         target = (base / loc).resolve()
         if os.path.isabs(loc) or (base != target and base not in target.parents):
-            raise FpsGraphError(
+            raise ModelError(
                 f"{path}: external data of initializer {t.name!r} points outside the model's folder: {loc!r}"
             )
         if not target.is_file():
-            raise FpsGraphError(f"{path}: external data file of initializer {t.name!r} is missing: {loc}")
+            raise ModelError(f"{path}: external data file of initializer {t.name!r} is missing: {loc}")
 
 
 def load_model(path: str | os.PathLike) -> OnnxModel:
-    """Load an ONNX model file, keeping external data on disk; raise FpsGraphError for anything unreadable."""
+    """Load an ONNX model file, keeping external data on disk; raise ModelError for anything unreadable."""
     p = Path(path)
     if not p.exists():
-        raise FpsGraphError(f"model file not found: {p}")
+        raise ModelError(f"model file not found: {p}")
     if p.is_dir():
-        raise FpsGraphError(f"model path is a folder, not an ONNX file: {p}")
+        raise ModelError(f"model path is a folder, not an ONNX file: {p}")
     try:
         with open(p, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise FpsGraphError(f"cannot read model file {p}: {exc.strerror or exc}") from None
+        raise ModelError(f"cannot read model file {p}: {exc.strerror or exc}") from exc
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except Exception:  # protobuf raises DecodeError and friends
-        raise FpsGraphError(f"{p} is not a valid ONNX model (cannot parse; truncated or not ONNX?)") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"{p} is not a valid ONNX model (cannot parse; truncated or not ONNX?)") from exc
     del data
     if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
-        raise FpsGraphError(f"{p} is not a valid ONNX model (no graph or no nodes)")
+        raise ModelError(f"{p} is not a valid ONNX model (no graph or no nodes)")
     _check_external_locations(proto, p)
     model = OnnxModel(path=p, proto=proto)
     # a newer onnx stamps a newer IR version / opset than ONNX Runtime reads: lower them when that keeps the meaning

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError, OptionError
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.walk import LOOP_OPS, all_value_names, graph_scopes, node_reads, subgraphs
 
@@ -291,7 +291,7 @@ class _Augmenter:
                     if attr.name in ("scan_output_axes", "scan_output_directions"):
                         attr.ints.extend([0] * len(out))
             return copy, [e.stacked() for e in out]
-        raise FpsGraphError(f"cannot observe layers inside a {copy.op_type} body (only If, Loop and Scan)")
+        raise ModelError(f"cannot observe layers inside a {copy.op_type} body (only If, Loop and Scan)")
 
 
 def _trim_if(node: onnx.NodeProto, needed: set[str]) -> None:
@@ -319,7 +319,7 @@ def _check_names(model: onnx.ModelProto, observers: list[Observer]) -> None:
         return
     clash = sorted(n for n in all_value_names(model.graph) if n.startswith(f"{PREFIX}_"))
     if clash:
-        raise FpsGraphError(f"the model already has tensors named {PREFIX}_* ({clash[0]!r}), which this tool uses "
+        raise ModelError(f"the model already has tensors named {PREFIX}_* ({clash[0]!r}), which this tool uses "
                             "for its observers; rename them")
 
 
@@ -333,7 +333,7 @@ def augment(model: onnx.ModelProto, observers: list[Observer], mode: str = "grap
     graph = model.graph
     _check_names(model, observers)
     if mode == "host" and any(o.graph for o in observers):
-        raise FpsGraphError("reduce mode 'host' cannot observe layers inside If/Loop/Scan bodies; use 'graph'")
+        raise OptionError("reduce mode 'host' cannot observe layers inside If/Loop/Scan bodies; use 'graph'")
     opset = next((int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
     trail_of = {s.path: s.trail for s in graph_scopes(graph)} if any(o.graph for o in observers) else {"": ()}
     aug = _Augmenter(observers, trail_of, mode, stats, opset)

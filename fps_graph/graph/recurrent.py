@@ -31,7 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fps_graph.graph.layers import Layer, Skipped, _attr, _scope_of
-from fps_graph.graph.model import DerivedTensor, OnnxModel, _constant_value
+from fps_graph.graph.model import ONNX_ERRORS, SHAPE_ERRORS, DerivedTensor, OnnxModel, _constant_value
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -130,7 +130,8 @@ def _const(model: OnnxModel, scope: Any, name: str, depth: int = 0) -> np.ndarra
             [helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)])
         folded = helper.make_model(graph, opset_imports=[helper.make_opsetid("", model.opset)])
         return np.asarray(ReferenceEvaluator(folded).run(None, feeds)[0])
-    except Exception:   # an op the reference evaluator cannot run here: treat the value as computed
+    except (*ONNX_ERRORS, ValueError, TypeError, RuntimeError, NotImplementedError, KeyError, IndexError):
+        # an op the reference evaluator cannot run here: treat the value as computed
         return None
 
 
@@ -158,7 +159,7 @@ def _static_shapes(model: OnnxModel) -> dict[str, list]:
             t = vi.type.tensor_type
             if t.HasField("shape"):
                 out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    except Exception:
+    except SHAPE_ERRORS:   # no static shapes: Shape nodes stay unknown (their value is treated as computed)
         pass
     model.__dict__["_fpsg_static_shapes"] = out
     return out

@@ -24,9 +24,20 @@ from typing import Iterator
 import onnx
 from onnx import TensorProto
 
-__all__ = ["IR_FEATURES", "runtime_limits", "newer_ir_features", "changed_ops", "fit_runtime"]
+__all__ = ["IR_FEATURES", "ort_errors", "runtime_limits", "newer_ir_features", "changed_ops", "fit_runtime"]
 
 PROBE_IR, PROBE_OPSET = 10, 21   # at or below these, nothing is probed or lowered
+
+
+@functools.lru_cache(maxsize=None)
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (pybind11 classes that derive from Exception directly: Fail,
+    InvalidArgument, InvalidGraph, ...) plus the builtin ones its Python layer raises; ``except ort_errors()``
+    catches what ORT raises and nothing else."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return (*own, RuntimeError, ValueError, TypeError)
 
 # The data types each IR version added (onnx.proto's Version comments).
 _TYPE_IR = {TensorProto.FLOAT8E4M3FN: 9, TensorProto.FLOAT8E4M3FNUZ: 9, TensorProto.FLOAT8E5M2: 9,
@@ -59,7 +70,7 @@ def runtime_limits() -> tuple[int, int] | None:
         try:
             ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             return ir, opset
-        except Exception as exc:   # ORT's own exception types
+        except ort_errors() as exc:
             text = str(exc)
         found_ir = re.search(r"max supported IR version: (\d+)", text)
         found_opset = re.search(r"is till opset (\d+)", text)

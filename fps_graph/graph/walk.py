@@ -20,7 +20,7 @@ from typing import Iterator
 
 import onnx
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError
 
 BODY_OPS = ("If", "Loop", "Scan")       # control flow whose bodies are observed
 LOOP_OPS = ("Loop", "Scan")             # bodies run once per iteration; their observer outputs gain an axis
@@ -163,7 +163,7 @@ def graph_scopes(graph: onnx.GraphProto) -> list[Scope]:
     paths = [s.path for s in out]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
-        raise FpsGraphError(f"two subgraphs get the same path {dup!r} (node names with '/'); rename the nodes")
+        raise ModelError(f"two subgraphs get the same path {dup!r} (node names with '/'); rename the nodes")
     return out
 
 
@@ -195,7 +195,7 @@ def model_scopes(model) -> list[Scope]:
 
 def _register(model, key: str, name: str, path: str, local: dict[str, tuple[str, str]]) -> None:
     if key in model.initializers or key in model.constant_nodes:
-        raise FpsGraphError(f"{model.path}: constant {name!r} of subgraph {path!r} gets the key {key!r}, which the "
+        raise ModelError(f"{model.path}: constant {name!r} of subgraph {path!r} gets the key {key!r}, which the "
                             "main graph already uses; rename one of them")
     local[key] = (path, name)
 
@@ -208,10 +208,10 @@ def _check_location(model, t: onnx.TensorProto, path: str) -> None:
     base = model.base_dir.resolve()
     target = (base / loc).resolve()
     if os.path.isabs(loc) or (target != base and base not in target.parents):
-        raise FpsGraphError(f"{model.path}: external data of initializer {t.name!r} in subgraph {path!r} points "
+        raise ModelError(f"{model.path}: external data of initializer {t.name!r} in subgraph {path!r} points "
                             f"outside the model's folder: {loc!r}")
     if not target.is_file():
-        raise FpsGraphError(f"{model.path}: external data file of initializer {t.name!r} in subgraph {path!r} is "
+        raise ModelError(f"{model.path}: external data file of initializer {t.name!r} in subgraph {path!r} is "
                             f"missing: {loc}")
 
 

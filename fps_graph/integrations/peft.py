@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError, OptionError, RuntimeFailure
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,7 +49,7 @@ class ShiraPlan:
 
 
 def shira_plan(handle: Any) -> ShiraPlan:
-    """The SHiRA layout of a trained handle, or FpsGraphError saying which tensor SHiRA cannot hold and why."""
+    """The SHiRA layout of a trained handle, or a ModelError saying which tensor SHiRA cannot hold and why."""
     from torch import nn
 
     names = {id(m): n for n, m in handle.model.named_modules()}
@@ -59,21 +59,21 @@ def shira_plan(handle: Any) -> ShiraPlan:
         owners = handle._owners[key]
         if len(owners) > 1:
             tied = ", ".join(f"{names[id(m)]}.{a}" for m, a in owners)
-            raise FpsGraphError(f"SHiRA cannot hold the delta on {key}: it is tied ({tied}) and SHiRA adapts one "
+            raise ModelError(f"SHiRA cannot hold the delta on {key}: it is tied ({tied}) and SHiRA adapts one "
                                 "Linear module at a time; select without it (e.g. --exclude lm_head)")
         module, attr = owners[0]
         if not isinstance(module, nn.Linear) or attr != "weight":
-            raise FpsGraphError(f"SHiRA cannot hold the delta on {key}: it adapts nn.Linear weights only, this is "
+            raise ModelError(f"SHiRA cannot hold the delta on {key}: it adapts nn.Linear weights only, this is "
                                 f"{type(module).__name__.removeprefix('Parametrized')}.{attr}")
         targets[key] = names[id(module)]
         sizes[key] = (int(d.index.numel()), module.in_features, module.out_features)
     if not targets:
-        raise FpsGraphError("SHiRA needs at least one sparsely trained Linear weight; this run has none")
+        raise ModelError("SHiRA needs at least one sparsely trained Linear weight; this run has none")
     r = max(math.ceil(n / (i + o)) for n, i, o in sizes.values())
     for key, (n, i, o) in sizes.items():
         if r * (i + o) > i * o:
             worst = max(sizes, key=lambda k: math.ceil(sizes[k][0] / (sizes[k][1] + sizes[k][2])))
-            raise FpsGraphError(f"SHiRA cannot hold this selection: one r for all layers, r = {r} (from {worst}, "
+            raise ModelError(f"SHiRA cannot hold this selection: one r for all layers, r = {r} (from {worst}, "
                                 f"{sizes[worst][0]} selected), needs {r * (i + o)} entries in {key}, which has "
                                 f"{i * o}; select fewer entries per layer (a smaller --k or --budget)")
     sparse_modules = set(targets.values())
@@ -84,10 +84,10 @@ def shira_plan(handle: Any) -> ShiraPlan:
                   if q is handle.full[key]] or [prefix]
         for owner in owners:
             if owner in sparse_modules:
-                raise FpsGraphError(f"SHiRA cannot hold {key}, trained in full in a layer it adapts sparsely; train "
+                raise ModelError(f"SHiRA cannot hold {key}, trained in full in a layer it adapts sparsely; train "
                                     "with --no-train-bias (or without that --train-full pattern)")
             if not owner:
-                raise FpsGraphError(f"SHiRA cannot hold {key}: a parameter of the model itself, not of a submodule")
+                raise ModelError(f"SHiRA cannot hold {key}: a parameter of the model itself, not of a submodule")
             to_save.add(owner)
     padding = {k: r * (i + o) - n for k, (n, i, o) in sizes.items()}
     return ShiraPlan(r, targets, sorted(to_save), padding)
@@ -144,14 +144,14 @@ def write_shira(handle: Any, folder: str | os.PathLike, plan: ShiraPlan | None =
     try:
         from peft import ShiraConfig
     except ImportError as exc:
-        raise FpsGraphError("writing a PEFT adapter needs peft >= 0.16: pip install peft") from exc
+        raise RuntimeFailure("writing a PEFT adapter needs peft >= 0.16: pip install peft") from exc
     from safetensors.torch import save_file
 
     from fps_graph.formats.io import atomic_output
 
     plan = plan or shira_plan(handle)
     if getattr(handle, "merged", False):
-        raise FpsGraphError("unmerge() the handle before writing a SHiRA adapter")
+        raise OptionError("unmerge() the handle before writing a SHiRA adapter")
     cfg = ShiraConfig(r=plan.r, target_modules=sorted(plan.targets.values()),
                       modules_to_save=plan.modules_to_save or None, base_model_name_or_path=base_model,
                       task_type={"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}.get(task or ""),

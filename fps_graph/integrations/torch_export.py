@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import check_output_path
 from fps_graph.graph.layers import find_layers
 from fps_graph.graph.model import load_model
@@ -43,13 +43,13 @@ def _quiet_torch_onnx():
 def load_factory(spec: str) -> Callable[[], Any]:
     """Resolve 'package.module:factory' or 'path/to/file.py:factory' to a callable."""
     if ":" not in spec:
-        raise FpsGraphError(f"expected MODULE:FACTORY, got {spec!r}")
+        raise OptionError(f"expected MODULE:FACTORY, got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
             path = Path(mod_name)
             if not path.is_file():
-                raise FpsGraphError(f"module file not found: {path}")
+                raise OptionError(f"module file not found: {path}")
             s = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(s)
             sys.modules[path.stem] = module
@@ -61,10 +61,10 @@ def load_factory(spec: str) -> Callable[[], Any]:
     except FpsGraphError:
         raise
     except Exception as exc:
-        raise FpsGraphError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from None
+        raise ModelError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise FpsGraphError(f"{mod_name!r} has no callable {attr!r}")
+        raise ModelError(f"{mod_name!r} has no callable {attr!r}")
     return fn
 
 
@@ -75,14 +75,14 @@ def build_model(spec: str, weights: str | None = None, kwargs: dict[str, Any] | 
 
     model = load_factory(spec)(**(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
-        raise FpsGraphError(f"{spec} did not return a torch.nn.Module")
+        raise ModelError(f"{spec} did not return a torch.nn.Module")
     if weights:
         if not Path(weights).is_file():
-            raise FpsGraphError(f"weights file not found: {weights}")
+            raise DataError(f"weights file not found: {weights}")
         sd = load_file(weights)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise FpsGraphError(f"{weights} does not fit {spec}: missing {list(missing)[:5]}, "
+            raise DataError(f"{weights} does not fit {spec}: missing {list(missing)[:5]}, "
                                 f"unexpected {list(unexpected)[:5]}")
     return model.eval()
 
@@ -108,7 +108,7 @@ def export(spec: str, input_shape: tuple[int, ...], output: str | Path, weights:
 
     out = check_output_path(output, force)
     if exporter not in ("dynamo", "legacy"):
-        raise FpsGraphError(f"unknown exporter {exporter!r} (use dynamo or legacy)")
+        raise OptionError(f"unknown exporter {exporter!r} (use dynamo or legacy)")
     model = build_model(spec, weights)
     shape = list(input_shape)
     if dynamic_batch and shape[0] == 1:
@@ -136,7 +136,7 @@ def export(spec: str, input_shape: tuple[int, ...], output: str | Path, weights:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (example,), str(raw), **kwargs)
         except Exception as exc:
-            raise FpsGraphError(f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
         wmap = weight_map(raw, sd)
         proto = onnx.load(str(raw))

@@ -8,10 +8,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, OptionError, RuntimeFailure
 from fps_graph.graph.observe import Observer, augment, observer_parts, plan_observers
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.versions import ort_errors
 from fps_graph.runtime.micro import MicroBatcher, check_micro, merge_in_order
 from fps_graph.runtime.session import create_session, ort_message
 from fps_graph.runtime.shards import sum_shard
@@ -52,7 +53,7 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
         for kind in kinds:
             m = maps[kind].astype(np.float64)
             if m.shape[0] != layer.feature_shape[0]:
-                raise FpsGraphError(f"layer {layer.node}: input has {m.shape[0]} channels, weight expects "
+                raise DataError(f"layer {layer.node}: input has {m.shape[0]} channels, weight expects "
                                     f"{layer.feature_shape[0]}")
             win, positions = conv_window_sums(m, layer.conv)
             st.add(layer.node, kind, win)
@@ -92,7 +93,7 @@ class BatchStats:
                  reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
                  threads: int | None = None, micro_batch: int | None = None, max_memory_mb: float | None = None):
         if reduce not in ("graph", "host"):
-            raise FpsGraphError(f"unknown reduce mode {reduce!r} (use graph or host)")
+            raise OptionError(f"unknown reduce mode {reduce!r} (use graph or host)")
         check_micro(micro_batch, max_memory_mb)
         self.layers = layers
         self.kinds = tuple(kinds)
@@ -130,8 +131,8 @@ class BatchStats:
         feeds = {name: batch[name] for name in self.feed_names}
         try:
             results = dict(zip(self.out_names, self.session.session.run(self.out_names, feeds)))
-        except Exception as exc:
-            raise FpsGraphError(f"ONNX Runtime failed on a batch: {ort_message(exc)}") from exc
+        except ort_errors() as exc:
+            raise RuntimeFailure(f"ONNX Runtime failed on a batch: {ort_message(exc)}") from exc
         st = Stats(model_sha256=self.model_sha256, kinds=self.kinds)
         for obs in self.observers:
             if self.reduce == "host" and not obs.state:
@@ -155,7 +156,7 @@ def check_finite(partial: Stats, order: list[str], first_sample: int) -> None:
     """Refuse a batch whose sums hold NaN or Inf, naming the first such layer and the sample range."""
     bad = partial.first_nonfinite(order)
     if bad is not None:
-        raise FpsGraphError(f"non-finite activations (NaN or Inf) reach layer {bad} (first in graph order) within "
+        raise DataError(f"non-finite activations (NaN or Inf) reach layer {bad} (first in graph order) within "
                             f"samples {first_sample}..{first_sample + partial.num_samples - 1}")
 
 
@@ -185,6 +186,6 @@ def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[
     finally:
         step.close()
     if st.num_samples == 0:
-        raise FpsGraphError("no calibration samples were read")
+        raise DataError("no calibration samples were read")
     return st, CalibrationInfo(step.provider, time.perf_counter() - start, st.num_samples, len(step.observers),
                                micro_batch=step.micro.slice_size())

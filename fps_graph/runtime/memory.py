@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
+from fps_graph.graph.model import SHAPE_ERRORS
 from fps_graph.graph.observe import _node_inputs
 
 MB = 1 << 20
@@ -30,7 +31,7 @@ ARENA_SLACK = 2.0          # resident bytes per estimated activation byte: ORT's
 def _itemsize(elem_type: int) -> int:
     try:
         return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
-    except Exception:
+    except KeyError:   # a type NumPy has no dtype for (undefined, or newer than this onnx): count 4 bytes
         return 4
 
 
@@ -97,7 +98,7 @@ class ActivationEstimate:
                     dims.add().dim_value = int(d)
         try:
             m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
-        except Exception:   # partial knowledge is still useful; unknown sizes fall back below
+        except SHAPE_ERRORS:   # partial knowledge is still useful; unknown sizes fall back below
             pass
         g = m.graph
         size: dict[str, int] = {}
@@ -143,7 +144,7 @@ def micro_batch_for(budget_mb: float, weights: int, footprint: Footprint) -> int
     fit = footprint.samples_within(int(avail / ARENA_SLACK)) if avail > 0 else 0
     if fit < 1:
         need = (weights + RUNTIME_MB * MB + ARENA_SLACK * (footprint.fixed + footprint.per_sample)) / MB
-        raise FpsGraphError(f"--max-memory {budget_mb:g} MB is too small for this model: its weights ({weights / MB:.0f}"
+        raise OptionError(f"--max-memory {budget_mb:g} MB is too small for this model: its weights ({weights / MB:.0f}"
                             f" MB), the runtime (~{RUNTIME_MB} MB) and one sample's activations "
                             f"(~{ARENA_SLACK * (footprint.fixed + footprint.per_sample) / MB:.0f} MB) need about "
                             f"{math.ceil(need)} MB; raise it (or drop --max-memory)")
@@ -155,4 +156,4 @@ def check_max_memory(value: float | None) -> None:
     if value is None:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise FpsGraphError(f"--max-memory must be a positive number of MB (got {value!r})")
+        raise OptionError(f"--max-memory must be a positive number of MB (got {value!r})")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.observe import Observer, augment
 from fps_graph.runtime.memory import ActivationEstimate, Footprint, check_max_memory, micro_batch_for, skeleton
@@ -26,10 +26,10 @@ def check_micro(micro_batch: int | None, max_memory_mb: float | None) -> None:
     """Refuse a micro-batch that is not a positive integer, a bad budget, or both given at once."""
     if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, (int, np.integer))
                                     or micro_batch < 1):
-        raise FpsGraphError(f"micro-batch must be a positive number of samples (got {micro_batch!r})")
+        raise OptionError(f"micro-batch must be a positive number of samples (got {micro_batch!r})")
     check_max_memory(max_memory_mb)
     if micro_batch is not None and max_memory_mb is not None:
-        raise FpsGraphError("give a micro-batch size or a memory budget, not both")
+        raise OptionError("give a micro-batch size or a memory budget, not both")
 
 
 def merge_in_order(parts: Sequence[Stats]) -> Stats:

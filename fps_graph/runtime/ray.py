@@ -18,7 +18,6 @@ usual ``FpsGraphError`` on the worker, which ends the job with that message.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import resource
@@ -31,13 +30,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, OptionError, RuntimeFailure
 
 try:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 except ImportError as _exc:   # the optional extra
-    raise FpsGraphError("Ray is not installed: pip install 'fps-graph[ray]'") from _exc
+    raise RuntimeFailure("Ray is not installed: pip install 'fps-graph[ray]'") from _exc
 
 from fps_graph.data.sources import Source
 from fps_graph.graph.layers import Layer
@@ -50,27 +49,11 @@ from fps_graph.selection.stats import Stats
 
 __all__ = ["collect_stats_ray", "ShardWorker"]
 
-# Tests only: JSON read by the driver and handed to the workers: {"delay": {"<shard>": s}, "delay_each": s,
-# "crash": {"shard": id, "batch": i, "flag": path}} (the worker exits after batch i of that shard while flag exists)
-FAULTS_ENV = "FPS_GRAPH_RAY_FAULTS"
 _POLL_S = 0.2
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
-
-
-def _inject(faults: dict[str, Any], shard_id: int, batch: int | None) -> None:
-    """Fault injection for the tests: a delay at a shard's start, or one hard exit of the worker mid-shard."""
-    if not faults:
-        return
-    if batch is None:
-        time.sleep(float(faults.get("delay", {}).get(str(shard_id), faults.get("delay_each", 0.0))))
-        return
-    crash = faults.get("crash")
-    if crash and crash["shard"] == shard_id and crash["batch"] == batch and os.path.exists(crash["flag"]):
-        os.remove(crash["flag"])        # once: the re-run of this shard goes through
-        os._exit(1)
 
 
 class ShardWorker:
@@ -82,13 +65,13 @@ class ShardWorker:
 
     def __init__(self, model_path: str, model_sha256: str, layers: list[Layer], open_data: Callable[[], Source],
                  static: dict[str, np.ndarray], cwd: str, step_args: dict[str, Any], board: str,
-                 read_threads: int, faults: str | None = None):
+                 read_threads: int):
         self.error: str | None = None
+        self.error_type: type[FpsGraphError] = RuntimeFailure
         self.board = board           # the progress actor's name (a handle among the arguments defeats restarts)
         self._progress: Any = None
         self.read_threads = read_threads
         self.static = static
-        self.faults = json.loads(faults) if faults else {}
         self.host = socket.gethostname()
         self.step: BatchStats | None = None
         try:
@@ -96,34 +79,32 @@ class ShardWorker:
                 os.chdir(cwd)            # relative data paths mean what they meant to the driver
             model = load_model(model_path)
             if model.sha256 != model_sha256:
-                raise FpsGraphError(f"{model_path} differs from the driver's copy (sha256); the model must be on "
+                raise RuntimeFailure(f"{model_path} differs from the driver's copy (sha256); the model must be on "
                                     "storage every node sees under the same path")
             self.step = BatchStats(model, layers, **step_args)
             del model
             self.source = open_data()
-        except FpsGraphError as exc:
-            self.error = f"Ray worker on {self.host}: {exc}"
+        except FpsGraphError as exc:   # reported by ready(), with its kind (DataError, ModelError, ...)
+            self.error, self.error_type = f"Ray worker on {self.host}: {exc}", type(exc)
 
     def ready(self) -> dict[str, Any]:
-        """How the worker started: error (or None), provider, number of observers, host, pid."""
-        return {"error": self.error, "provider": self.step.provider if self.step else None,
+        """How the worker started: error (or None) and its class, provider, number of observers, host, pid."""
+        return {"error": self.error, "error_type": self.error_type, "provider": self.step.provider if self.step else None,
                 "observers": len(self.step.observers) if self.step else 0, "host": self.host, "pid": os.getpid()}
 
     def run(self, shard: Shard) -> Stats:
         """The float64 sums of one shard (its batches added in order from zero), reporting samples as it goes."""
         if self.error or self.step is None:
-            raise FpsGraphError(self.error or "worker not started")
+            raise RuntimeFailure(self.error or "worker not started")
         step = self.step
         if self._progress is None:
             self._progress = ray.get_actor(self.board)
         self._progress.started.remote(shard.id)
-        _inject(self.faults, shard.id, None)
         counted: list[int] = []          # samples of each batch done so far
 
         def report(n: int) -> None:
             counted.append(n)
             self._progress.advance.remote(shard.id, sum(counted))
-            _inject(self.faults, shard.id, len(counted) - 1)
 
         empty = Stats(model_sha256=step.model_sha256, kinds=step.kinds)
         feed = ({**batch, **self.static} for batch in prefetched(self.source, shard.batches, self.read_threads))
@@ -164,7 +145,7 @@ def _connect(address: str | None) -> bool:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as exc:
         where = f"Ray at {address}" if address else "a local Ray instance"
-        raise FpsGraphError(f"cannot start or join {where}: {_first_line(exc)}") from exc
+        raise RuntimeFailure(f"cannot start or join {where}: {_first_line(exc)}") from exc
     return True
 
 
@@ -190,7 +171,7 @@ def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
     use_gpu = gpus >= 1 and provider != "cpu"
     n = workers or (gpus if use_gpu else max(1, int(cpus)))
     if use_gpu and n > gpus:
-        raise FpsGraphError(f"{n} workers need {n} GPUs (one each); the Ray cluster has {gpus}: ask for fewer "
+        raise OptionError(f"{n} workers need {n} GPUs (one each); the Ray cluster has {gpus}: ask for fewer "
                             "workers, or run them on CPUs with the cpu provider")
     node_cpus = max((float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
                     default=cpus)
@@ -201,16 +182,16 @@ def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
 def _shard_error(exc: RayError, shard: Shard, cluster: ClusterOptions, workdir: Workdir | None) -> FpsGraphError:
     """One line for a shard that failed: the worker's own message for bad data, else what Ray reported."""
     if isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), FpsGraphError):
-        return FpsGraphError(str(exc.cause))
+        return type(exc.cause)(str(exc.cause))   # the worker's own kind: DataError, ModelError, ...
     where = f"shard {shard.id} (samples {shard.start}..{shard.start + shard.samples - 1})"
     saved = f"; the finished shards are saved in {workdir.root}: resume from there" if workdir else ""
     if isinstance(exc, RayActorError):
-        return FpsGraphError(f"Ray workers died {cluster.max_task_retries + 1} times running {where} "
+        return RuntimeFailure(f"Ray workers died {cluster.max_task_retries + 1} times running {where} "
                              f"({_first_line(exc)}){saved}")
     if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-        return FpsGraphError(f"a Ray worker failed on {where}: {type(exc.cause).__name__}: "
+        return RuntimeFailure(f"a Ray worker failed on {where}: {type(exc.cause).__name__}: "
                              f"{_first_line(exc.cause)}{saved}")
-    return FpsGraphError(f"Ray failed on {where}: {_first_line(exc)}{saved}")
+    return RuntimeFailure(f"Ray failed on {where}: {_first_line(exc)}{saved}")
 
 
 def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable[[], Source],
@@ -272,8 +253,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
                          "threads": threads or max(1, int(cpu_share)), "micro_batch": micro_batch,
                          "max_memory_mb": max_memory_mb}
             actors = [worker_cls.remote(str(model.path.resolve()), model.sha256, layers, open_data, static,
-                                        os.getcwd(), step_args, board_name, max(1, int(cpu_share)),
-                                        os.environ.get(FAULTS_ENV)) for _ in range(n)]
+                                        os.getcwd(), step_args, board_name, max(1, int(cpu_share)))
+                      for _ in range(n)]
             infos = _wait_ready(actors, cluster, cpu_share, gpu)
         startup = time.perf_counter() - t0
         stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
@@ -283,7 +264,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         for a in actors + ([board] if board is not None else []):
             try:
                 ray.kill(a, no_restart=True)
-            except Exception:   # already gone
+            except (RayError, ValueError):   # already gone, or Ray itself stopped: nothing left to release
                 pass
         if started:
             ray.shutdown()
@@ -306,16 +287,16 @@ def _wait_ready(actors: list[Any], cluster: ClusterOptions, cpu_share: float, gp
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=cluster.start_timeout)
     if len(done) < len(refs):
         ask = f"{cpu_share:g} CPU" + (", 1 GPU" if gpu else "")
-        raise FpsGraphError(f"Ray started {len(done)} of {len(refs)} workers within {cluster.start_timeout:.0f} s "
+        raise RuntimeFailure(f"Ray started {len(done)} of {len(refs)} workers within {cluster.start_timeout:.0f} s "
                             f"(each asks for {ask}; the cluster has {ray.cluster_resources()}): ask for fewer workers")
     try:
         infos = ray.get(refs)
     except RayError as exc:
-        raise FpsGraphError(f"a Ray worker could not start ({_first_line(exc)}); fps-graph must be installed on "
+        raise RuntimeFailure(f"a Ray worker could not start ({_first_line(exc)}); fps-graph must be installed on "
                             "every node") from exc
     for info in infos:
         if info["error"]:
-            raise FpsGraphError(info["error"])
+            raise info["error_type"](info["error"])
     return infos
 
 
@@ -353,7 +334,7 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
                 except RayError as exc:
                     raise _shard_error(exc, shard, cluster, workdir) from exc
                 if shard.id in finished or st.num_samples != shard.samples:     # never counted twice or short
-                    raise FpsGraphError(f"shard {shard.id}: a second result, or {st.num_samples} samples instead "
+                    raise RuntimeFailure(f"shard {shard.id}: a second result, or {st.num_samples} samples instead "
                                         f"of {shard.samples} (internal error)")
                 if workdir is not None:
                     workdir.save(shard.id, st)
@@ -380,7 +361,7 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
                 progress(done - reported)
                 reported = done
         if not pending and next_id < len(shards) and not queue:
-            raise FpsGraphError(f"shard {next_id} was never computed (internal error)")
+            raise RuntimeFailure(f"shard {next_id} was never computed (internal error)")
     if progress is not None and reported < total_samples:
         progress(total_samples - reported)
     try:
@@ -388,7 +369,7 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
     except (RayError, GetTimeoutError):
         pass
     if total.num_samples != total_samples:
-        raise FpsGraphError(f"shards add up to {total.num_samples} samples, expected {total_samples} (internal error)")
+        raise RuntimeFailure(f"shards add up to {total.num_samples} samples, expected {total_samples} (internal error)")
     if total.num_samples == 0:
-        raise FpsGraphError("no calibration samples were read")
+        raise DataError("no calibration samples were read")
     return total, order, rerun, time.perf_counter() - t0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError, OptionError, RuntimeFailure
+from fps_graph.graph.versions import ort_errors
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 SPILL_BYTES = 64 << 20   # embedded weights above this are handed to ONNX Runtime as a file (see create_session)
@@ -70,7 +71,7 @@ def _embedded_bytes(model: onnx.ModelProto) -> int:
             continue
         try:
             item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except Exception:
+        except KeyError:   # a type NumPy has no dtype for: not counted
             continue
         n = 1
         for d in t.dims:
@@ -110,7 +111,7 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
     import onnxruntime as ort
 
     if provider not in ("auto", "cuda", "cpu"):
-        raise FpsGraphError(f"unknown provider {provider!r} (use auto, cuda or cpu)")
+        raise OptionError(f"unknown provider {provider!r} (use auto, cuda or cpu)")
     tmp = None
     if consume and not external and _embedded_bytes(model) > SPILL_BYTES:
         source, tmp = _spill(model)
@@ -128,7 +129,7 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
         # 12): ask the one-node probe first, and build a CUDA session for the model only where it succeeded.
         if want_cuda and not cuda_usable():
             if provider == "cuda":
-                raise FpsGraphError("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
+                raise RuntimeFailure("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
                                     " use --provider cpu")
             want_cuda = False
         if want_cuda:
@@ -136,13 +137,13 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
             if sess is not None:
                 return Session(sess, "cuda", tmp)
             if provider == "cuda":
-                raise FpsGraphError("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
+                raise RuntimeFailure("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
                                     " use --provider cpu")
         try:
             sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(disabled_optimizers))
-        except Exception as exc:  # ORT raises its own exception types
-            raise FpsGraphError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from exc
+        except ort_errors() as exc:
+            raise ModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from exc
         return Session(sess, "cpu", tmp)
     except BaseException:
         if tmp:
@@ -160,7 +161,7 @@ def _try_cuda(source: str | bytes, so, disabled_optimizers: tuple[str, ...] = ()
     try:
         sess = ort.InferenceSession(source, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                                     disabled_optimizers=list(disabled_optimizers))
-    except Exception:
+    except ort_errors():   # no usable CUDA here: the caller falls back to CPU or says so
         return None
     finally:
         ort.set_default_logger_severity(2)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, OptionError, RuntimeFailure
 from fps_graph.formats.io import atomic_output
 from fps_graph.graph.layers import Layer
 from fps_graph.selection.stats import Stats
@@ -68,7 +68,7 @@ class ClusterOptions:
 def shard_batches(batch_size: int, shard_size: int) -> int:
     """Batches per shard: shard_size samples, rounded up to whole batches."""
     if shard_size < 1:
-        raise FpsGraphError(f"shard size must be at least 1 sample, got {shard_size}")
+        raise OptionError(f"shard size must be at least 1 sample, got {shard_size}")
     return max(1, math.ceil(shard_size / max(1, batch_size)))
 
 
@@ -152,20 +152,20 @@ class Workdir:
     def open(self) -> set[int]:
         """Create the folder (new run) or check it (resumed run); return the ids of the shards already saved."""
         if self.root.exists() and not self.root.is_dir():
-            raise FpsGraphError(f"work folder is a file: {self.root}")
+            raise OptionError(f"work folder is a file: {self.root}")
         job_path = self.dir / JOB_FILE
         if self.resume:
             if not self.root.is_dir() or not any(self.root.glob(f"*/{JOB_FILE}")):
-                raise FpsGraphError(f"nothing to resume in {self.root}: no saved calibration job there "
+                raise OptionError(f"nothing to resume in {self.root}: no saved calibration job there "
                                     "(start the run with this folder as its work folder)")
         elif job_path.exists():
-            raise FpsGraphError(f"work folder {self.root} already holds shards of a run: resume it, or use an "
+            raise OptionError(f"work folder {self.root} already holds shards of a run: resume it, or use an "
                                 "empty folder")
         if job_path.exists():
             self._check_job(job_path)
         else:
             if not self.root.parent.is_dir():
-                raise FpsGraphError(f"folder of the work folder does not exist: {self.root.parent}")
+                raise OptionError(f"folder of the work folder does not exist: {self.root.parent}")
             self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_output(job_path, force=True) as tmp:
                 tmp.write_text(json.dumps(self.job, indent=1, sort_keys=True) + "\n")
@@ -181,10 +181,10 @@ class Workdir:
         self._lock = open(self.dir / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             self._lock.close()
             self._lock = None
-            raise FpsGraphError(f"work folder {self.root} is in use by another run") from None
+            raise RuntimeFailure(f"work folder {self.root} is in use by another run") from exc
 
     def close(self) -> None:
         """Release the folder."""
@@ -196,12 +196,12 @@ class Workdir:
         try:
             saved = json.loads(job_path.read_text())
         except (OSError, ValueError) as exc:
-            raise FpsGraphError(f"cannot read {job_path}: {exc}") from exc
+            raise DataError(f"cannot read {job_path}: {exc}") from exc
         if not isinstance(saved, dict) or saved.get("format") != JOB_FORMAT:
-            raise FpsGraphError(f"{job_path} is not an fps-graph shard job file")
+            raise DataError(f"{job_path} is not an fps-graph shard job file")
         for key in sorted(set(saved) | set(self.job)):
             if saved.get(key) != self.job.get(key):
-                raise FpsGraphError(f"{job_path}: the saved shards were made with {key} = {_short(saved.get(key))}, "
+                raise OptionError(f"{job_path}: the saved shards were made with {key} = {_short(saved.get(key))}, "
                                     f"this run has {_short(self.job.get(key))}; resume with the same model, data and "
                                     "options, or use an empty work folder")
 
@@ -220,15 +220,15 @@ class Workdir:
         st = Stats.load(path)
         fix = f"; delete {path} to compute it again"
         if st.model_sha256 != self.job["model_sha256"]:
-            raise FpsGraphError(f"{path} was computed on another model (sha256 differs){fix}")
+            raise DataError(f"{path} was computed on another model (sha256 differs){fix}")
         if list(st.kinds) != list(self.job["kinds"]):
-            raise FpsGraphError(f"{path} holds {list(st.kinds)} sums, this run needs {self.job['kinds']}{fix}")
+            raise DataError(f"{path} holds {list(st.kinds)} sums, this run needs {self.job['kinds']}{fix}")
         if st.num_samples != shard.samples:
-            raise FpsGraphError(f"{path} holds {st.num_samples} samples, shard {shard.id} has {shard.samples}{fix}")
+            raise DataError(f"{path} holds {st.num_samples} samples, shard {shard.id} has {shard.samples}{fix}")
         try:
             st.check_layers(layers, str(path))
         except FpsGraphError as exc:
-            raise FpsGraphError(f"{exc}{fix}") from exc
+            raise DataError(f"{exc}{fix}") from exc
         return st
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.selection.ranking import ScoreFn, _keys, network_threshold, topn_flat
 
 __all__ = ["floor_counts", "select_network_floor"]
@@ -25,10 +25,10 @@ __all__ = ["floor_counts", "select_network_floor"]
 def floor_counts(sizes: Sequence[int], minimum: int, budget: int) -> list[int]:
     """Entries reserved per weight (minimum, or the whole weight when smaller); refuse floors over the budget."""
     if minimum < 0:
-        raise FpsGraphError(f"the per-layer minimum must not be negative (got {minimum})")
+        raise OptionError(f"the per-layer minimum must not be negative (got {minimum})")
     counts = [min(int(minimum), int(s)) for s in sizes]
     if sum(counts) > budget:
-        raise FpsGraphError(f"a minimum of {minimum} per layer needs {sum(counts):,} entries over {len(counts)} "
+        raise OptionError(f"a minimum of {minimum} per layer needs {sum(counts):,} entries over {len(counts)} "
                             f"tensors, more than the budget of {budget:,}; lower the minimum or raise the budget")
     return counts
 

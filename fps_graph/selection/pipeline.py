@@ -18,7 +18,7 @@ from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_g
 from fps_graph.data.static import WithStatic, load_static, with_static_hint
 from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
 from fps_graph.graph.layers import Layer, Skipped, find_layers
 from fps_graph.formats.masks import write_masks
@@ -104,11 +104,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     if not Path(path).is_file():
-        raise FpsGraphError(f"state dict file not found: {path}")
+        raise DataError(f"state dict file not found: {path}")
     try:
         return load_file(path)
     except Exception as exc:
-        raise FpsGraphError(f"cannot read state dict {path}: {exc}") from None
+        raise DataError(f"cannot read state dict {path}: {exc}") from exc
 
 
 def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
@@ -182,11 +182,11 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
               progress: ProgressFactory | None, label: str, warnings: list[str]) -> tuple[Stats, CalibrationInfo]:
     """Open the data, check it against the model inputs and collect statistics."""
     if plan.model.runtime_problem:   # e.g. IR version features newer than ONNX Runtime reads (graph/versions.py)
-        raise FpsGraphError(f"{plan.model.path}: {plan.model.runtime_problem}")
+        raise ModelError(f"{plan.model.path}: {plan.model.runtime_problem}")
     static = load_static(opts.static, spec_list(plan.model))   # no sample axis: never data, never a batch size
     specs = [s for s in spec_list(plan.model) if s.name not in static]
     if not specs:
-        raise FpsGraphError("every model input is a static input; DATA has nothing left to feed")
+        raise OptionError("every model input is a static input; DATA has nothing left to feed")
     open_data = functools.partial(open_source, data, specs, opts.image, text_opts=opts.text,
                                   model_path=plan.model.path)   # picklable: Ray workers open the data the same way
     source = open_data()
@@ -208,7 +208,7 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
             max_samples = n - n % batch_size
     loader = Loader(source, batch_size=batch_size, max_samples=max_samples, shuffle=opts.shuffle, seed=opts.seed)
     if len(loader) == 0:
-        raise FpsGraphError(f"{data}: no samples to read")
+        raise DataError(f"{data}: no samples to read")
     cb = progress(len(loader), label) if progress else None
     per_shard = shard_batches(batch_size, opts.shard_size)
     if opts.cluster is not None:
@@ -233,20 +233,20 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
 
 def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
     if st.model_sha256 and st.model_sha256 != plan.model.sha256:
-        raise FpsGraphError(f"{source}: statistics were collected on another model (sha256 differs)")
+        raise DataError(f"{source}: statistics were collected on another model (sha256 differs)")
     st.check_layers(plan.layers, source)
 
 
 def _check_options(opts: SelectOptions) -> str | None:
     """Refuse contradictory options early; return the activation statistic the score uses."""
     if opts.score not in SCORES:
-        raise FpsGraphError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
+        raise OptionError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
     if opts.stat is not None and opts.stat not in STATS:
-        raise FpsGraphError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
+        raise OptionError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
     if opts.score == "wanda" and opts.stat not in (None, "l2"):
-        raise FpsGraphError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
+        raise OptionError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
     if needs_anchor(opts.score) and not (opts.anchor or opts.anchor_stats_in):
-        raise FpsGraphError(f"--score {opts.score} needs --anchor DATA (or --anchor-stats FILE)")
+        raise OptionError(f"--score {opts.score} needs --anchor DATA (or --anchor-stats FILE)")
     return opts.stat or default_stat(opts.score)
 
 
@@ -258,20 +258,20 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
     stats: Stats | None = None
     calib: CalibrationInfo | None = None
     if opts.stats_in and data is not None:   # never drop input silently
-        raise FpsGraphError(f"DATA ({data}) and --stats-in both given: the statistics would come from --stats-in "
+        raise OptionError(f"DATA ({data}) and --stats-in both given: the statistics would come from --stats-in "
                             "alone and DATA would be ignored; to merge several files repeat the flag (--stats-in A "
                             "--stats-in B), to collect new statistics drop --stats-in")
     if opts.score == "gd-fps" and opts.anchor and opts.anchor_stats_in:
-        raise FpsGraphError("--anchor and --anchor-stats both given: use one (--anchor would be ignored)")
+        raise OptionError("--anchor and --anchor-stats both given: use one (--anchor would be ignored)")
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
         need = {"mean-abs": "abs", "l2": "sq"}.get(stat or "")
         if need and need not in stats.kinds:
-            raise FpsGraphError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
+            raise DataError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
     elif kinds:
         if data is None:
-            raise FpsGraphError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
+            raise OptionError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
     anchor: Stats | None = None
     if needs_anchor(opts.score):
@@ -335,7 +335,7 @@ def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     if not dropped:
         return
     if not kept:
-        raise FpsGraphError(f"no calibration data reached any scored layer ({dropped[0].reason})")
+        raise DataError(f"no calibration data reached any scored layer ({dropped[0].reason})")
     plan.layers = [layer for g in kept for layer in g.layers]
     warnings.append(f"{len(plan.groups) - len(kept)} weights saw no calibration data (inside If branches never "
                     "taken) and are not selected; see the skipped list")
@@ -352,7 +352,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     plan = make_plan(model_path, opts.include, opts.exclude, sd)
     if not plan.groups:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
-        raise FpsGraphError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
+        raise ModelError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
                             + (f"; skipped {reasons}" if reasons else ""))
     warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
@@ -367,7 +367,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     chooser = select_cover if opts.score in VARIANTS and VARIANTS[opts.score].cover else \
         functools.partial(select, min_per_layer=opts.min_per_layer)
     if opts.min_per_layer and chooser is select_cover:
-        raise FpsGraphError(f"--min-per-layer does not apply to --score {opts.score}")
+        raise OptionError(f"--min-per-layer does not apply to --score {opts.score}")
     chosen, select_warnings = chooser(len(groups), [g.primary.canonical_shape for g in groups],
                                      lambda i: scorer(i).full(), k=opts.k,
                                      budget=opts.budget, granularity=opts.granularity,

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, OptionError
 
 GRANULARITIES = ("neuron", "layer", "network")
 ScoreFn = Callable[[int], np.ndarray]   # weight position -> float64 [out, fan_in] scores
@@ -31,7 +31,7 @@ class Budget:
         """Number of weights to select out of total."""
         n = self.count if self.count is not None else int(round(self.fraction * total))
         if n > total:
-            raise FpsGraphError(f"--budget {n} is more than the {total} scored weights")
+            raise OptionError(f"--budget {n} is more than the {total} scored weights")
         return max(n, 1)
 
 
@@ -42,19 +42,19 @@ def parse_budget(text: str) -> Budget:
         if t.endswith("%"):
             frac = float(t[:-1]) / 100.0
             if not 0 < frac <= 1:
-                raise FpsGraphError(f"--budget {text}: a percentage must be in (0, 100]")
+                raise OptionError(f"--budget {text}: a percentage must be in (0, 100]")
             return Budget(fraction=frac)
         if re.fullmatch(r"[+-]?\d+", t):
             n = int(t)
             if n <= 0:
-                raise FpsGraphError(f"--budget {text}: a count must be positive")
+                raise OptionError(f"--budget {text}: a count must be positive")
             return Budget(count=n)
         frac = float(t)
-    except ValueError:
-        raise FpsGraphError(f"--budget {text!r}: expected a fraction (0.005), a percentage (0.5%) or a count (1000)"
-                            ) from None
+    except ValueError as exc:
+        raise OptionError(f"--budget {text!r}: expected a fraction (0.005), a percentage (0.5%) or a count (1000)"
+                            ) from exc
     if not 0 < frac <= 1:
-        raise FpsGraphError(f"--budget {text}: a fraction must be in (0, 1]")
+        raise OptionError(f"--budget {text}: a fraction must be in (0, 1]")
     return Budget(fraction=frac)
 
 
@@ -129,7 +129,7 @@ def _keys(score: np.ndarray) -> np.ndarray:
     """uint64 keys that sort like the float64 scores (all scores are >= 0; -0.0 folded onto 0.0)."""
     s = np.ascontiguousarray(score, dtype=np.float64).reshape(-1) + 0.0
     if np.any(s < 0) or np.any(np.isnan(s)):
-        raise FpsGraphError("scores must be finite and non-negative")
+        raise DataError("scores must be finite and non-negative")
     return s.view(np.uint64)
 
 
@@ -193,15 +193,15 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
     """
     warnings: list[str] = []
     if (k is None) == (budget is None):
-        raise FpsGraphError("give exactly one of --k or --budget")
+        raise OptionError("give exactly one of --k or --budget")
     if granularity not in GRANULARITIES:
-        raise FpsGraphError(f"unknown granularity {granularity!r} (use {', '.join(GRANULARITIES)})")
+        raise OptionError(f"unknown granularity {granularity!r} (use {', '.join(GRANULARITIES)})")
     if min_per_layer and (budget is None or granularity != "network"):
-        raise FpsGraphError("a per-layer minimum applies to a network-wide budget only (--budget with "
+        raise OptionError("a per-layer minimum applies to a network-wide budget only (--budget with "
                             "--granularity network); --k and the per-layer/per-neuron budgets give every layer a share")
     if k is not None:
         if k < 1:
-            raise FpsGraphError(f"--k must be at least 1 (got {k})")
+            raise OptionError(f"--k must be at least 1 (got {k})")
         out = []
         clamped = []
         for i in range(n_weights):

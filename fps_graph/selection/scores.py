@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, OptionError
 from fps_graph.graph.layers import Layer, apply_chain
 from fps_graph.graph.model import OnnxModel
 from fps_graph.selection.stats import Stats
@@ -75,7 +75,7 @@ def _pooled_mean(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
         sums[idx.reshape(-1)] += s.reshape(-1)
         counts[idx.reshape(-1)] += stats.counts[layer.node]
     if not any(stats.counts.get(layer.node, 0.0) > 0 for layer in group.layers):
-        raise FpsGraphError(f"weight {group.weight} saw no data (none of its layers ran)")
+        raise DataError(f"weight {group.weight} saw no data (none of its layers ran)")
     # a consumer that did not run (the untaken branch of an If) adds zero sums and a zero count
     pidx = group.primary.canonical_index()
     mean = sums[pidx] / np.maximum(counts[pidx], 1e-300)
@@ -108,7 +108,7 @@ class WeightScores:
         if score == "magnitude":
             return
         if stats is None:
-            raise FpsGraphError(f"score {score!r} needs activation statistics")
+            raise OptionError(f"score {score!r} needs activation statistics")
         if score in VARIANTS:   # selection/variants.py; scored whole
             self._full = variant_score(score, group.weight, np.abs(self._w, dtype=np.float64),
                                        lambda st: _pooled_mean(group, stats, stat or st),
@@ -119,7 +119,7 @@ class WeightScores:
         act = _pooled_mean(group, stats, stat)
         if score == "gd-fps":
             if anchor is None:
-                raise FpsGraphError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
+                raise OptionError("--score gd-fps needs --anchor DATA (or --anchor-stats FILE)")
             act = act / (_pooled_mean(group, anchor, stat) + eps)
         self._act = np.asarray(act, dtype=np.float64)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import FpsGraphError, DataError
 from fps_graph.formats.io import save_safetensors
 from fps_graph.graph.layers import Layer
 
@@ -58,7 +58,7 @@ def conv_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, int]:
     for i, size in enumerate(spatial):
         o = (size + pads[i][0] + pads[i][1] - d[i] * (k[i] - 1) - 1) // s[i] + 1
         if o <= 0:
-            raise FpsGraphError(f"conv input of spatial size {tuple(spatial)} is smaller than its kernel {tuple(k)}")
+            raise DataError(f"conv input of spatial size {tuple(spatial)} is smaller than its kernel {tuple(k)}")
         outs.append(o)
     padded = np.pad(summed, [(0, 0)] + [tuple(p) for p in pads])
     result = np.empty((summed.shape[0], *k), dtype=np.float64)
@@ -95,10 +95,10 @@ class Stats:
         """E|x| ('mean-abs') or sqrt(E x^2) ('l2') per input feature of one layer."""
         kind = {"mean-abs": "abs", "l2": "sq"}[stat]
         if node not in self.sums or kind not in self.sums[node]:
-            raise FpsGraphError(f"no {stat} statistics for layer {node}")
+            raise DataError(f"no {stat} statistics for layer {node}")
         cnt = self.counts.get(node, 0.0)
         if cnt <= 0:
-            raise FpsGraphError(f"layer {node} saw no data")
+            raise DataError(f"layer {node} saw no data")
         m = self.sums[node][kind] / cnt
         return np.sqrt(m) if kind == "sq" else m
 
@@ -113,7 +113,7 @@ class Stats:
     def merge(self, other: "Stats") -> "Stats":
         """Sum two Stats from the same model (data shards)."""
         if self.model_sha256 and other.model_sha256 and self.model_sha256 != other.model_sha256:
-            raise FpsGraphError("statistics files come from different models (sha256 differs)")
+            raise DataError("statistics files come from different models (sha256 differs)")
         out = Stats(num_samples=self.num_samples + other.num_samples,
                     model_sha256=self.model_sha256 or other.model_sha256,
                     kinds=tuple(k for k in self.kinds if k in other.kinds))
@@ -143,12 +143,12 @@ class Stats:
         from safetensors import safe_open
 
         if not os.path.isfile(path):
-            raise FpsGraphError(f"statistics file not found: {path}")
+            raise DataError(f"statistics file not found: {path}")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != STATS_FORMAT:
-                    raise FpsGraphError(f"{path} is not an fps-graph statistics file")
+                    raise DataError(f"{path} is not an fps-graph statistics file")
                 st = Stats(num_samples=int(meta["num_samples"]), model_sha256=meta.get("model_sha256", ""),
                            kinds=tuple(json.loads(meta.get("kinds", '["abs"]'))))
                 for key in f.keys():
@@ -161,7 +161,7 @@ class Stats:
         except FpsGraphError:
             raise
         except Exception as exc:
-            raise FpsGraphError(f"cannot read statistics file {path}: {exc}") from None
+            raise DataError(f"cannot read statistics file {path}: {exc}") from exc
         return st
 
     def check_layers(self, layers: list[Layer], source: str) -> None:
@@ -169,10 +169,10 @@ class Stats:
         for layer in layers:
             slot = self.sums.get(layer.node)
             if slot is None:
-                raise FpsGraphError(f"{source}: no statistics for layer {layer.node}")
+                raise DataError(f"{source}: no statistics for layer {layer.node}")
             for kind, arr in slot.items():
                 if tuple(arr.shape) != tuple(layer.feature_shape):
-                    raise FpsGraphError(f"{source}: statistics of layer {layer.node} have shape {tuple(arr.shape)},"
+                    raise DataError(f"{source}: statistics of layer {layer.node} have shape {tuple(arr.shape)},"
                                         f" the model expects {tuple(layer.feature_shape)}")
 
 
@@ -183,5 +183,5 @@ def load_merged(paths: list[str]) -> Stats:
         st = Stats.load(p)
         total = st if total is None else total.merge(st)
     if total is None:
-        raise FpsGraphError("no statistics files given")
+        raise DataError("no statistics files given")
     return total

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 
 COVER_SLACK = 2.0   # a column may take up to twice its even share of a tensor's chosen entries
 
@@ -80,10 +80,10 @@ def variant_score(score: str, weight: str, w: np.ndarray, act: Callable[[str], n
         s = np.broadcast_to(act(v.stat), w.shape)
     elif score == "gd-diff":
         if anchor_act is None:
-            raise FpsGraphError(f"score {score!r} needs anchor statistics (--anchor DATA or --anchor-stats FILE)")
+            raise OptionError(f"score {score!r} needs anchor statistics (--anchor DATA or --anchor-stats FILE)")
         s = w * np.abs(act(v.stat) - anchor_act(v.stat))
     else:
-        raise FpsGraphError(f"unknown variant score {score!r}")
+        raise OptionError(f"unknown variant score {score!r}")
     if score.endswith("-sample"):
         return s / exp_keys(seed, weight, w.shape)
     return np.array(s, dtype=np.float64)
@@ -148,14 +148,14 @@ def select_cover(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: Ca
     from fps_graph.selection.ranking import apportion, per_row_counts
 
     if (k is None) == (budget is None):
-        raise FpsGraphError("give exactly one of k or budget")
+        raise OptionError("give exactly one of k or budget")
     if granularity == "network":
-        raise FpsGraphError("coverage-aware scores spread each tensor's count over its neurons; use a per-neuron "
+        raise OptionError("coverage-aware scores spread each tensor's count over its neurons; use a per-neuron "
                             "or per-layer budget, not a network-wide one")
     warnings: list[str] = []
     if k is not None:
         if k < 1:
-            raise FpsGraphError(f"k must be at least 1 (got {k})")
+            raise OptionError(f"k must be at least 1 (got {k})")
         counts = [np.full(r, min(k, c), dtype=np.int64) for r, c in shapes]
         clamped = [(c, names[i] if names else f"#{i}") for i, (r, c) in enumerate(shapes) if k > c]
         if clamped:

@@ -182,11 +182,11 @@ def _is_transformers(model: nn.Module) -> bool:
 def _get_module(model: nn.Module, name: str, what: str) -> nn.Module:
     try:
         return model.get_submodule(name)
-    except AttributeError:
+    except AttributeError as exc:
         mods = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(name, mods, n=3)
         raise FpsGraphError(f"{what} {name!r} is no module of the model"
-                            + (f" (did you mean {', '.join(close)}?)" if close else "")) from None
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")) from exc
 
 
 def _is_norm(m: nn.Module) -> bool:

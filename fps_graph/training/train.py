@@ -155,7 +155,7 @@ def _load_arrays(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         except FpsGraphError:
             raise
         except Exception as exc:
-            raise FpsGraphError(f"cannot read array file {f}: {exc}") from None
+            raise FpsGraphError(f"cannot read array file {f}: {exc}") from exc
         kx, ky = _first_key(list(raw), INPUT_KEYS), _first_key(list(raw), LABEL_KEYS)
         if kx is None or ky is None:
             raise FpsGraphError(f"{f}: needs inputs under one of {list(INPUT_KEYS)} and integer labels under one of "
