@@ -31,8 +31,11 @@ def inspect(model: str, as_json: bool, state_dict: str | None) -> None:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
-    click.echo(f"\n{len(view['layers'])} scored layers, {view['scored_params']:,} scored parameters")
+    w = view["weights"]
+    click.echo(f"\n{len(view['layers'])} scored layers, {view['scored_params']:,} scored parameters; "
+               f"{100 * w['share']:.1f}% of the model's {w['total_values']:,} weight values are scored")
     if view["skipped"]:
         click.echo(f"\nskipped ({len(view['skipped'])}):")
         for s in view["skipped"]:
-            click.echo(f"  {s['node']} ({s['op']}): {s['reason']}")
+            what = f"{s['weight']} {s['shape']} {s['dtype']}: " if s["weight"] else ""
+            click.echo(f"  {s['node']} ({s['op']}): {what}{s['reason']}")

@@ -123,7 +123,8 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         s = result.summary
         click.echo(
             f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
-            f" ({s['layers']} layers); {s['samples']} samples on {s['provider']}"
+            f" ({s['layers']} layers; {100 * s['weight_share']:.1f}% of the model's weight values scored);"
+            f" {s['samples']} samples on {s['provider']}"
             f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
             + (f"; {s['empty_tensors']} tensor(s) with nothing selected" if s.get("empty_tensors") else "")
             + (f"; micro-batches of {s['micro_batch']}" if s.get("micro_batch") else "")

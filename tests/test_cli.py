@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from fps_graph.formats.masks import load_indices, load_masks, read_metadata
@@ -60,12 +61,20 @@ def test_inspect_json():
     assert code == 0
     view = json.loads(out)
     assert len(view["layers"]) == 10 and view["scored_params"] == 18048
-    assert {s["reason"] for s in view["skipped"]} == {"weight input 'transpose_1' is computed at run time, not a constant",
-                                                       "weight input 'getitem_2' is computed at run time, not a constant",
-                                                       "weight input 'transpose_3' is computed at run time, not a constant",
-                                                       "weight input 'getitem_5' is computed at run time, not a constant",
-                                                       "pos_embed [1, 64, 32]: a constant input of Add, which is not "
-                                                       "scored (only MatMul, Gemm and Conv weights are)"}
+    assert {s["reason"] for s in view["skipped"] if not s["weight"]} == {
+        "weight input 'transpose_1' is computed at run time, not a constant",
+        "weight input 'getitem_2' is computed at run time, not a constant",
+        "weight input 'transpose_3' is computed at run time, not a constant",
+        "weight input 'getitem_5' is computed at run time, not a constant"}
+    weights = [s for s in view["skipped"] if s["weight"]]
+    assert weights == [{"node": weights[0]["node"], "op": "Add", "weight": "pos_embed", "shape": [1, 64, 32],
+                        "dtype": "float32", "values": 2048,
+                        "reason": "a constant input of Add, which is not scored (only MatMul, Gemm and Conv weights are)"}]
+    # every >= 2-D float initializer is either scored or that one skipped record
+    m = onnx.load(SAMPLE)
+    total = sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 2)
+    assert view["weights"]["total_values"] == total and view["weights"]["scored_values"] == total - 2048
+    assert view["weights"]["unscored_by_kind"] == {"Add": 2048}
     qkv = next(l for l in view["layers"] if l["name"] == "blocks.0.qkv.weight")
     assert qkv["weight_shape"] == [32, 96] and qkv["name_source"] == "export-metadata"
 

@@ -410,24 +410,27 @@ def omissions_graph(path: Path) -> Path:
 
 
 def test_no_silent_omissions(tmp_path):
-    """Every >= 2-D float constant that feeds a compute op and is not scored is listed with a reason."""
+    """Every >= 2-D float constant that feeds a compute op and is not scored is listed with its name, shape,
+    dtype and a reason; the inventory counts every weight value once, scored or not."""
     path = omissions_graph(tmp_path / "omit.onnx")
     view = describe(make_plan(path))
     scored = [layer["node"].split(":")[0] for layer in view["layers"]]
     assert scored[0] == "fc" and set(scored) <= {"fc", "lstm"}     # recurrent weights: scored (graph/recurrent.py)
-    by_node = {}
-    for s in view["skipped"]:
-        by_node.setdefault(s["node"], []).append(s["reason"])
-    text = {k: " | ".join(v) for k, v in by_node.items()}
-    assert "emb [10, 6]" in text["embed"] and "Gather" in text["embed"]
-    if "lstm" not in scored:
-        assert "lstm_W [1, 32, 6]" in text["lstm"] and "lstm_R [1, 32, 8]" in text["lstm"]
-    assert "cf/then_branch::E" not in text.get("cf/then_branch/einsum", "") and "E [6, 5]" in text["cf/then_branch/einsum"]
-    assert "ConvTranspose" in text["deconv"]
-    assert "pos [5, 6]" in text["add_pos"]
-    assert "left operand" in text["left"]
-    listed = set(by_node) - ({"lstm"} if "lstm" in scored else set())
-    assert listed == {"embed", "cf/then_branch/einsum", "deconv", "add_pos", "left"} | ({"lstm"} - set(scored))
+    rec = {s["weight"]: s for s in view["skipped"] if s["weight"]}
+    assert set(rec) == {"emb", "pos", "E", "CT", "L"}      # E: an outer initializer read inside the If body
+    assert (rec["emb"]["node"], rec["emb"]["shape"], rec["emb"]["dtype"]) == ("embed", [10, 6], "float32")
+    assert "Gather" in rec["emb"]["reason"]
+    einsum = rec["E"]
+    assert einsum["node"] == "cf/then_branch/einsum" and einsum["shape"] == [6, 5]
+    assert rec["CT"]["node"] == "deconv" and rec["CT"]["shape"] == [4, 2, 3, 3] and "ConvTranspose" in rec["CT"]["reason"]
+    assert rec["pos"]["node"] == "add_pos" and rec["pos"]["shape"] == [5, 6]
+    assert rec["L"]["node"] == "left" and "left operand" in rec["L"]["reason"] and rec["L"]["values"] == 15
+    sizes = {"emb": 60, "W": 36, "lstm_W": 192, "lstm_R": 256, "E": 30, "CT": 72, "pos": 30, "L": 15}
+    w = view["weights"]
+    assert w["total_values"] == sum(sizes.values())
+    assert w["scored_values"] == 36 + (192 + 256 if "lstm" in scored else 0)
+    assert sum(w["unscored_by_kind"].values()) == w["total_values"] - w["scored_values"]
+    assert w["unscored_by_kind"]["Gather"] == 60 and w["unscored_by_kind"]["ConvTranspose"] == 72
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -590,8 +593,9 @@ def _decoder_batches(branch: str, merged: bool, n: int = 3, seed: int = 0) -> li
 
 
 def _strip_names(meta: dict, fields: tuple[str, ...] = ("nodes",)) -> dict:
-    """Masks metadata without what names the model file itself (hash, file name) or its nodes / initializers."""
-    meta = {k: v for k, v in meta.items() if k not in ("model_sha256", "model")}
+    """Masks metadata without what names the model file itself (hash, file name) or its nodes / initializers (the
+    skipped records name nodes)."""
+    meta = {k: v for k, v in meta.items() if k not in ("model_sha256", "model", "skipped")}
     meta["tensors"] = {k: {f: v for f, v in rec.items() if f not in fields} for k, rec in meta["tensors"].items()}
     return meta
 

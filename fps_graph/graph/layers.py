@@ -102,13 +102,51 @@ class Layer:
         return np.repeat(rows, out // group, axis=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Skipped:
-    """A MatMul/Gemm/Conv-like node that is not scored, and why."""
+    """Something not scored, and why: a node (``weight`` empty, e.g. a MatMul of two run-time values) or a stored
+    weight-like constant (``weight`` set: its model-wide key, shape, dtype and value count; see graph/inventory.py).
 
-    node: str
-    op: str
-    reason: str
+    One record type for every "not scored" list: ``inspect``, the masks header (``skipped``), the ``select``
+    summary. Build weight records with :func:`skipped_weight`, which reads shape and dtype from the model.
+    """
+
+    node: str                         # qualified node name (the reader of the weight, when there is one)
+    op: str                           # that node's op type (``domain.op`` outside the default domain)
+    reason: str                       # why, in words; says what to do where something can be done
+    weight: str = ""                  # model-wide key of the stored constant ("" for a node-only record)
+    shape: tuple[int, ...] = ()       # its stored shape
+    dtype: str = ""                   # its stored dtype (numpy name: float32, int8, uint8, ...)
+    values: int = 0                   # weight values it holds (packed int4 counts two per byte)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as inspect --json and the masks header write it."""
+        return {"node": self.node, "op": self.op, "reason": self.reason, "weight": self.weight,
+                "shape": list(self.shape), "dtype": self.dtype, "values": int(self.values)}
+
+    def describe(self) -> str:
+        """One line for people: ``node (op): weight [shape] dtype: reason``."""
+        what = f"{self.weight} {list(self.shape)} {self.dtype}: " if self.weight else ""
+        return f"{self.node} ({self.op}): {what}{self.reason}"
+
+
+def skipped_weight(model: OnnxModel, key: str, node: str, op: str, reason: str, values: int | None = None
+                   ) -> Skipped:
+    """A weight record: ``key``'s shape and dtype read from the model (values: its element count unless given)."""
+    shape = tuple(int(d) for d in model.tensor_shape(key))
+    n = int(np.prod(shape)) if values is None else int(values)
+    return Skipped(node, op, reason, weight=key, shape=shape, dtype=np.dtype(model.tensor_dtype(key)).name, values=n)
+
+
+QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4", "int16", "uint16")
+
+
+def is_weight_like(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """A constant of >= 2 dimensions holding floats (any width, bf16 and float8 included) or quantized integers."""
+    if len(shape) < 2:
+        return False
+    name = np.dtype(dtype).name
+    return np.dtype(dtype).kind in "fc" or "float" in name or name in QUANTIZED_DTYPES
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -301,7 +339,6 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
     opset = model.opset
     layers: list[Layer] = []
     skipped: list[Skipped] = []
-    explained: set[str] = set()          # qualified names of nodes already listed as skipped
     for scope, node, local in iter_nodes(scopes):
         name = scope.qualify(local)
         op = node.op_type
@@ -309,7 +346,6 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
             continue
         if op in ("ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
             skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
-            explained.add(name)
             continue
         if op in ("LSTM", "GRU", "RNN"):              # graph/recurrent.py: W and R per direction, or reasons
             from fps_graph.graph.recurrent import dispatch_recurrent
@@ -321,20 +357,15 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
                 layer.graph, layer.loops = scope.path, scope.loops
             layers.extend(found)
             skipped.extend(why)
-            if why:
-                explained.add(name)
             continue
         if op not in SCORED_OPS:
             continue
-        before = len(skipped)
         refusal = _body_refusal(scope, op, opset)
         layer = None
         if refusal is not None:
             skipped.append(Skipped(name, op, refusal))
         else:
             layer = _layer_of(model, scope, node, name, skipped)
-        if len(skipped) > before:
-            explained.add(name)
         if layer is not None:
             layer.scope = _scope_of(node)
             layer.graph = scope.path
@@ -343,7 +374,7 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
     from fps_graph.graph.recurrent import scored_sources
 
     scored = {layer.weight for layer in layers} | scored_sources(model, layers)
-    skipped.extend(_unscored(model, scopes, scored, explained))
+    _name_unscored(model, scopes, scored, skipped)
     return layers, skipped
 
 
@@ -371,7 +402,12 @@ def _layer_of(model: OnnxModel, scope: Scope, node: onnx.NodeProto, name: str,
         op_shape = _op_shape(stored_shape, chain)
     except ValueError as exc:
         raise ModelError(f"node {name}: cannot follow the weight {stored!r} through {chain}: {exc}") from exc
-    return _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
+    before = len(skipped)
+    layer = _make_layer(node, name, act, stored, chain, stored_shape, op_shape, skipped)
+    if layer is None and len(skipped) > before and not skipped[-1].weight:   # name the weight (1-D/3-D MatMul...)
+        last = skipped.pop()
+        skipped.append(skipped_weight(model, stored, last.node, last.op, last.reason))
+    return layer
 
 
 # Why a constant read by an op that is never scored is not selectable (the "no silent omissions" list).
@@ -389,10 +425,21 @@ _UNSCORED_REASONS = {
 _NOT_COMPUTE = ("Shape", "Size", "Constant") + PASS_THROUGH
 
 
-def _unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], explained: set[str]) -> list[Skipped]:
-    """Every floating-point (or quantized) constant of >= 2 dimensions that feeds a compute op without being a
-    scored weight, once per (node, constant), so that nothing selectable-looking is left out silently."""
-    out: list[Skipped] = []
+def _op_name(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skipped: list[Skipped]) -> None:
+    """Name every weight-like constant (``is_weight_like``) that feeds a compute op without being a scored
+    weight, once per (node, constant), so that nothing selectable-looking is left out silently.
+
+    A node already listed without a weight (ConvTranspose, a refused LSTM) gets its first such constant filled
+    into that record, and any further one as a record with the same reason; other nodes get a record whose
+    reason names the op. Constants no compute op reads are named by graph/inventory.py.
+    """
+    by_node: dict[str, list[int]] = {}
+    for i, s in enumerate(skipped):
+        by_node.setdefault(s.node, []).append(i)
     for scope, node, local in iter_nodes(scopes):
         if node.op_type in _NOT_COMPUTE and node.domain in ("", "ai.onnx"):
             continue
@@ -410,15 +457,21 @@ def _unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], explained
             seen.add(key)
             shape = model.tensor_shape(key)
             dequantized = any(st["op"] == "DequantizeLinear" for st in chain)
-            if len(shape) < 2 or not (dequantized or model.tensor_dtype(key).kind in "fc"):
+            if not (is_weight_like(shape, model.tensor_dtype(key)) or (dequantized and len(shape) >= 2)):
                 continue
-            if name in explained:
-                continue       # the node's own entry already says why
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            reason = _UNSCORED_REASONS.get(op, f"a constant input of {op}, which is not scored (only MatMul, Gemm "
-                                               "and Conv weights are)")
-            out.append(Skipped(name, op, f"{key} {list(shape)}: {reason}"))
-    return out
+            own = by_node.get(name, [])
+            if any(skipped[i].weight == key for i in own):
+                continue
+            op = _op_name(node)
+            blank = next((i for i in own if not skipped[i].weight), None)
+            if blank is not None:          # the node's own entry says why; it now names the weight too
+                rec = skipped[blank]
+                skipped[blank] = skipped_weight(model, key, rec.node, rec.op, rec.reason)
+                continue
+            reason = skipped[own[0]].reason if own else _UNSCORED_REASONS.get(
+                op, f"a constant input of {op}, which is not scored (only MatMul, Gemm and Conv weights are)")
+            skipped.append(skipped_weight(model, key, name, op, reason))
+            by_node.setdefault(name, []).append(len(skipped) - 1)
 
 
 def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: list[dict[str, Any]],

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fps_graph.graph.layers import Layer, Skipped, _attr, _scope_of
+from fps_graph.graph.layers import Layer, Skipped, _attr, _scope_of, skipped_weight
 from fps_graph.graph.model import ONNX_ERRORS, SHAPE_ERRORS, DerivedTensor, OnnxModel, _constant_value
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
@@ -431,9 +431,9 @@ def dispatch_recurrent(model: OnnxModel, scope: Any, node: onnx.NodeProto, name:
                                          stored_shape=shape, op_shape=shape, feature_axis=-1, part=part,
                                          direction=d, state=state))
     if bias is not None:
-        stored = ", ".join(f"{b} {list(model.tensor_shape(b))}" for b in bias[0])
-        skipped.append(Skipped(name, op, f"{stored}: recurrent biases are not scored (train trains the biases of "
-                                         "masked layers in full)"))
+        for b in bias[0]:
+            skipped.append(skipped_weight(model, b, name, op, "recurrent biases are not scored (train trains the "
+                                                               "biases of masked layers in full)"))
     if op == "LSTM" and ins[7]:
         skipped.append(Skipped(name, op, f"peephole weights {ins[7]!r}: not scored"))
     return layers, skipped

@@ -20,6 +20,7 @@ from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
+from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest
 from fps_graph.graph.layers import Layer, Skipped, find_layers
 from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
@@ -45,6 +46,10 @@ class Plan:
     names: dict[str, NameInfo]
     skipped: list[Skipped]
     data: dict[str, dict[str, Any]] = field(default_factory=dict)   # label -> Source.record() of the data read
+
+    def inventory(self) -> Inventory:
+        """The share of the model's weight values scored now, and what is not (graph/inventory.py)."""
+        return inventory(self.model, self.layers, self.skipped)
 
 
 @dataclass
@@ -125,11 +130,12 @@ def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequ
     for layer in layers:
         ids = [names[layer.weight].key, layer.weight, layer.node]
         if include and not _matches(include, ids):
-            skipped.append(Skipped(layer.node, layer.op, "not matched by --include"))
+            skipped.append(layer_record(model, layer, "not matched by --include"))
         elif exclude and _matches(exclude, ids):
-            skipped.append(Skipped(layer.node, layer.op, "matched by --exclude"))
+            skipped.append(layer_record(model, layer, "matched by --exclude"))
         else:
             kept.append(layer)
+    skipped.extend(name_the_rest(model, kept, skipped))     # every weight-like constant is scored or named
     groups = merge_copies(group_by_weight(kept), names)    # a weight stored once per If branch: one entry
     return Plan(model, kept, groups, {layer.weight: names[layer.weight] for layer in kept}, skipped)
 
@@ -150,8 +156,9 @@ def describe(plan: Plan) -> dict[str, Any]:
     return {
         "model": str(plan.model.path), "sha256": plan.model.sha256,
         "layers": layers,
-        "skipped": [{"node": s.node, "op": s.op, "reason": s.reason} for s in plan.skipped],
+        "skipped": [s.to_json() for s in plan.skipped],
         "scored_params": int(sum(g.size for g in plan.groups)),
+        "weights": plan.inventory().to_json(),
         "inputs": [{"name": s.name, "shape": [d if isinstance(d, int) else str(d) for d in s.shape],
                     "dtype": s.dtype.name} for s in spec_list(plan.model)],
     }
@@ -314,6 +321,9 @@ def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str
         "model_sha256": plan.model.sha256,
         "model": Path(model_path).name,
         "selected": str(selected), "total": str(total),
+        # every weight-like constant not scored, with the reason; and the share of weight values scored
+        "skipped": [s.to_json() for s in plan.skipped],
+        "weights": plan.inventory().to_json(),
         # how the data was prepared (Source.record(): kind, inputs, size, mean, std, ...); `train` follows it
         "data": plan.data.get("calibration", {"kind": "none"}),
         "options": {"seed": opts.seed, "eps": opts.eps, "include": list(opts.include),
@@ -331,7 +341,7 @@ def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     """Take weights no calibration data reached out of the plan, listed as skipped (selection.reach)."""
     from fps_graph.selection.reach import split_unreached
 
-    kept, dropped = split_unreached(plan.groups, stats)
+    kept, dropped = split_unreached(plan.model, plan.groups, stats)
     if not dropped:
         return
     if not kept:
@@ -340,6 +350,7 @@ def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     warnings.append(f"{len(plan.groups) - len(kept)} weights saw no calibration data (inside If branches never "
                     "taken) and are not selected; see the skipped list")
     plan.groups, plan.skipped = kept, plan.skipped + dropped
+    plan.skipped.extend(name_the_rest(plan.model, plan.layers, plan.skipped))
 
 
 def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
@@ -374,6 +385,9 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                                      names=[plan.names[g.weight].key for g in groups],
                                      row_blocks=lambda i: scorer(i).blocks())
     indices, tensors = _to_keys(plan, chosen)
+    inv = plan.inventory()
+    if inv.warning():
+        select_warnings.append(inv.warning())
     empty = [key for key, v in indices.items() if v.size == 0]
     if empty:   # a budget can leave a scored tensor with nothing to train: say so (--min-per-layer prevents it)
         select_warnings.append(f"{len(empty)} of {len(indices)} scored tensors got no selected entry under this "
@@ -391,6 +405,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "micro_batch": calib.micro_batch if calib else 0,
         "cluster": calib.cluster if calib else None,
         "empty_tensors": len(empty),
+        "weight_share": inv.share, "weight_values": inv.total_values,
     }
     return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary)
 

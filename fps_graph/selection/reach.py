@@ -6,13 +6,16 @@ selection (silero-vad holds a separate set of weights for each sample rate, one 
 """
 from __future__ import annotations
 
+from fps_graph.graph.inventory import layer_record
 from fps_graph.graph.layers import Skipped
+from fps_graph.graph.model import OnnxModel
 from fps_graph.selection.scores import WeightGroup
 from fps_graph.selection.stats import Stats
 
 
-def split_unreached(groups: list[WeightGroup], stats: Stats) -> tuple[list[WeightGroup], list[Skipped]]:
-    """The groups some data reached, and a Skipped entry for every layer of the others."""
+def split_unreached(model: OnnxModel, groups: list[WeightGroup], stats: Stats
+                    ) -> tuple[list[WeightGroup], list[Skipped]]:
+    """The groups some data reached, and a Skipped weight record for every layer of the others."""
     kept: list[WeightGroup] = []
     dropped: list[Skipped] = []
     for group in groups:
@@ -21,6 +24,6 @@ def split_unreached(groups: list[WeightGroup], stats: Stats) -> tuple[list[Weigh
             continue
         for layer in group.layers:
             branch = f" ({layer.graph})" if layer.graph else ""
-            dropped.append(Skipped(layer.node, layer.op, f"weight {group.weight}: no calibration data reached this "
-                                                         f"layer{branch}; the If branch holding it was never taken"))
+            dropped.append(layer_record(model, layer, f"no calibration data reached this layer{branch}; the If "
+                                                      "branch holding it was never taken"))
     return kept, dropped
