@@ -5,14 +5,16 @@ import click
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("delta", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, help="ONNX file to write (external data goes to <output>.data).")
+@click.option("-o", "--output", required=True, help="ONNX file to write (external data goes to <output>.data); for an "
+              "ONNX Runtime GenAI folder MODEL, the folder to write (every file copied, the model patched).")
 @click.option("--no-check", is_flag=True, help="Do not require the model to hold the values training started from.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def apply(model: str, delta: str, output: str, no_check: bool, force: bool, quiet: bool) -> None:
-    """Patch the initializers of MODEL (ONNX) with the fine-tuned values in DELTA (from `fps-graph train`)."""
+    """Patch the initializers of MODEL (an ONNX file, or an ONNX Runtime GenAI folder) with the fine-tuned values in
+    DELTA (from `fps-graph train`)."""
     from fps_graph.graph.apply import apply_delta
 
     report = apply_delta(model, delta, output, force=force, check=not no_check)

@@ -24,6 +24,8 @@ def inspect(model: str, as_json: bool, state_dict: str | None) -> None:
     rows = [("node", "op", "weight (PyTorch name)", "shape", "input-feature layout", "params", "name from")]
     for l in view["layers"]:
         name = l["name"] if l["name"] == l["weight"] else f"{l['name']} <- {l['weight']}"
+        if l["stored"] != l["weight"] and l["stored_dtype"] != "float32":      # a quantized weight
+            name += f" <- {l['stored']} ({l['stored_dtype']})"
         rows.append((l["node"], l["op"], name, "x".join(map(str, l["weight_shape"])), l["input_axis"],
                      f"{l['params']:,}", l["name_source"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

@@ -9,7 +9,16 @@ Given token ids ``[batch, length]`` (no padding, no cache), each model input is 
   ``[batch, kv_heads, past, head_dim]``: fixed dims are taken from the graph, symbolic head dims from config.json
   (``num_key_value_heads`` or ``num_attention_heads``; ``head_dim`` or ``hidden_size / num_attention_heads``).
   Other ranks: axis 0 is the batch, the first symbolic axis after it the past length, every other axis fixed;
-* ``use_cache_branch`` (merged decoders): False, so the no-cache branch runs.
+* ``use_cache_branch`` (merged decoders): False, so the no-cache branch runs;
+* ``past_seq_len`` / ``seqlens_k`` (GroupQueryAttention models): total length - 1 per row, ``[batch, 1]`` or
+  ``[batch]``; ``total_seq_len`` / ``total_sequence_length``: the total length, a scalar (Olive's and the model
+  builder's conventions for a prefill with an empty cache).
+
+An ONNX Runtime GenAI folder (``genai_config.json``, as onnxruntime-genai's model builder and Olive write it) names
+its inputs by role in ``model.decoder.inputs``: those names are used instead (``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_names``/``past_value_names`` patterns with ``%d``, ``past_sequence_length``,
+``total_sequence_length``, ``current_sequence_length``), and its ``num_key_value_heads``, ``head_size``,
+``hidden_size`` and ``context_length`` stand in for config.json's (``read_genai_config``).
 
 Any other input is refused by name, with the way to supply it.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,23 +36,81 @@ import numpy as np
 from fps_graph.data.sources import InputSpec, _fmt_shape
 from fps_graph.errors import ModelError
 
-__all__ = ["InputPlan", "plan_inputs", "read_hf_config", "takes_token_ids", "CONVENTIONS"]
+__all__ = ["InputPlan", "plan_inputs", "read_hf_config", "takes_token_ids", "CONVENTIONS", "GenaiConfig",
+           "read_genai_config", "GENAI_CONFIG"]
 
 CONVENTIONS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cache_position",
-               "past_key_values.*", "past_*", "use_cache_branch")
+               "past_key_values.*", "past_*", "use_cache_branch", "past_seq_len", "total_seq_len")
+GENAI_CONFIG = "genai_config.json"
+_SEQLENS = ("past_seq_len", "seqlens_k")
+_TOTAL = ("total_seq_len", "total_sequence_length")
+# genai_config.json model.decoder.inputs roles -> how the input is made (see the module docstring)
+_GENAI_ROLES = {"input_ids": "ids", "attention_mask": "ones", "position_ids": "positions",
+                "past_key_names": "past", "past_value_names": "past", "past_sequence_length": "seqlens",
+                "total_sequence_length": "total", "current_sequence_length": "total"}
+
+
+@dataclass(frozen=True)
+class GenaiConfig:
+    """What fps-graph reads from an ONNX Runtime GenAI folder's genai_config.json."""
+
+    folder: Path
+    filename: str                     # the decoder's ONNX file, relative to the folder
+    inputs: dict[str, str]            # role -> graph input name (or pattern with %d)
+    config: dict[str, Any]            # the same sizes under config.json's keys
+
+    def roles(self, names: list[str]) -> dict[str, str]:
+        """Graph input name -> kind, for the inputs the config names by role."""
+        out: dict[str, str] = {}
+        for role, pattern in self.inputs.items():
+            kind = _GENAI_ROLES.get(role)
+            if kind is None or not isinstance(pattern, str):
+                continue
+            if "%d" in pattern:
+                rx = re.compile(re.escape(pattern).replace("%d", r"\d+") + "$")
+                out.update({n: kind for n in names if rx.match(n)})
+            elif pattern in names:
+                out[pattern] = kind
+        return out
+
+
+def read_genai_config(folder: str | os.PathLike) -> GenaiConfig | None:
+    """The decoder file, input roles and sizes of an ONNX Runtime GenAI folder; None without genai_config.json."""
+    p = Path(folder) / GENAI_CONFIG
+    if not p.is_file():
+        return None
+    try:
+        with open(p, encoding="utf-8") as f:
+            raw = json.load(f)
+        model = raw["model"]
+        dec = model["decoder"]
+        filename = str(dec["filename"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{p}: not a readable ONNX Runtime GenAI config (model.decoder.filename): {exc}") from exc
+    if Path(filename).is_absolute() or ".." in Path(filename).parts:
+        raise ModelError(f"{p}: model.decoder.filename {filename!r} points outside the folder")
+    sizes = {"num_key_value_heads": dec.get("num_key_value_heads"), "num_attention_heads":
+             dec.get("num_attention_heads"), "head_dim": dec.get("head_size"), "hidden_size": dec.get("hidden_size"),
+             "num_hidden_layers": dec.get("num_hidden_layers"), "max_position_embeddings": model.get("context_length"),
+             "vocab_size": model.get("vocab_size")}
+    inputs = dec.get("inputs") if isinstance(dec.get("inputs"), dict) else {}
+    return GenaiConfig(Path(folder), filename, dict(inputs), {k: v for k, v in sizes.items() if v is not None})
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
     """config.json of a Hugging Face model folder ({} when absent or unreadable); a nested text_config is merged
     under the top-level keys."""
     p = Path(folder) / "config.json"
+    genai = read_genai_config(folder) if (Path(folder) / GENAI_CONFIG).is_file() else None
     try:
         with open(p, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError):
-        return {}
+        return dict(genai.config) if genai else {}
     if not isinstance(cfg, dict):
-        return {}
+        return dict(genai.config) if genai else {}
+    if genai:
+        cfg = {**genai.config, **cfg}
     text = cfg.get("text_config")
     return {**text, **cfg} if isinstance(text, dict) else cfg
 
@@ -99,6 +167,11 @@ class InputPlan:
                 out[name] = np.arange(t, dtype=dt)
             elif kind == "past":
                 out[name] = np.zeros(tuple(b if d == "B" else d for d in self.past_shapes[name]), dtype=dt)
+            elif kind == "seqlens":      # GroupQueryAttention: total length - 1 per row (no padding)
+                shape = (b, 1) if len(self.specs[name].shape) == 2 else (b,)
+                out[name] = np.full(shape, t - 1, dtype=dt)
+            elif kind == "total":        # the total sequence length, a scalar (or [1])
+                out[name] = np.full(self.specs[name].shape if self.specs[name].shape == (1,) else (), t, dtype=dt)
             else:   # "false"
                 out[name] = np.zeros(self.specs[name].shape if self.specs[name].shape == (1,) else (), dtype=dt)
         return out
@@ -137,16 +210,27 @@ def _past_shape(spec: InputSpec, cfg: dict[str, Any], where: str) -> tuple:
     return tuple(shape)
 
 
-def plan_inputs(specs: list[InputSpec], config: dict[str, Any], where: str | os.PathLike) -> InputPlan:
-    """Decide how to make every model input from token ids; refuse an input no convention covers."""
+def plan_inputs(specs: list[InputSpec], config: dict[str, Any], where: str | os.PathLike,
+                roles: dict[str, str] | None = None) -> InputPlan:
+    """Decide how to make every model input from token ids; refuse an input no convention covers. ``roles``
+    (input name -> kind, from a genai_config.json) comes before the name conventions."""
     where = str(where)
     by_name = {s.name: s for s in specs}
     kinds: dict[str, str] = {}
     past_shapes: dict[str, tuple] = {}
     unknown: list[InputSpec] = []
+    roles = roles or {}
     for s in specs:
         n = s.name
-        if n == "input_ids":
+        if n in roles:
+            kinds[n] = roles[n]
+            if roles[n] == "past":
+                past_shapes[n] = _past_shape(s, config, where)
+        elif n in _SEQLENS:
+            kinds[n] = "seqlens"
+        elif n in _TOTAL:
+            kinds[n] = "total"
+        elif n == "input_ids":
             kinds[n] = "ids"
         elif n == "attention_mask":
             kinds[n] = "ones"
@@ -163,7 +247,11 @@ def plan_inputs(specs: list[InputSpec], config: dict[str, Any], where: str | os.
             past_shapes[n] = _past_shape(s, config, where)
         else:
             unknown.append(s)
-    if "input_ids" not in kinds:
+    for n, k in kinds.items():
+        if k in ("seqlens", "total") and (not _is_int(by_name[n].dtype) or len(by_name[n].shape) > 2):
+            raise ModelError(f"{where}: input {n!r} {_fmt_shape(by_name[n].shape)} ({by_name[n].dtype.name}) "
+                                "does not look like a sequence length (an integer scalar or [batch, 1])")
+    if "ids" not in kinds.values():
         ints = [s for s in unknown if _is_int(s.dtype) and len(s.shape) == 2]
         if len(ints) == 1:
             kinds[ints[0].name] = "ids"

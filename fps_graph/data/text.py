@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fps_graph.data.hf_inputs import InputPlan, plan_inputs, read_hf_config
+from fps_graph.data.hf_inputs import InputPlan, plan_inputs, read_genai_config, read_hf_config
 from fps_graph.data.sources import InputSpec, Source, list_files
 from fps_graph.errors import DataError, ModelError, OptionError, RuntimeFailure
 
@@ -100,10 +100,16 @@ def is_text_path(path: str | os.PathLike) -> bool:
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """The ONNX file a MODEL argument means: the file itself, or in a folder the first of MODEL_FILES found
-    (the folder, then its ``onnx/`` subfolder), else its only .onnx file."""
+    (the folder, then its ``onnx/`` subfolder), else its only .onnx file; in an ONNX Runtime GenAI folder the file
+    its genai_config.json names."""
     p = Path(path)
     if not p.is_dir():
         return p
+    genai = read_genai_config(p)              # an ONNX Runtime GenAI folder names its decoder file
+    if genai is not None:
+        if not (p / genai.filename).is_file():
+            raise ModelError(f"{p}: genai_config.json names the model file {genai.filename!r}, which is missing")
+        return p / genai.filename
     for folder in (p, p / "onnx"):
         for name in MODEL_FILES:
             if (folder / name).is_file():
@@ -299,7 +305,9 @@ class TextSource(Source):
         config = {}
         for folder in reversed(folders):   # the model's config.json wins over one beside the tokenizer
             config = read_hf_config(folder) or config
-        self.plan: InputPlan = plan_inputs(specs, config, model_path or "the model")
+        genai = read_genai_config(model_dir) if model_dir is not None else None   # input names by role
+        roles = genai.roles([s.name for s in specs]) if genai is not None else None
+        self.plan: InputPlan = plan_inputs(specs, config, model_path or "the model", roles)
         if opts.max_length is not None:
             self.max_length, self.max_length_from = int(opts.max_length), "--max-length"
         else:

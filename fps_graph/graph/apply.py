@@ -23,6 +23,8 @@ import onnx
 from onnx import numpy_helper
 
 from fps_graph import __version__
+from fps_graph.data.hf_inputs import read_genai_config
+from fps_graph.data.text import resolve_model_path
 from fps_graph.formats.delta import DeltaFile, read_delta
 from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.formats.io import check_output_path, sha256_file
@@ -124,6 +126,26 @@ def body_constants(model: OnnxModel) -> dict[str, list[str]]:
         if scope_of_key(model, key):
             out.setdefault(local_name(model, key), []).append(key)
     return out
+
+
+def _refuse_quantized(model: OnnxModel, path: Path, key: str, t: Target) -> None:
+    """Policy for quantized weights: never re-quantize, refuse in one line with what to do instead.
+
+    Re-quantizing the touched entries with their existing scales would lose any trained change smaller than half
+    a quantization step (most of them, for int4 blocks) and clip larger ones, silently; new scales would change
+    untouched weights. The float model takes the delta exactly, and quantizing it again is the quantizer's job.
+    """
+    name = model.derived[t.name].source if t.name in model.derived else t.name
+    how = ""
+    if name in model.quantized:
+        q = model.quantized[name]
+        name, how = q.source, q.how
+    elif np.dtype(model.tensor_dtype(name)).kind in "iu":
+        how = f"{np.dtype(model.tensor_dtype(name)).name}, dequantized in the graph"
+    if how:
+        raise ModelError(f"{key}: its ONNX weight {name!r} in {path} is stored quantized ({how}); apply does not "
+                            "re-quantize (changes under half a quantization step would be lost); apply the delta to "
+                            "the float model this one was quantized from, then quantize it again")
 
 
 def _key_view(stored: np.ndarray, perm: list[int] | None) -> np.ndarray:
@@ -279,9 +301,61 @@ def _protect_input(model_path: Path, model: OnnxModel, out: Path) -> None:
             raise OptionError(f"output {p} would overwrite the input model or its data; choose another -o")
 
 
+def apply_to_genai_folder(folder: Path, delta_path: str | os.PathLike, output: str | os.PathLike,
+                          force: bool = False, check: bool = True) -> dict[str, Any]:
+    """An ONNX Runtime GenAI folder in, a folder out that onnxruntime-genai loads the same way: every file copied
+    as it is (genai_config.json, tokenizer, templates), the decoder patched under its own file name (external data
+    in ``<file>.data``); inputs, outputs and the config unchanged. Written to a temporary folder beside the output
+    and renamed at the end, so a failure leaves nothing."""
+    genai = read_genai_config(folder)
+    assert genai is not None
+    out = Path(output)
+    if not out.parent.is_dir():
+        raise OptionError(f"output folder's parent does not exist: {out.parent}")
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise OptionError(f"output {out} is the input folder {folder} or inside it; choose another -o")
+    if out.exists() and not (force and out.is_dir()):
+        raise OptionError(f"output exists: {out} (use --force to overwrite a folder)" if not out.is_dir() or not
+                            force else f"output exists: {out}")
+    model_file = folder / genai.filename
+    base = onnx.load(str(model_file), load_external_data=False)
+    skip = {model_file.resolve()} | {(model_file.parent / e.value).resolve() for t in base.graph.initializer
+                                     for e in t.external_data if e.key == "location"}
+    del base
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for src in sorted(folder.rglob("*")):
+            rel = src.relative_to(folder)
+            if src.is_dir() or src.resolve() in skip:
+                continue
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, stage / rel)
+        (stage / genai.filename).parent.mkdir(parents=True, exist_ok=True)
+        report = apply_delta(model_file, delta_path, stage / genai.filename, force=True, check=check)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    report["output"] = str(out)
+    if report.get("external_data"):
+        report["external_data"] = str(out / Path(report["external_data"]).name)
+    report["notes"].append(f"ONNX Runtime GenAI folder: {genai.filename} patched, the other files copied")
+    return report
+
+
 def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, output: str | os.PathLike,
                 force: bool = False, check: bool = True) -> dict[str, Any]:
-    """Write a copy of the ONNX model with the fine-tuned values of a delta file; return a short report."""
+    """Write a copy of the ONNX model with the fine-tuned values of a delta file; return a short report.
+
+    ``model_path`` may be an ONNX Runtime GenAI folder (genai_config.json): ``output`` is then a folder
+    (``apply_to_genai_folder``). Another folder means the ONNX file found in it (data.text.resolve_model_path).
+    """
+    if Path(model_path).is_dir():
+        if read_genai_config(model_path) is not None:
+            return apply_to_genai_folder(Path(model_path), delta_path, output, force, check)
+        model_path = resolve_model_path(model_path)
     df = read_delta(delta_path)
     out = check_output_path(output, force)
     mp = Path(model_path)
@@ -296,6 +370,9 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
     if df.metadata.get("model_sha256") and df.metadata["model_sha256"] != model.sha256:
         notes.append("the masks were selected on another ONNX file; tensors matched by name and value")
     targets = find_targets(model, df, plan.layers)
+    for key, found in targets.items():
+        for t in found:
+            _refuse_quantized(model, mp, key, t)
     if external:
         from onnx.external_data_helper import load_external_data_for_model
 

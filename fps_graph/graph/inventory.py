@@ -90,8 +90,8 @@ def storage_of(model: OnnxModel, layer: Layer) -> set[str]:
     keys: set[str] = set()
     w = layer.weight
     if w in model.derived:
-        keys.add(model.derived[w].source)
-    elif w in getattr(model, "quantized", {}):
+        w = model.derived[w].source
+    if w in model.quantized:
         keys |= set(model.quantized[w].stored())
     else:
         keys.add(w)
@@ -102,7 +102,7 @@ def storage_of(model: OnnxModel, layer: Layer) -> set[str]:
 
 def values_of(model: OnnxModel, key: str) -> int:
     """Weight values a stored constant holds (a packed int4 tensor behind a dequantized view: the view's size)."""
-    for q in getattr(model, "quantized", {}).values():
+    for q in model.quantized.values():
         if q.source == key:
             return int(np.prod(q.shape))
     return int(np.prod(model.tensor_shape(key)))
@@ -160,8 +160,8 @@ def primary_storage(model: OnnxModel, layer: Layer) -> str:
     """The stored constant that holds a layer's weight values (a derived or dequantized view's source)."""
     w = layer.weight
     if w in model.derived:
-        return model.derived[w].source
-    q = getattr(model, "quantized", {}).get(w)
+        w = model.derived[w].source
+    q = model.quantized.get(w)
     return q.source if q is not None else w
 
 

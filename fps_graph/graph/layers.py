@@ -14,11 +14,19 @@ import numpy as np
 import onnx
 
 from fps_graph.errors import ModelError
+from fps_graph.graph.dequant import QuantizedTensor, register_view
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes, model_scopes, node_names
 
 SCORED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
+# quantized ops scored by graph/quantized.py, and the domains they come in
+QUANTIZED_OPS = {
+    "MatMulInteger": ("", "ai.onnx"), "ConvInteger": ("", "ai.onnx"),
+    "DynamicQuantizeMatMul": ("com.microsoft",), "MatMulIntegerToFloat": ("com.microsoft",),
+    "MatMulNBits": ("com.microsoft",), "DynamicQuantizeLSTM": ("com.microsoft",),
+}
+_FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Layer:
     scope: str = ""            # module path taken from node metadata or name, when there is one
     graph: str = ""            # path of the (sub)graph holding the node ("" = main graph; see graph.walk)
     loops: int = 0             # enclosing Loop/Scan bodies (the node runs once per iteration of each)
+    node_op: str = ""          # the node's own op when it differs from ``op`` (MatMulInteger, com.microsoft.MatMulNBits)
 
     @property
     def out_features(self) -> int:
@@ -200,6 +209,10 @@ def _resolve_weight(model: OnnxModel, name: str, scope: Scope) -> tuple[str, lis
             shape = model.tensor_shape(key)
             return key, _finish_chain(list(reversed(chain)), shape)
         node = scope.producer(name)
+        if node is not None and node.op_type == "Mul" and node.domain in ("", "ai.onnx"):
+            view = cast_scale_view(model, scope, node)       # Mul(Cast(int8), scale): a quantized weight
+            if view is not None:
+                return view, _finish_chain(list(reversed(chain)), model.tensor_shape(view))
         if node is None or node.op_type not in PASS_THROUGH or node.domain not in ("", "ai.onnx"):
             return None
         step: dict[str, Any] = {"op": node.op_type}
@@ -232,6 +245,48 @@ def _resolve_weight(model: OnnxModel, name: str, scope: Scope) -> tuple[str, lis
                 return None
         chain.append(step)
         name = node.input[0]
+    return None
+
+
+def _plain_const(model: OnnxModel, scope: Scope, name: str) -> str | None:
+    """The stored constant a name refers to directly (or through Identity), else None."""
+    resolved = _resolve_weight(model, name, scope) if name else None
+    if resolved is None or any(step["op"] != "Identity" for step in resolved[1]):
+        return None
+    return resolved[0]
+
+
+def cast_scale_view(model: OnnxModel, scope: Scope, node: onnx.NodeProto) -> str | None:
+    """The float view of ``Mul(Cast(q), scale)`` / ``Mul(Sub(Cast(q), zero_point), scale)`` (either operand order)
+    made of constants only, q an integer constant; None for any other Mul."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for wq, s in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+        scale = _plain_const(model, scope, s)
+        if scale is None or np.dtype(model.tensor_dtype(scale)).kind != "f":
+            continue
+        prod = scope.producer(wq)
+        zero_point = ""
+        if prod is not None and prod.op_type == "Sub" and prod.domain in ("", "ai.onnx"):
+            zp = _resolve_weight(model, prod.input[1], scope)
+            if zp is None or any(step["op"] not in ("Identity", "Cast") for step in zp[1]):
+                continue
+            zero_point = zp[0]
+            prod = scope.producer(prod.input[0])
+        if prod is None or prod.op_type != "Cast" or _attr(prod, "to") not in _FLOAT:
+            continue
+        source = _plain_const(model, scope, prod.input[0])
+        if source is None or np.dtype(model.tensor_dtype(source)).kind not in "iu":
+            continue
+        shape = tuple(model.tensor_shape(source))
+        try:
+            if np.broadcast_shapes(shape, *(tuple(model.tensor_shape(k)) for k in (scale, zero_point) if k)) != shape:
+                continue
+        except ValueError:
+            continue
+        q = QuantizedTensor(source=source, format="linear", shape=shape, scale=scale, zero_point=zero_point,
+                            how="Cast x scale")
+        return register_view(model, q)
     return None
 
 
@@ -342,9 +397,20 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
     for scope, node, local in iter_nodes(scopes):
         name = scope.qualify(local)
         op = node.op_type
+        if op in QUANTIZED_OPS and node.domain in QUANTIZED_OPS[op]:   # graph/quantized.py
+            from fps_graph.graph.quantized import dispatch_quantized
+
+            refusal = _body_refusal(scope, "Conv" if op == "ConvInteger" else op, opset)
+            found, why = dispatch_quantized(model, scope, node, name) if refusal is None else (
+                [], [Skipped(name, op, refusal)])
+            for layer in found:
+                layer.graph, layer.loops = scope.path, scope.loops
+            layers.extend(found)
+            skipped.extend(why)
+            continue
         if node.domain not in ("", "ai.onnx"):
             continue
-        if op in ("ConvTranspose", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+        if op in ("ConvTranspose", "QLinearConv", "QLinearMatMul"):
             skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
             continue
         if op in ("LSTM", "GRU", "RNN"):              # graph/recurrent.py: W and R per direction, or reasons
@@ -374,6 +440,10 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
     from fps_graph.graph.recurrent import scored_sources
 
     scored = {layer.weight for layer in layers} | scored_sources(model, layers)
+    for key in list(scored):                 # the stored constants behind derived and dequantized views
+        key = model.derived[key].source if key in model.derived else key
+        if key in model.quantized:
+            scored |= set(model.quantized[key].stored())
     _name_unscored(model, scopes, scored, skipped)
     return layers, skipped
 
@@ -431,7 +501,8 @@ def _op_name(node: onnx.NodeProto) -> str:
 
 def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skipped: list[Skipped]) -> None:
     """Name every weight-like constant (``is_weight_like``) that feeds a compute op without being a scored
-    weight, once per (node, constant), so that nothing selectable-looking is left out silently.
+    weight, so that nothing selectable-looking is left out silently: once, at its first reader (a node already
+    listed as skipped names each of its constants).
 
     A node already listed without a weight (ConvTranspose, a refused LSTM) gets its first such constant filled
     into that record, and any further one as a record with the same reason; other nodes get a record whose
@@ -440,6 +511,7 @@ def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skip
     by_node: dict[str, list[int]] = {}
     for i, s in enumerate(skipped):
         by_node.setdefault(s.node, []).append(i)
+    named = {s.weight for s in skipped if s.weight}      # a table read by several nodes is named once
     for scope, node, local in iter_nodes(scopes):
         if node.op_type in _NOT_COMPUTE and node.domain in ("", "ai.onnx"):
             continue
@@ -467,7 +539,11 @@ def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skip
             if blank is not None:          # the node's own entry says why; it now names the weight too
                 rec = skipped[blank]
                 skipped[blank] = skipped_weight(model, key, rec.node, rec.op, rec.reason)
+                named.add(key)
                 continue
+            if key in named and not own:
+                continue
+            named.add(key)
             reason = skipped[own[0]].reason if own else _UNSCORED_REASONS.get(
                 op, f"a constant input of {op}, which is not scored (only MatMul, Gemm and Conv weights are)")
             skipped.append(skipped_weight(model, key, name, op, reason))
@@ -475,9 +551,11 @@ def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skip
 
 
 def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: list[dict[str, Any]],
-                stored_shape: tuple[int, ...], op_shape: tuple[int, ...], skipped: list[Skipped]) -> Layer | None:
-    """Build a Layer for a node whose weight resolved, or record why it cannot be scored."""
-    op = node.op_type
+                stored_shape: tuple[int, ...], op_shape: tuple[int, ...], skipped: list[Skipped],
+                op: str | None = None) -> Layer | None:
+    """Build a Layer for a node whose weight resolved, or record why it cannot be scored (``op``: the float op
+    the node computes, when it is another one: MatMul for MatMulInteger, Conv for ConvInteger)."""
+    op = op or node.op_type
     base = dict(node=name, op=op, activation=act, weight=stored, chain=chain, stored_shape=tuple(stored_shape),
                 op_shape=tuple(op_shape))
     if op == "MatMul":

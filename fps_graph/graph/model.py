@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +40,8 @@ class OnnxModel:
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
     derived: dict[str, DerivedTensor] = field(default_factory=dict)
+    # float views of quantized stored weights (graph/dequant.QuantizedTensor), read dequantized
+    quantized: dict[str, Any] = field(default_factory=dict)
     _sha256: str | None = None
     version_notes: list[str] = field(default_factory=list)   # IR version / opset lowered in memory (graph/versions)
     runtime_problem: str | None = None                         # why ONNX Runtime cannot load it, if it cannot
@@ -74,7 +77,8 @@ class OnnxModel:
 
     def is_constant(self, name: str) -> bool:
         """True for a tensor that is an initializer (not overridable by an input) or a Constant node output."""
-        return name in self.initializers or name in self.constant_nodes or name in self.derived
+        return (name in self.initializers or name in self.constant_nodes or name in self.derived
+                or name in self.quantized)
 
     def tensor(self, name: str) -> np.ndarray:
         """The value of a constant tensor as a NumPy array (reads external data on demand)."""
@@ -88,6 +92,11 @@ class OnnxModel:
         if name in self.derived:
             d = self.derived[name]
             return self.tensor(d.source).reshape(-1)[d.index]
+        if name in self.quantized:
+            try:
+                return self.quantized[name].dequantize(self.tensor)
+            except ValueError as exc:
+                raise ModelError(f"{self.path}: cannot dequantize {self.quantized[name].source!r}: {exc}") from exc
         raise ModelError(f"{self.path}: {name!r} is not a constant tensor")
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
@@ -96,6 +105,8 @@ class OnnxModel:
             return tuple(int(d) for d in self.initializers[name].dims)
         if name in self.derived:
             return tuple(self.derived[name].index.shape)
+        if name in self.quantized:
+            return tuple(self.quantized[name].shape)
         return tuple(self.tensor(name).shape)
 
     def tensor_dtype(self, name: str) -> np.dtype:
@@ -104,6 +115,8 @@ class OnnxModel:
             return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type))
         if name in self.derived:
             return self.tensor_dtype(self.derived[name].source)
+        if name in self.quantized:
+            return np.dtype(np.float32)
         return self.tensor(name).dtype
 
 

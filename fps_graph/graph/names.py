@@ -156,6 +156,9 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
             info.layout = dict(model.derived[weight].layout)
             if info.how == "initializer-name":
                 info.how = model.derived[weight].how
+        source = model.derived[weight].source if weight in model.derived else weight
+        if source in model.quantized:  # a float view of a quantized weight (graph/dequant.py)
+            info.layout["quantized"] = model.quantized[source].record()
         if info.key in used and _is_copy(model, weight, used[info.key], info, infos[used[info.key]]):
             info.how = f"{info.how} (a copy of {used[info.key]})"    # one entry (selection.copies)
             infos[weight] = info

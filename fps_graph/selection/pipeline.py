@@ -20,7 +20,7 @@ from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
-from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest
+from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest, primary_storage
 from fps_graph.graph.layers import Layer, Skipped, find_layers
 from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
@@ -146,11 +146,13 @@ def describe(plan: Plan) -> dict[str, Any]:
     for layer in plan.layers:
         info = plan.names[layer.weight]
         layers.append({
-            "node": layer.node, "op": layer.op, "weight": layer.weight, "name": info.key,
+            "node": layer.node, "op": layer.node_op or layer.op, "weight": layer.weight, "name": info.key,
             "name_source": info.how, "weight_shape": list(layer.stored_shape), "node_weight_shape": list(layer.op_shape),
             "chain": [s["op"] for s in layer.chain], "canonical": list(layer.canonical_shape),
             "input_axis": _axis_text(layer), "params": int(np.prod(layer.stored_shape)),
             "activation": layer.activation,
+            "stored": primary_storage(plan.model, layer),      # the ONNX constant holding it (int8/int4 if quantized)
+            "stored_dtype": np.dtype(plan.model.tensor_dtype(primary_storage(plan.model, layer))).name,
             "shared": len(next(g for g in plan.groups if any(l is layer for l in g.layers)).layers) > 1,
         })
     return {
@@ -302,6 +304,8 @@ def _to_keys(plan: Plan, chosen: list[np.ndarray]) -> tuple[dict[str, np.ndarray
         rec = info.to_json()
         rec.update({"selected": int(key_pos.size), "total": int(group.size), "nodes": [l.node for l in group.layers],
                     "op": group.primary.op, "onnx_shape": list(group.primary.stored_shape)})
+        if group.primary.node_op:
+            rec["node_op"] = group.primary.node_op
         tensors[info.key] = rec
     return indices, tensors
 
