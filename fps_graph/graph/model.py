@@ -199,13 +199,17 @@ def data_inputs(model: OnnxModel) -> list[onnx.ValueInfoProto]:
 
 
 def input_shape(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
-    """Declared shape of an input: ints for fixed dims, names or None for dynamic ones."""
+    """Declared shape of an input: ints for fixed dims, names or None for dynamic ones.
+
+    A dimension declared as -1 or 0 (PaddlePaddle and some converters write -1 for "any") is dynamic: ONNX
+    Runtime reads it that way too, and no input can have a non-positive size along a batch axis it is fed.
+    """
     t = vi.type.tensor_type
     if not t.HasField("shape"):
         return ()
     dims: list[int | str | None] = []
     for d in t.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)

@@ -364,6 +364,11 @@ def augment(model: onnx.ModelProto, observers: list[Observer], mode: str = "grap
     g.name = f"{graph.name or 'model'}_fps_observed"
     g.node.extend(nodes)
     g.input.extend(i for i in graph.input if i.name in used)
+    for vi in g.input:   # a dim declared -1 or 0 means "any" (PaddlePaddle); ONNX Runtime reads 0 as a fixed 0
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.ClearField("dim_value")
     g.output.extend(outputs)
     g.initializer.extend(t for t in graph.initializer if t.name in used)
     g.initializer.extend(new_inits)

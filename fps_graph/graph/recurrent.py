@@ -158,7 +158,8 @@ def _static_shapes(model: OnnxModel) -> dict[str, list]:
         for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
             t = vi.type.tensor_type
             if t.HasField("shape"):
-                out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                out[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                                for d in t.shape.dim]   # -1: dynamic (PaddlePaddle)
     except SHAPE_ERRORS:   # no static shapes: Shape nodes stay unknown (their value is treated as computed)
         pass
     model.__dict__["_fpsg_static_shapes"] = out

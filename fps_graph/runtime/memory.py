@@ -104,7 +104,7 @@ class ActivationEstimate:
         size: dict[str, int] = {}
         for vi in [*g.input, *g.value_info, *g.output]:
             tt = vi.type.tensor_type
-            if not tt.HasField("shape") or any(not d.HasField("dim_value") for d in tt.shape.dim):
+            if not tt.HasField("shape") or any(not d.HasField("dim_value") or d.dim_value < 0 for d in tt.shape.dim):
                 continue
             size[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64)) * _itemsize(tt.elem_type)
         constants = {t.name for t in g.initializer} | self.weights
