@@ -8,7 +8,7 @@ from fps_graph.data.text import TextOptions
 from fps_graph.data.static import parse_static
 from fps_graph.errors import OptionError
 from fps_graph.formats.io import check_output_path
-from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
+from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
 from fps_graph.selection.scores import SCORES, STATS
 from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
@@ -124,8 +124,16 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         click.echo(
             f"selected {s['selected']:,} of {s['total']:,} weights ({100 * s['fraction']:.3f}%) in {s['weights']} tensors"
             f" ({s['layers']} layers; {100 * s['weight_share']:.1f}% of the model's weight values scored);"
-            f" {s['samples']} samples on {s['provider']}"
-            f" at {s['samples_per_s']:.1f} samples/s; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
+            f" {_data_summary(s, result, score)}; {s['seconds']:.1f} s total; peak RSS {s['peak_rss_mb']:.0f} MB"
             + (f"; {s['empty_tensors']} tensor(s) with nothing selected" if s.get("empty_tensors") else "")
             + (f"; micro-batches of {s['micro_batch']}" if s.get("micro_batch") else "")
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)
+
+
+def _data_summary(s: dict, result: SelectResult, score: str) -> str:
+    """Where the statistics came from: a calibration run, saved statistics, or no data at all."""
+    if result.calibration is not None:
+        return f"{s['samples']} samples on {s['provider']} at {s['samples_per_s']:.1f} samples/s"
+    if result.stats is not None:
+        return f"statistics of {s['samples']} samples read from --stats-in"
+    return f"no data read (--score {score} uses none)"

@@ -56,6 +56,25 @@ class NameInfo:
         return idx.reshape(-1)
 
 
+# Converters whose initializer names are their own framework's (TensorFlow variable paths, PaddlePaddle's
+# ``conv2d_0.w_0``, ...), never PyTorch state_dict names.
+_OTHER_PRODUCERS = ("tf2onnx", "keras2onnx", "tflite", "paddle", "skl2onnx", "onnxmltools", "mxnet", "caffe",
+                    "coreml", "chainer", "jax", "mindspore", "tensorflow")
+_MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
+_INLINED = re.compile(r"__Inline_\d+__|(then|else)_branch__|^(If|Loop|Scan)_\d+_")
+
+
+def is_pytorch_name(model: OnnxModel, name: str) -> bool:
+    """Whether a name read off the graph may be taken for a PyTorch state_dict name: a dotted module path
+    (``blocks.0.attn.qkv.weight``; a bare name only in a PyTorch export), not one an inliner made up (``If_0_then_branch__Inline_0__...``), in a model
+    that no other framework's converter wrote (a TensorFlow or PaddlePaddle name is that framework's own)."""
+    producer = (model.proto.producer_name or "").lower()
+    if any(p in producer for p in _OTHER_PRODUCERS) or looks_generated(name) or _INLINED.search(name):
+        return False
+    # a bare name ("W") is a PyTorch name only in a PyTorch export (a top-level parameter, "weight")
+    return bool(_MODULE_PATH.match(name)) and ("." in name or producer == "pytorch")
+
+
 def looks_generated(name: str) -> bool:
     """True for exporter-made names (onnx::MatMul_12, val_7, /x/Constant_output_0) that are no parameter names."""
     return bool(_GENERATED.match(name))
@@ -159,6 +178,10 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
         source = model.derived[weight].source if weight in model.derived else weight
         if source in model.quantized:  # a float view of a quantized weight (graph/dequant.py)
             info.layout["quantized"] = model.quantized[source].record()
+        if info.how == "initializer-name" and not is_pytorch_name(model, info.key):
+            info.torch, info.how = None, "onnx-name"    # the graph's own name, not known to be PyTorch's
+        if info.how == "onnx-node":
+            info.torch = None                           # made from the node's name (graph/recurrent.py)
         if info.key in used and _is_copy(model, weight, used[info.key], info, infos[used[info.key]]):
             info.how = f"{info.how} (a copy of {used[info.key]})"    # one entry (selection.copies)
             infos[weight] = info
