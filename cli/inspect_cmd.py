@@ -14,8 +14,8 @@ from fps_graph.selection.pipeline import describe, load_state_dict, make_plan
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--state-dict", type=click.Path(dir_okay=False), help="safetensors state dict to match names by value.")
 def inspect(model: str, as_json: bool, state_dict: str | None) -> None:
-    """List the layers of MODEL (ONNX file or Hugging Face export folder) that selection scores (MatMul/Gemm/Conv
-    with constant weights)."""
+    """List the layers of MODEL (ONNX file or Hugging Face export folder) that selection scores
+    (MatMul/Gemm/Conv/ConvTranspose/LSTM/GRU/RNN with constant weights)."""
     sd = load_state_dict(state_dict) if state_dict else None
     view = describe(make_plan(resolve_model_path(model), state_dict=sd))
     if as_json:

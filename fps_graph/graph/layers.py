@@ -1,9 +1,10 @@
-"""Finding the selectable layers of an ONNX graph: MatMul/Gemm/Conv nodes whose weight is a constant.
+"""Finding the selectable layers of an ONNX graph: MatMul/Gemm/Conv/ConvTranspose nodes whose weight is a constant.
 
 A weight may reach its node through Transpose, Cast, Identity, Reshape, Squeeze/Unsqueeze or DequantizeLinear;
 the chain is recorded so that weight values and element positions can be carried from the stored tensor to the
 layout the node uses, and from there to the "canonical" [out_features, fan_in] matrix in which FPS and GPS rank
-the input connections of every output neuron (conv kernels flattened to [out, in/groups * kh * kw]).
+the input connections of every output neuron (conv kernels flattened to [out, in/groups * kh * kw]; ConvTranspose
+kernels [in, out/groups, *k] to [out, in/groups * prod(k)], see ConvTransposeLayer).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from fps_graph.graph.dequant import QuantizedTensor, register_view
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes, model_scopes, node_names
 
-SCORED_OPS = ("MatMul", "Gemm", "Conv")
+SCORED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+MAP_OPS = ("Conv", "ConvTranspose")        # observed as activation maps, windows taken on the host
 PASS_THROUGH = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear", "Flatten")
 # quantized ops scored by graph/quantized.py, and the domains they come in
 QUANTIZED_OPS = {
@@ -109,6 +111,66 @@ class Layer:
         if group == 1:
             return rows
         return np.repeat(rows, out // group, axis=0)
+
+
+@dataclass
+class ConvTransposeLayer(Layer):
+    """A ConvTranspose node. ONNX and PyTorch store its weight as W [in, out/group, *kernel]: input channel c
+    (of group g) adds x[c, p] * W[c, o, tap] into output channel g * out/group + o for every tap. Its canonical
+    [out_features, fan_in] view, in which the input connections of each output neuron are ranked like a Conv's,
+    is [out, in/group * prod(kernel)]: row = output channel, columns = (input channel of its group, tap) in
+    row-major order. The per-input statistic is [in, *kernel] (selection.stats.conv_transpose_window_sums)."""
+
+    @property
+    def group(self) -> int:
+        """Number of groups."""
+        return int(self.conv["group"])
+
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        """[out, in/group * prod(kernel)]."""
+        c, m = self.op_shape[0], self.op_shape[1] * self.group
+        return (int(m), int(c // self.group * int(np.prod(self.op_shape[2:]))))
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """[in, *kernel]: one statistic per input channel and tap."""
+        return (int(self.op_shape[0]), *map(int, self.op_shape[2:]))
+
+    def to_canonical(self, op_array: np.ndarray) -> np.ndarray:
+        """[in, out/g, *k] -> [g, in/g, out/g, *k] -> [g, out/g, in/g, *k] -> [out, in/g * prod(k)]."""
+        g = self.group
+        c, mg = op_array.shape[0], op_array.shape[1]
+        a = op_array.reshape(g, c // g, mg, -1).transpose(0, 2, 1, 3)
+        return a.reshape(g * mg, -1)
+
+    def op_coords(self, pos: np.ndarray) -> list[np.ndarray]:
+        """Coordinates in the node's weight layout of flat canonical positions (inverse of to_canonical)."""
+        g = self.group
+        c, mg = int(self.op_shape[0]), int(self.op_shape[1])
+        kernel = tuple(int(k) for k in self.op_shape[2:])
+        taps = int(np.prod(kernel))
+        row, col = np.divmod(pos, self.canonical_shape[1])
+        grp, o = np.divmod(row, mg)
+        cl, tap = np.divmod(col, taps)
+        return [grp * (c // g) + cl, o, *np.unravel_index(tap, kernel)]
+
+    def stat_to_canonical(self, stat: np.ndarray) -> np.ndarray:
+        """[in, *kernel] -> [1 or out, in/group * prod(kernel)] (each group's rows share their inputs)."""
+        rows = stat.reshape(self.group, -1)
+        if self.group == 1:
+            return rows
+        return np.repeat(rows, self.canonical_shape[0] // self.group, axis=0)
+
+    @property
+    def axis_text(self) -> str:
+        """The layout in words (inspect)."""
+        g = f"/{self.group}" if self.group > 1 else ""
+        return f"[in, out{g}, *kernel]; rows = output channels, input channel axis 0 (adjoint of im2col)"
+
+    def observer_key(self) -> tuple:
+        """The activation map, like a Conv (a Conv reading the same tensor shares it)."""
+        return (self.activation, "map", 0, 0, self.graph)
 
 
 @dataclass(frozen=True)
@@ -379,10 +441,10 @@ def _body_refusal(scope: Scope, op: str, opset: int) -> str | None:
             return f"inside a {outer} body; only If, Loop and Scan bodies are observed"
     if "Scan" in ops and opset < 9:
         return "inside a Scan body of opset < 9 (batch-axis Scan); re-export with opset >= 9"
-    if op == "Conv":
+    if op in MAP_OPS:
         for i, outer in enumerate(ops):
             if outer == "If" and any(o in LOOP_OPS for o in ops[:i]):
-                return ("Conv inside an If branch within a Loop/Scan body: the branch not taken cannot yield an "
+                return (f"{op} inside an If branch within a Loop/Scan body: the branch not taken cannot yield an "
                         "activation map of the same shape in every iteration")
     return None
 
@@ -410,7 +472,7 @@ def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
             continue
         if node.domain not in ("", "ai.onnx"):
             continue
-        if op in ("ConvTranspose", "QLinearConv", "QLinearMatMul"):
+        if op in ("QLinearConv", "QLinearMatMul"):
             skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
             continue
         if op in ("LSTM", "GRU", "RNN"):              # graph/recurrent.py: W and R per direction, or reasons
@@ -490,7 +552,6 @@ _UNSCORED_REASONS = {
     "GRU": "recurrent-layer weight (GRU): not scored by this version",
     "RNN": "recurrent-layer weight (RNN): not scored by this version",
     "Einsum": "read by Einsum, which is not scored (only MatMul, Gemm and Conv are)",
-    "ConvTranspose": "ConvTranspose weight: op ConvTranspose is not supported for scoring",
 }
 _NOT_COMPUTE = ("Shape", "Size", "Constant") + PASS_THROUGH
 
@@ -504,7 +565,7 @@ def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skip
     weight, so that nothing selectable-looking is left out silently: once, at its first reader (a node already
     listed as skipped names each of its constants).
 
-    A node already listed without a weight (ConvTranspose, a refused LSTM) gets its first such constant filled
+    A node already listed without a weight (a QLinearConv, a refused LSTM) gets its first such constant filled
     into that record, and any further one as a record with the same reason; other nodes get a record whose
     reason names the op. Constants no compute op reads are named by graph/inventory.py.
     """
@@ -569,9 +630,9 @@ def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: l
             return None
         trans_a = bool(_attr(node, "transA", 0))
         return Layer(feature_axis=0 if trans_a else 1, trans_b=bool(_attr(node, "transB", 0)), **base)
-    # Conv
+    # Conv, ConvTranspose
     if len(op_shape) < 3:
-        skipped.append(Skipped(name, op, "Conv weight has fewer than 3 dimensions"))
+        skipped.append(Skipped(name, op, f"{op} weight has fewer than 3 dimensions"))
         return None
     nsp = len(op_shape) - 2
     kernel = list(op_shape[2:])
@@ -585,6 +646,17 @@ def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: l
     }
     if isinstance(conv["auto_pad"], bytes):
         conv["auto_pad"] = conv["auto_pad"].decode()
+    declared = _attr(node, "kernel_shape", None)
+    if declared is not None and list(declared) != kernel:
+        skipped.append(Skipped(name, op, f"kernel_shape {list(declared)} differs from the weight's {kernel}"))
+        return None
+    if op == "ConvTranspose":
+        conv["output_padding"] = list(_attr(node, "output_padding", None) or [0] * nsp)
+        conv["output_shape"] = list(_attr(node, "output_shape", None) or [])
+        if op_shape[0] % conv["group"]:
+            skipped.append(Skipped(name, op, "input channels not divisible by group"))
+            return None
+        return ConvTransposeLayer(feature_axis=1, conv=conv, **base)
     if op_shape[0] % conv["group"]:
         skipped.append(Skipped(name, op, "output channels not divisible by group"))
         return None

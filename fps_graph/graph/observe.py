@@ -5,8 +5,8 @@ can be freed at once and only per-feature sums leave the runtime per batch:
 
 * features observer (MatMul, Gemm): x -> Cast(float32) -> Reshape[-1, F] -> Abs / x*x -> ReduceSum over rows,
   plus Size(x) for the count;
-* map observer (Conv): x -> Cast(float32) -> Abs / x*x -> ReduceSum over the batch axis, plus Shape(x); the
-  exact im2col window sums are then taken on the host (see stats.conv_window_sums).
+* map observer (Conv, ConvTranspose): x -> Cast(float32) -> Abs / x*x -> ReduceSum over the batch axis, plus Shape(x); the
+  exact im2col window sums are then taken on the host (see stats.conv_window_sums, conv_transpose_window_sums).
 
 ONNX Runtime must run the reducers as soon as their input exists (runtime._options sets the priority-based
 execution order); otherwise every observed activation lives until the end of the pass.
@@ -66,7 +66,7 @@ def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Obser
     for layer in layers:
         key = observer_key(layer)
         if key not in by_key:
-            conv = layer.op == "Conv"
+            conv = key[1] == "map"
             by_key[key] = Observer(tensor=key[0], kind=key[1], axis=key[2], features=key[3], index=len(by_key),
                                    graph=layer.graph, lead=layer.loops,
                                    channels=layer.feature_shape[0] if conv else 0,

@@ -16,7 +16,7 @@ from fps_graph.graph.versions import ort_errors
 from fps_graph.runtime.micro import MicroBatcher, check_micro, merge_in_order
 from fps_graph.runtime.session import create_session, ort_message
 from fps_graph.runtime.shards import sum_shard
-from fps_graph.selection.stats import Stats, conv_window_sums
+from fps_graph.selection.stats import Stats, conv_transpose_window_sums, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
 
@@ -55,7 +55,10 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
             if m.shape[0] != layer.feature_shape[0]:
                 raise DataError(f"layer {layer.node}: input has {m.shape[0]} channels, weight expects "
                                     f"{layer.feature_shape[0]}")
-            win, positions = conv_window_sums(m, layer.conv)
+            if layer.op == "ConvTranspose":   # each tap meets its own number of input positions
+                win, positions = conv_transpose_window_sums(m, layer.conv)
+            else:
+                win, positions = conv_window_sums(m, layer.conv)
             st.add(layer.node, kind, win)
         st.add_count(layer.node, batch * positions)
 

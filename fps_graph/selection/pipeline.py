@@ -367,7 +367,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     plan = make_plan(model_path, opts.include, opts.exclude, sd)
     if not plan.groups:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in plan.skipped[:3])
-        raise ModelError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv with a constant weight)"
+        raise ModelError(f"{model_path}: no selectable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)"
                             + (f"; skipped {reasons}" if reasons else ""))
     warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)

@@ -49,6 +49,8 @@ def _chain_shapes(layer: Layer) -> list[tuple[int, ...]]:
 def canonical_to_op(layer: Layer, pos: np.ndarray) -> list[np.ndarray]:
     """Coordinates in the node's weight layout of flat canonical positions (inverse of Layer.to_canonical)."""
     op_shape = tuple(int(d) for d in layer.op_shape)
+    if hasattr(layer, "op_coords"):                        # ConvTranspose: groups interleave (graph.layers)
+        return layer.op_coords(pos)
     if layer.op == "Conv" or (layer.op == "Gemm" and layer.trans_b) or getattr(layer, "canonical_is_op", False):
         return _unravel(pos, op_shape)                     # canonical = op reshaped: same flat order
     return _unravel(pos, op_shape[::-1])[::-1]             # canonical = op.T: reversed axes

@@ -19,7 +19,7 @@ def split_unreached(model: OnnxModel, groups: list[WeightGroup], stats: Stats
     kept: list[WeightGroup] = []
     dropped: list[Skipped] = []
     for group in groups:
-        if any(stats.counts.get(layer.node, 0.0) > 0 for layer in group.layers):
+        if any(stats.reached(layer.node) for layer in group.layers):
             kept.append(group)
             continue
         for layer in group.layers:

@@ -73,8 +73,11 @@ def _pooled_mean(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
         idx = layer.canonical_index()
         s = np.broadcast_to(layer.stat_to_canonical(stats.sums[layer.node][kind]), idx.shape)
         sums[idx.reshape(-1)] += s.reshape(-1)
-        counts[idx.reshape(-1)] += stats.counts[layer.node]
-    if not any(stats.counts.get(layer.node, 0.0) > 0 for layer in group.layers):
+        count = stats.counts.get(layer.node, 0.0)     # per value for ConvTranspose taps (selection.stats)
+        if np.ndim(count):
+            count = np.broadcast_to(layer.stat_to_canonical(count), idx.shape).reshape(-1)
+        counts[idx.reshape(-1)] += count
+    if not any(stats.reached(layer.node) for layer in group.layers):
         raise DataError(f"weight {group.weight} saw no data (none of its layers ran)")
     # a consumer that did not run (the untaken branch of an If) adds zero sums and a zero count
     pidx = group.primary.canonical_index()

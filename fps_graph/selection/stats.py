@@ -69,12 +69,79 @@ def conv_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, int]:
     return result, int(np.prod(outs))
 
 
+def conv_transpose_crop(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first kept position, kept size) of a ConvTranspose output per spatial axis, in the coordinates of the full
+    output ``q = p * stride + tap * dilation`` (p an input position), as ONNX Runtime computes them: ``output_shape``
+    when given (explicit pads are then ignored), else ``auto_pad`` SAME_* (output = input * stride), VALID, or the
+    explicit ``pads``. A computed total pad is split as the ONNX spec says (ONNX Runtime 1.31 agrees; older releases
+    swapped the two): SAME_UPPER puts the odd one at the end, anything else at the beginning."""
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    adj = conv.get("output_padding") or [0] * len(spatial)
+    auto = conv.get("auto_pad", "NOTSET")
+    shape = list(conv.get("output_shape") or [])
+    n = len(spatial)
+    out = []
+    for i, size in enumerate(spatial):
+        full = (size - 1) * s[i] + adj[i] + (k[i] - 1) * d[i] + 1
+        if shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+            target = (shape[i] if len(shape) == n else shape[i + 2]) if shape else size * s[i]
+            total = max(0, full - target)
+            head = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            size_out = target if shape else full - total
+        elif auto == "VALID":
+            head, size_out = 0, full
+        else:
+            head, tail = int(conv["pads"][i]), int(conv["pads"][i + n])
+            size_out = full - head - tail
+        if size_out <= 0:
+            raise DataError(f"ConvTranspose input of spatial size {tuple(spatial)} gives an empty output")
+        out.append((head, size_out))
+    return out
+
+
+def conv_transpose_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, np.ndarray]:
+    """ConvTranspose: for every (input channel, kernel tap), the sum of the batch-summed map over the input
+    positions whose product with that tap lands in a kept output position; and how many such positions each tap
+    has (per sample), shaped like the sums.
+
+    ConvTranspose adds x[c, p] * W[c, o, tap] into output position p * stride + tap * dilation - pad_begin: every
+    input position meets every tap, except the products that fall outside the output (cropped by pads, or beyond
+    an output_shape). Per axis the kept positions of one tap are an interval of p, so each tap's set is a box.
+    This is the adjoint of Conv's im2col: the (input, tap) pairs of the Conv that computes ConvTranspose's input
+    gradient, without the zeros that Conv view inserts between input positions (W never multiplies those).
+    """
+    spatial = summed.shape[1:]
+    crop = conv_transpose_crop(conv, tuple(spatial))
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    bounds = []            # per axis, per tap: [lo, hi) of input positions kept
+    for i, size in enumerate(spatial):
+        head, out = crop[i]
+        axis = []
+        for t in range(k[i]):
+            lo = max(0, -((t * d[i] - head) // s[i]))          # ceil((head - t*d) / s)
+            hi = min(size, (head + out - 1 - t * d[i]) // s[i] + 1)
+            axis.append((lo, max(lo, hi)))
+        bounds.append(axis)
+    result = np.zeros((summed.shape[0], *k), dtype=np.float64)
+    per_tap = np.zeros(tuple(k), dtype=np.float64)
+    sp_axes = tuple(range(1, 1 + len(spatial)))
+    for offs in itertools.product(*[range(kk) for kk in k]):
+        box = [bounds[i][t] for i, t in enumerate(offs)]
+        per_tap[offs] = float(np.prod([hi - lo for lo, hi in box]))
+        if per_tap[offs]:
+            sl = tuple(slice(lo, hi) for lo, hi in box)
+            result[(slice(None), *offs)] = summed[(slice(None), *sl)].sum(axis=sp_axes, dtype=np.float64)
+    return result, np.broadcast_to(per_tap, result.shape).copy()
+
+
 @dataclass
 class Stats:
     """Accumulated sums and counts per scored layer, plus where they came from."""
 
     sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # node -> {"abs", "sq"} float64
-    counts: dict[str, float] = field(default_factory=dict)                  # node -> number of values
+    # node -> number of values: one number, or (ConvTranspose, whose taps touch different numbers of input
+    # positions) a float64 array shaped like the sums
+    counts: dict[str, float | np.ndarray] = field(default_factory=dict)
     num_samples: int = 0
     model_sha256: str = ""
     kinds: tuple[str, ...] = ("abs",)
@@ -87,19 +154,31 @@ class Stats:
         else:
             slot[kind] = np.array(values, dtype=np.float64)
 
-    def add_count(self, node: str, n: float) -> None:
-        """Add to the number of values behind a layer's sums."""
-        self.counts[node] = self.counts.get(node, 0.0) + float(n)
+    def add_count(self, node: str, n: float | np.ndarray) -> None:
+        """Add to the number of values behind a layer's sums (a number, or an array shaped like the sums)."""
+        if np.ndim(n) == 0:
+            n = float(n)
+        else:
+            n = np.asarray(n, dtype=np.float64)
+        self.counts[node] = self.counts.get(node, 0.0) + n
+
+    def reached(self, node: str) -> bool:
+        """True when some value went into the layer's sums (its If branch ran, its taps touched an input)."""
+        return bool(np.any(np.asarray(self.counts.get(node, 0.0)) > 0))
 
     def mean(self, node: str, stat: str) -> np.ndarray:
         """E|x| ('mean-abs') or sqrt(E x^2) ('l2') per input feature of one layer."""
         kind = {"mean-abs": "abs", "l2": "sq"}[stat]
         if node not in self.sums or kind not in self.sums[node]:
             raise DataError(f"no {stat} statistics for layer {node}")
-        cnt = self.counts.get(node, 0.0)
-        if cnt <= 0:
+        if not self.reached(node):
             raise DataError(f"layer {node} saw no data")
-        m = self.sums[node][kind] / cnt
+        cnt = self.counts[node]
+        if np.ndim(cnt) == 0:
+            m = self.sums[node][kind] / cnt
+        else:   # a ConvTranspose tap that touched no input (all its products cropped away) multiplied nothing: 0
+            sums = self.sums[node][kind]
+            m = np.divide(sums, cnt, out=np.zeros_like(sums), where=cnt > 0)
         return np.sqrt(m) if kind == "sq" else m
 
     def first_nonfinite(self, order: list[str]) -> str | None:
@@ -132,7 +211,8 @@ class Stats:
         for node, slot in self.sums.items():
             for kind, arr in slot.items():
                 tensors[f"{node}::{kind}"] = np.ascontiguousarray(arr, dtype=np.float64)
-            tensors[f"{node}::count"] = np.array([self.counts.get(node, 0.0)], dtype=np.float64)
+            count = self.counts.get(node, 0.0)     # one number as [1]; per-value counts in the sums' shape
+            tensors[f"{node}::count"] = np.array([count] if np.ndim(count) == 0 else count, dtype=np.float64)
         meta = {"format": STATS_FORMAT, "format_version": STATS_VERSION, "num_samples": str(self.num_samples),
                 "model_sha256": self.model_sha256, "kinds": json.dumps(list(self.kinds))}
         save_safetensors(tensors, path, meta)
@@ -155,7 +235,7 @@ class Stats:
                     node, kind = key.rsplit("::", 1)
                     arr = f.get_tensor(key)
                     if kind == "count":
-                        st.counts[node] = float(arr[0])
+                        st.counts[node] = float(arr[0]) if arr.shape == (1,) else arr.astype(np.float64)
                     else:
                         st.sums.setdefault(node, {})[kind] = arr.astype(np.float64)
         except FpsGraphError:
