@@ -252,10 +252,12 @@ def _hand_lstm(tmp_path: Path, seq_lens: bool = False, op: str = "LSTM", lbr: in
     return p
 
 
-def test_sequence_lens_is_skipped_with_reason(tmp_path):
+def test_sequence_lens_is_scored(tmp_path):
+    """W and R of a node with sequence_lens are scored (statistics: tests/test_recurrent_seq.py)."""
     plan = make_plan(_hand_lstm(tmp_path, seq_lens=True))
-    assert plan.layers == []
-    assert any("sequence_lens" in s.reason for s in plan.skipped)
+    assert sorted(getattr(layer, "part") for layer in plan.layers) == ["hh", "ih"]
+    assert all(getattr(layer, "seq") == "seq" for layer in plan.layers)
+    assert not any("sequence_lens" in s.reason for s in plan.skipped)
 
 
 def test_gru_without_linear_before_reset_scores_only_w(tmp_path):

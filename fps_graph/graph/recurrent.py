@@ -16,8 +16,12 @@ Statistics (FPS: E|a| of the activation each weight multiplies):
   absent) and Y[0..T-2]; the reverse direction runs from T-1 down to 0, so its states are ``initial_h`` and
   Y[1..T-1]. A "state" observer slices Y by direction and time in the graph and adds the ``initial_h`` sums.
 
-Refused with a reason (listed as skipped): ``sequence_lens`` (steps past a sequence's end are padding the node
-never runs, but they sit in X and Y), GRU ``linear_before_reset=0`` for R (its candidate rows multiply
+With ``sequence_lens`` only the steps a sequence runs count: W's x_t for t < len_b; R's states for those steps,
+``initial_h`` then Y[0..len_b-2] (forward) or Y[1..len_b-1] then ``initial_h`` (reverse: it starts at step len_b-1),
+so Y's zero padding never enters (masked in the graph; counts are sum(len_b)).
+
+Refused with a reason (listed as skipped): ``sequence_lens`` with ``layout=1`` or before opset 11, GRU
+``linear_before_reset=0`` for R (its candidate rows multiply
 r_t * h_{t-1}, which is no graph tensor), a missing Y output for R, peepholes and biases (not scored).
 """
 from __future__ import annotations
@@ -57,6 +61,8 @@ class RecurrentLayer(Layer):
     part: str = "ih"                   # "ih" (W, reads X) or "hh" (R, reads h_{t-1})
     direction: int = 0
     state: tuple = ()                  # hh: (initial_h or "", num_directions, layout, reverse)
+    seq: str = ""                      # the node's sequence_lens input: only steps t < len_b count
+    layout: int = 0
 
     @property
     def canonical_shape(self) -> tuple[int, int]:
@@ -79,10 +85,13 @@ class RecurrentLayer(Layer):
         return f"[gates*H, in] gates {torch_order} (ONNX {onnx_order}); input {what}"
 
     def observer_key(self) -> tuple:
-        """W: the features observer of X (shared by both directions); R: a state observer per direction."""
+        """W: the features observer of X (shared by both directions; with sequence_lens, one that counts only the
+        steps t < len_b); R: a state observer per direction. Observer states are tagged "x" and "h"."""
         if self.part == "ih":
-            return (self.activation, "features", -1, self.canonical_shape[1], self.graph)
-        return (self.activation, "features", -1, self.canonical_shape[1], self.graph, (*self.state, self.direction))
+            base = (self.activation, "features", -1, self.canonical_shape[1], self.graph)
+            return base if not self.seq else (*base, ("x", self.seq, self.layout))
+        return (self.activation, "features", -1, self.canonical_shape[1], self.graph,
+                ("h", *self.state, self.seq, self.direction))
 
 
 # --------------------------------------------------------------------------------- tracing weights to storage
@@ -385,10 +394,14 @@ def dispatch_recurrent(model: OnnxModel, scope: Any, node: onnx.NodeProto, name:
         skipped.append(Skipped(name, op, f"W {list(w[1].shape)} / R {list(r[1].shape)} do not match {gates} gates of "
                                          f"hidden size {hidden}"))
         return [], skipped
-    if seq:
-        skipped.append(Skipped(name, op, f"sequence_lens input {seq!r}: steps past each sequence's length are padding "
-                                         "the node never runs, but they sit in X and Y; statistics would not be "
-                                         "exact (export without sequence lengths, or with equal-length batches)"))
+    if seq and layout:
+        skipped.append(Skipped(name, op, f"sequence_lens input {seq!r} with layout=1 (batch-first): ONNX Runtime's "
+                                         "CPU kernels refuse batch-first recurrent nodes, so this cannot be checked; "
+                                         "not scored"))
+        return [], skipped
+    if seq and model.opset < 11:
+        skipped.append(Skipped(name, op, f"sequence_lens input {seq!r} in opset {model.opset}: masking the steps "
+                                         "past each length needs Range (opset 11); not scored"))
         return [], skipped
     if x and scope.const_key(x) is not None:
         skipped.append(Skipped(name, op, f"input X {x!r} is a constant"))
@@ -430,7 +443,7 @@ def dispatch_recurrent(model: OnnxModel, scope: Any, node: onnx.NodeProto, name:
             state = (init_h, dirs, layout, reverse) if part == "hh" else ()
             layers.append(RecurrentLayer(node=f"{name}:{key}", op=op, activation=act, weight=dname, chain=[],
                                          stored_shape=shape, op_shape=shape, feature_axis=-1, part=part,
-                                         direction=d, state=state))
+                                         direction=d, state=state, seq=seq, layout=layout))
     if bias is not None:
         for b in bias[0]:
             skipped.append(skipped_weight(model, b, name, op, "recurrent biases are not scored (train trains the "
@@ -469,50 +482,90 @@ def zero_state_notes(layers: list[Layer], stats: Any, keys: dict[str, str] | Non
 
 def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: str = ""
                         ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
-    """Sums of |h_(t-1)| (and h_(t-1)^2) per hidden unit for one direction, and Size(Y of that direction).
+    """Sums of |a| (and a^2) per feature of what a recurrent weight multiplies, and how many values went in.
 
-    obs.tensor is Y ([T, D, B, H], or [B, T, D, H] with layout=1); obs.state is (initial_h, D, layout, reverse,
-    direction). The outputs are those of a features observer over H features (abs, sq: [H]; size: T*B*H), so
-    counting, If branches and Loop bodies treat it as one.
+    ``obs.state`` is tagged. ``("h", initial_h, D, layout, reverse, sequence_lens, direction)``: a = h_(t-1) of one
+    direction; obs.tensor is Y ([T, D, B, H], or [B, T, D, H] with layout=1). ``("x", sequence_lens, layout)``:
+    a = x_t of the steps each sequence runs (t < len_b); obs.tensor is X [T, B, in]. With sequence_lens the steps
+    past a sequence's length are masked out (Where, so padding that holds NaN cannot leak), the forward direction's
+    states being initial_h and Y[0..len_b-2], the reverse's Y[1..len_b-1] and initial_h. The outputs are those of a
+    features observer (abs, sq: [F]; size: values counted * F), so counting, If branches and Loop bodies treat it
+    as one.
     """
     from fps_graph.graph.observe import PREFIX, _axes_node
 
-    init_h, _dirs, layout, reverse, d = obs.state
     base = f"{PREFIX}_{obs.index}"
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     outs: list[onnx.ValueInfoProto] = []
-    t_axis, d_axis = (1, 2) if layout else (0, 1)
     big = np.iinfo(np.int64).max
 
-    def slice_node(tag: str, src: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+    def const(tag: str, value: Any, dtype: Any = np.int64) -> str:
+        n = f"{base}_{tag}"
+        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), n))
+        return n
+
+    def node(op: str, inputs: list[str], tag: str, **attrs: Any) -> str:
         out = f"{base}_{tag}"
-        if opset < 10:
-            nodes.append(helper.make_node("Slice", [src], [out], name=out, starts=starts, ends=ends, axes=axes))
-            return out
-        names = []
-        for what, vals in (("starts", starts), ("ends", ends), ("axes", axes)):
-            n = f"{out}_{what}"
-            inits.append(numpy_helper.from_array(np.array(vals, dtype=np.int64), n))
-            names.append(n)
-        nodes.append(helper.make_node("Slice", [src, *names], [out], name=out))
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    yd = slice_node("ydir", obs.tensor, [d], [d + 1], [d_axis])
-    prev = slice_node("yprev", yd, [1] if reverse else [0], [big] if reverse else [-1], [t_axis])
-    srcs = [(prev, [0, 1, 2])]
-    if init_h:
-        srcs.append((slice_node("h0", init_h, [d], [d + 1], [1 if layout else 0]), [0, 1]))
+    def unsqueeze(src: str, axes: list[int], tag: str) -> str:
+        if opset >= 13:
+            return node("Unsqueeze", [src, const(f"{tag}_axes", axes)], tag)
+        return node("Unsqueeze", [src], tag, axes=axes)
+
+    def slice_node(tag: str, src: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        if opset < 10:
+            return node("Slice", [src], tag, starts=starts, ends=ends, axes=axes)
+        return node("Slice", [src, const(f"{tag}_starts", starts), const(f"{tag}_ends", ends),
+                              const(f"{tag}_axes", axes)], tag)
+
+    def step_masks(like: str, seq: str) -> tuple[str, str, str]:
+        """(steps [T, 1], lengths [1, B], lengths [B]) as int64, T read from the time axis 0 of ``like``."""
+        t = node("Gather", [node("Shape", [like], "shape"), const("t_axis", 0)], "t", axis=0)
+        steps = unsqueeze(node("Range", [const("zero", 0), t, const("one", 1)], "steps"), [1], "steps_col")
+        lens = node("Cast", [seq], "lens", to=onnx.TensorProto.INT64)
+        return steps, unsqueeze(lens, [0], "lens_row"), lens
+
+    srcs: list[tuple[str, str, list[int]]] = []     # (tensor, mask or "", axes summed)
+    if obs.state[0] == "x":
+        _, seq, _layout = obs.state
+        steps, lens_row, lens = step_masks(obs.tensor, seq)
+        srcs.append((obs.tensor, unsqueeze(node("Less", [steps, lens_row], "xvalid"), [2], "xmask"), [0, 1]))
+        count = lens
+    else:
+        _, init_h, _dirs, layout, reverse, seq, d = obs.state
+        t_axis, d_axis = (1, 2) if layout else (0, 1)
+        yd = slice_node("ydir", obs.tensor, [d], [d + 1], [d_axis])
+        h0 = slice_node("h0", init_h, [d], [d + 1], [1 if layout else 0]) if init_h else ""
+        if seq:     # layout 0 (dispatch_recurrent refuses sequence_lens with layout=1)
+            steps, lens_row, lens = step_masks(yd, seq)
+            if reverse:     # states Y[1 .. len-1]
+                valid = node("And", [node("Greater", [steps, const("zero_s", 0)], "after0"),
+                                     node("Less", [steps, lens_row], "inlen")], "yvalid")
+            else:           # states Y[0 .. len-2]
+                valid = node("Less", [steps, node("Sub", [lens_row, const("one_s", 1)], "lenm1")], "yvalid")
+            srcs.append((yd, unsqueeze(unsqueeze(valid, [1], "yvalid3"), [3], "ymask"), [0, 1, 2]))
+            if h0:          # one initial state per sequence that runs at all
+                started = node("Greater", [lens, const("zero_b", 0)], "started")
+                srcs.append((h0, unsqueeze(unsqueeze(started, [0], "started2"), [2], "h0mask"), [0, 1]))
+            count = lens
+        else:
+            srcs.append((slice_node("yprev", yd, [1] if reverse else [0], [big] if reverse else [-1], [t_axis]), "",
+                         [0, 1, 2]))
+            if h0:
+                srcs.append((h0, "", [0, 1]))
+            count = ""
+    zero = const("fzero", 0.0, np.float32) if any(m for _, m, _ in srcs) else ""
     for what in stats:
         partial = []
-        for j, (src, axes) in enumerate(srcs):
-            f32 = f"{base}_{what}_{j}_f32"
-            nodes.append(helper.make_node("Cast", [src], [f32], name=f32, to=onnx.TensorProto.FLOAT))
-            mapped = f"{base}_{what}_{j}_map"
-            if what == "abs":
-                nodes.append(helper.make_node("Abs", [f32], [mapped], name=mapped))
-            else:
-                nodes.append(helper.make_node("Mul", [f32, f32], [mapped], name=mapped))
+        for j, (src, mask, axes) in enumerate(srcs):
+            f32 = node("Cast", [src], f"{what}_{j}_f32", to=onnx.TensorProto.FLOAT)
+            mapped = node("Abs", [f32], f"{what}_{j}_map") if what == "abs" else \
+                node("Mul", [f32, f32], f"{what}_{j}_map")
+            if mask:
+                mapped = node("Where", [mask, mapped, zero], f"{what}_{j}_kept")
             red = f"{base}_{what}_{j}_sum"
             nodes.append(_axes_node(red, axes, opset, "ReduceSum", mapped, red, inits))
             partial.append(red)
@@ -523,7 +576,11 @@ def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: st
             nodes.append(helper.make_node("Add", partial, [out], name=f"{base}_{what}_total"))
         outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [obs.features] if suffix else None))
     size = obs.output("size") + suffix
-    nodes.append(helper.make_node("Size", [yd], [size], name=f"{base}_size"))
+    if count:       # steps run, summed over the batch, times the features
+        total = node("ReduceSum", [count], "steps_run", keepdims=0)
+        nodes.append(helper.make_node("Mul", [total, const("features", obs.features)], [size], name=f"{base}_size"))
+    else:
+        nodes.append(helper.make_node("Size", [yd], [size], name=f"{base}_size"))
     outs.append(helper.make_tensor_value_info(size, onnx.TensorProto.INT64, [] if suffix else None))
     return nodes, inits, outs
 
