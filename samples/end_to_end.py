@@ -116,15 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     # evaluate on held-out images, preprocessed exactly as for training
     import torch
 
+    from fps_graph.data.labeled import open_labeled
     from fps_graph.formats.masks import data_record
-    from fps_graph.integrations.torch_export import build_model
+    from fps_graph.training.config import DataConfig
+    from fps_graph.training.models import build_model
     from fps_graph.training.sparse import load_delta
-    from fps_graph.training.train import TrainOptions, open_labeled, resolve_image_prep
+    from fps_graph.training.tasks.image_cls import resolve_image_prep
 
     metrics = json.loads((runs / "metrics.json").read_text())
     net = build_model(factory, str(weights))
     # the test images prepared as select and train prepared theirs (the masks file's record)
-    prep = resolve_image_prep(TrainOptions(factory, str(masks), "", ""), data_record(masks), net)
+    prep = resolve_image_prep(DataConfig(data=str(work / "test")), data_record(masks), net)
     test = open_labeled(str(work / "test"), prep.spec, prep.options, classes=metrics["classes"])
     x = test.fetch(np.arange(len(test)))["input"]
     y = test.labels

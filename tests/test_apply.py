@@ -17,7 +17,7 @@ from conftest_train import (CONV_SHAPE, SPEC_CONV, SPEC_CONV_FOLDED, SPEC_TOKEN,
 
 from fps_graph import FpsGraphError  # noqa: E402
 from fps_graph.graph.apply import apply_delta  # noqa: E402
-from fps_graph.training.train import TrainOptions, run_train  # noqa: E402
+from fps_graph.training.job import run_train, train_job  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
 
 MODELS = {"token": (token_net, TOKEN_SHAPE, token_data, SPEC_TOKEN),
@@ -69,9 +69,8 @@ def built(tmp_path_factory):
 
 def train(b: dict, out: Path, num_classes: int | None = None):
     data = b["dir"] / ("train6.npz" if num_classes == 6 else "train4.npz")
-    return run_train(TrainOptions(factory=b["spec"], weights=b["weights"], masks=b["masks"], data=str(data),
-                                  output=str(out), epochs=2, lr=2e-2, batch_size=16, num_classes=num_classes,
-                                  plot=False, threads=1))
+    return run_train(train_job(b["spec"], b["masks"], str(data), str(out), weights=b["weights"], epochs=2, lr=2e-2,
+                               batch_size=16, num_classes=num_classes, plot=False, threads=1))
 
 
 @pytest.mark.parametrize("name,exporter,classes", [

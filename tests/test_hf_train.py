@@ -18,8 +18,11 @@ import hf_helpers as H  # noqa: E402
 from fps_graph import FpsGraphError  # noqa: E402
 from fps_graph.formats.delta import read_delta  # noqa: E402
 from fps_graph.formats.masks import load_indices  # noqa: E402
-from fps_graph.training.hf import TextOptions, Tokenizer, batches, read_text_data, step_loss  # noqa: E402
-from fps_graph.training.train import TrainOptions, run_train  # noqa: E402
+from fps_graph.data.text import TextTokenizer as Tokenizer  # noqa: E402
+from fps_graph.training.config import DataConfig  # noqa: E402
+from fps_graph.training.job import TrainJob, run_train, train_job  # noqa: E402
+from fps_graph.training.models import load_hf_model as _load  # noqa: E402
+from fps_graph.training.tasks import DataContext, get_task  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
 
 
@@ -51,16 +54,18 @@ def cls(tmp_path_factory):
     return {"root": root, "folder": folder, "onnx": onnx_path, "masks": masks}
 
 
-def options(setup, out: Path, data: str, **kw) -> TrainOptions:
-    base = dict(factory=f"hf:{setup['folder']}", masks=str(setup["masks"]), data=str(setup["root"] / data),
-                output=str(out), epochs=3, lr=3e-2, batch_size=8, warmup_epochs=0.5, seed=0, threads=1)
+def options(setup, out: Path, data: str, **kw) -> TrainJob:
+    base = dict(masks=str(setup["masks"]), data=str(setup["root"] / data), output=str(out), epochs=3, lr=3e-2,
+                batch_size=8, warmup_epochs=0.5, seed=0, threads=1)
     base.update(kw)
-    return TrainOptions(**base)
+    return train_job(f"hf:{setup['folder']}", **base)
+
+
+def load_hf_model(folder: Path, kind: str):
+    return _load(folder, get_task(kind).hf_class)
 
 
 def _base_state(folder: Path, kind: str = "causal-lm") -> dict[str, torch.Tensor]:
-    from fps_graph.training.hf import load_hf_model
-
     return {k: v.clone() for k, v in load_hf_model(folder, kind).state_dict().items()}
 
 
@@ -107,7 +112,6 @@ def test_causal_lm_moves_only_selected_and_learns(lm, tmp_path):
 
 
 def test_delta_reloads_bit_for_bit_and_runs_are_deterministic(lm, tmp_path):
-    from fps_graph.training.hf import load_hf_model
     from fps_graph.training.sparse import load_delta
 
     r1 = run_train(options(lm, tmp_path / "a", "train.txt", epochs=2))
@@ -129,17 +133,21 @@ def test_delta_reloads_bit_for_bit_and_runs_are_deterministic(lm, tmp_path):
 
 def test_causal_lm_loss_matches_transformers_and_ignores_padding(lm, tmp_path):
     """step_loss == transformers' own loss with labels -100 on padding and prompts; padding changes nothing."""
-    from fps_graph.training.hf import load_hf_model
-
     model = load_hf_model(lm["folder"], "causal-lm")
-    tok = Tokenizer(lm["folder"], json.loads((lm["folder"] / "config.json").read_text()))
     recs = [{"q": "w1 w2 w3", "a": "w4 w5"}, {"q": "w10", "a": "w11 w12 w13 w14"}, {"q": "w30 w31", "a": "w32"}]
     H.write_jsonl(tmp_path / "pc.jsonl", recs)
-    data = read_text_data(str(tmp_path / "pc.jsonl"), "causal-lm", tok,
-                          TextOptions(prompt_field="q", completion_field="a"), 64)
+    task = get_task("causal-lm")
+    cfg = DataConfig(data=str(tmp_path / "pc.jsonl"), prompt_field="q", completion_field="a")
+    data = task.read(cfg.data, DataContext(model, cfg, lm["folder"]))
     assert list(data.loss_from) == [4, 2, 3]                 # <s> + prompt words
     assert [len(x) for x in data.ids] == [7, 7, 5]           # + completion + </s>
-    b = next(batches(data, 3, pad_id=0))
+    b = next(data.batches(3))
+    assert data.pad_id == 0 and (b["input_ids"][b["attention_mask"] == 0] == 0).all()
+
+    def step_loss(model, batch, *_):
+        s = task.step(model, batch, "cpu", 0.0)
+        return s.loss, s.n, s.correct
+
     with torch.no_grad():
         ours, n, _ = step_loss(model, b, "causal-lm", "cpu")
         labels = torch.from_numpy(b["input_ids"]).clone()
@@ -159,8 +167,8 @@ def test_causal_lm_loss_matches_transformers_and_ignores_padding(lm, tmp_path):
 def test_prompt_completion_run_learns_only_completions(lm, tmp_path):
     recs = [{"prompt": " ".join(t.split()[:3]), "completion": " ".join(t.split()[3:])} for t in H.cycle_text(40)]
     H.write_jsonl(lm["root"] / "pc_train.jsonl", recs)
-    r = run_train(options(lm, tmp_path / "run", "pc_train.jsonl", epochs=2,
-                          text=TextOptions(prompt_field="prompt", completion_field="completion")))
+    r = run_train(options(lm, tmp_path / "run", "pc_train.jsonl", epochs=2, prompt_field="prompt",
+                          completion_field="completion"))
     assert r.metrics["epochs"][-1]["train_loss"] < r.metrics["epochs"][0]["train_loss"]
     # learnt tokens: each completion's words and its </s>, never the prompt's
     assert r.metrics["epochs"][0]["train_tokens"] == sum(len(x["completion"].split()) + 1 for x in recs)
@@ -283,8 +291,6 @@ def test_apply_merged_decoder_logits_equal_trained_pytorch(tmp_path):
     import test_control_flow as cf      # the decoder export and If merge of the control-flow tests
 
     folder = H.make_folder(tmp_path / "lm", vocab_size=cf.VOCAB, use_cache=True)
-    from fps_graph.training.hf import load_hf_model
-
     no_past, with_past = cf._export_decoders(load_hf_model(folder, "causal-lm"), tmp_path)
     merged = cf.merge_decoders(no_past, with_past, tmp_path / "decoder_model_merged.onnx")
     texts = H.cycle_text(32)
@@ -308,7 +314,6 @@ def test_apply_merged_decoder_logits_equal_trained_pytorch(tmp_path):
 def test_seq_cls_from_a_causal_lm_folder_gets_a_new_seeded_head(lm, tmp_path):
     """A causal-LM checkpoint trained for seq-cls: `score` is not in it, so it is new and seeded, and the delta
     reloads onto a fresh AutoModelForSequenceClassification of that folder with the trained outputs."""
-    from fps_graph.training.hf import load_hf_model
     from fps_graph.training.sparse import load_delta
 
     masks = H.select_masks(lm["onnx"], lm["root"] / "calib.npz", tmp_path / "masks.safetensors", k=2,
@@ -335,17 +340,16 @@ def test_train_follows_the_masks_text_record(lm, tmp_path, capsys):
     setup = {"folder": lm["folder"], "masks": masks, "root": lm["root"]}
     with pytest.raises(FpsGraphError, match="longer than max_length 8"):
         run_train(options(setup, tmp_path / "run", "train.txt"))
-    r = run_train(options(setup, tmp_path / "run", "train.txt", epochs=1, text=TextOptions(max_length=16)))
-    assert r.metrics["text"]["max_length"] == 16
-    assert r.metrics["text"]["tokenizer"] == str(lm["folder"] / "tokenizer.json")
-    assert r.metrics["text"]["masks_record"]["max_length"] == 8
+    r = run_train(options(setup, tmp_path / "run", "train.txt", epochs=1, max_length=16))
+    assert r.metrics["data"]["max_length"] == 16
+    assert r.metrics["data"]["tokenizer"] == str(lm["folder"] / "tokenizer.json")
+    assert r.metrics["data"]["masks_record"]["max_length"] == 8
 
 
 def test_dynamo_export_keys_are_the_parameter_names(lm, tmp_path):
     """select on a torch.onnx.export(dynamo=True) export keys its masks by parameter name too (folded-from
     metadata), so attach on the transformers model takes them as they are."""
-    from fps_graph.training.hf import canonical_masks, load_hf_model
-    from fps_graph.training.sparse import attach
+    from fps_graph.training.sparse import attach, canonical_masks
 
     onnx_path = H.export_onnx(lm["folder"], tmp_path / "dynamo.onnx", dynamo=True)
     masks = H.select_masks(onnx_path, lm["root"] / "calib.npz", tmp_path / "masks.safetensors", k=2)

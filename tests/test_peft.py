@@ -167,8 +167,9 @@ def test_factory_run_with_peft_loads_in_peft(tmp_path):
     """`train FACTORY --peft` on a plain nn.Module: the head goes to modules_to_save, PEFT reproduces the run."""
     from conftest_train import SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, select_masks, token_data, token_net
 
+    from fps_graph.integrations.peft import ShiraExport
+    from fps_graph.training.job import run_train, train_job
     from fps_graph.training.sparse import load_delta
-    from fps_graph.training.train import TrainOptions, run_train
 
     model = token_net()
     weights = save_weights(model, tmp_path / "w.safetensors")
@@ -176,9 +177,8 @@ def test_factory_run_with_peft_loads_in_peft(tmp_path):
     x, y = token_data(48)
     np.savez(tmp_path / "train.npz", x=x, y=y)
     masks = select_masks(onnx_path, x[:16], tmp_path / "masks.safetensors", k=2)
-    run_train(TrainOptions(factory=SPEC_TOKEN, weights=str(weights), masks=str(masks), data=str(tmp_path / "train.npz"),
-                           output=str(tmp_path / "run"), epochs=2, lr=2e-2, batch_size=16, train_bias=False,
-                           peft=True, threads=1, plot=False))
+    run_train(train_job(SPEC_TOKEN, masks, str(tmp_path / "train.npz"), str(tmp_path / "run"), weights=str(weights),
+                        epochs=2, lr=2e-2, batch_size=16, train_bias=False, threads=1, plot=False), [ShiraExport()])
     cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "SHIRA" and cfg["modules_to_save"] == ["head"]
     ref = token_net()

@@ -18,7 +18,9 @@ from fps_graph import FpsGraphError  # noqa: E402
 from fps_graph.data.sources import ImageOptions, InputSpec  # noqa: E402
 from fps_graph.formats.delta import read_delta  # noqa: E402
 from fps_graph.formats.masks import load_indices  # noqa: E402
-from fps_graph.training.train import TrainOptions, lr_factor, open_labeled, run_train  # noqa: E402
+from fps_graph.data.labeled import open_labeled  # noqa: E402
+from fps_graph.training.job import TrainJob, run_train, train_job  # noqa: E402
+from fps_graph.training.optim import lr_factor  # noqa: E402
 from fps_graph_cli.main import entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +45,11 @@ def setup(tmp_path_factory):
             "train": str(root / "train.npz"), "val": str(root / "val.npz"), "six": str(root / "six.npz")}
 
 
-def options(setup, out: Path, **kw) -> TrainOptions:
-    base = dict(factory=SPEC_TOKEN, weights=setup["weights"], masks=setup["masks"], data=setup["train"],
-                val=setup["val"], output=str(out), epochs=4, lr=2e-2, batch_size=16, warmup_epochs=1, seed=0,
-                threads=1)
+def options(setup, out: Path, **kw) -> TrainJob:
+    base = dict(weights=setup["weights"], masks=setup["masks"], data=setup["train"], val=setup["val"], output=str(out),
+                epochs=4, lr=2e-2, batch_size=16, warmup_epochs=1, seed=0, threads=1)
     base.update(kw)
-    return TrainOptions(**base)
+    return train_job(SPEC_TOKEN, **base)
 
 
 def test_train_writes_run_and_is_deterministic(setup, tmp_path):
@@ -92,7 +93,7 @@ def test_train_writes_run_and_is_deterministic(setup, tmp_path):
     from fps_graph.formats.io import sha256_file
 
     assert d1.metadata["masks_sha256"] == sha256_file(setup["masks"])
-    assert d1.metadata["training"]["lr"] == 2e-2 and d1.metadata["training"]["epochs"] == 4
+    assert d1.metadata["training"]["optim"]["lr"] == 2e-2 and d1.metadata["training"]["optim"]["epochs"] == 4
     assert [e["train_loss"] for e in r1.metrics["epochs"]] == [e["train_loss"] for e in r2.metrics["epochs"]]
     cfg = json.loads((run / "run_config.json").read_text())
     assert "peft_type" not in cfg and not (run / "adapter_config.json").exists()   # PEFT could not load it
@@ -212,8 +213,9 @@ def conv_chain(tmp_path_factory):
 def test_export_select_train_needs_no_image_size(conv_chain, tmp_path, capsys):
     from fps_graph.data.sources import open_source
     from fps_graph.formats.masks import data_record
-    from fps_graph.integrations.torch_export import build_model
-    from fps_graph.training.train import resolve_image_prep
+    from fps_graph.training.models import build_model
+    from fps_graph.training.config import DataConfig
+    from fps_graph.training.tasks.image_cls import resolve_image_prep
 
     record = data_record(conv_chain["masks"])
     assert record == {"kind": "image", "inputs": ["input"], "size": [12, 12], "layout": "NCHW", "channels": 3,
@@ -227,12 +229,12 @@ def test_export_select_train_needs_no_image_size(conv_chain, tmp_path, capsys):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["data"]["images"]["size"] == [12, 12] and set(m["data"]["images"]["from"].values()) == {"masks"}
     cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
-    assert cfg["image"]["mean"] == [0.5] and cfg["image"]["crop_pct"] == 1.0
+    assert cfg["data"]["images"]["mean"] == [0.5] and cfg["data"]["images"]["crop_pct"] == 1.0
 
     # the training images are, value for value, the ones select fed to ONNX Runtime
     spec = InputSpec("input", (None, 3, 12, 12), np.dtype(np.float32))
     fed = open_source(SAMPLES / "images", [spec], ImageOptions(mean=(0.5,), std=(0.25,), crop_pct=1.0))
-    prep = resolve_image_prep(TrainOptions(factory="", masks="", data="", output=""), record,
+    prep = resolve_image_prep(DataConfig(data="unused"), record,
                               build_model(conv_chain["spec"]))
     trained = open_labeled(str(SAMPLES / "images"), prep.spec, prep.options)
     every = np.arange(64)

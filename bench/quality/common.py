@@ -9,7 +9,7 @@ Selections
   flattened to [out, in*kh*kw]) and written with the ONNX masks' own tensor records, so every method has exactly
   the same keys, layouts and counts.
 
-Training: ``fps_graph.training.train.run_train`` (the project's trainer, ``fps-graph train``) with one recipe for every
+Training: ``fps_graph.training.job.run_train`` (the project's trainer, ``fps-graph train``) with one recipe for every
 method; the experiment's own metric is computed on the trained model it returns.
 """
 from __future__ import annotations
@@ -286,7 +286,7 @@ def chance_overlap(template: Path, point: Point) -> float:
 
 @dataclass
 class Recipe:
-    """One training recipe for every method (fps_graph.training.train.TrainOptions knobs)."""
+    """One training recipe for every method (fps_graph.training.config.OptimConfig knobs)."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -301,16 +301,16 @@ def train_run(factory: str, weights: Path, masks: Path | dict, data: Path, recip
               train_head: bool, train_full: Sequence[str] = (), train_bias: bool = True, threads: int = 1,
               num_classes: int | None = None) -> tuple[Any, dict[str, Any]]:
     """fps-graph train (run_train) with the recipe; returns the trained model (eval mode) and the run's metrics."""
-    from fps_graph.training.train import TrainOptions, run_train
+    from fps_graph.training.job import run_train, train_job
 
     workdir.mkdir(parents=True, exist_ok=True)
-    opts = TrainOptions(factory=factory, masks=str(masks) if isinstance(masks, Path) else masks, data=str(data),
-                        output=str(workdir), weights=str(weights), epochs=recipe.epochs, lr=recipe.lr,
-                        batch_size=recipe.batch_size, optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
-                        warmup_epochs=recipe.warmup_epochs, label_smoothing=recipe.label_smoothing, seed=seed,
-                        train_bias=train_bias, train_head=train_head, train_full=tuple(train_full), plot=False,
-                        threads=threads, force=True, num_classes=num_classes)
-    res = run_train(opts)
+    job = train_job(factory, str(masks) if isinstance(masks, Path) else masks, str(data), str(workdir),
+                    weights=str(weights), epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+                    optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
+                    warmup_epochs=recipe.warmup_epochs, label_smoothing=recipe.label_smoothing, seed=seed,
+                    train_bias=train_bias, train_head=train_head, train_full=tuple(train_full), plot=False,
+                    threads=threads, force=True, num_classes=num_classes)
+    res = run_train(job)
     model = res.handle.model
     model.eval()
     return model, res.metrics

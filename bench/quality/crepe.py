@@ -15,7 +15,7 @@ never seen in training) and clean (forgetting).
 
 Metric: raw pitch accuracy (RPA): share of frames whose argmax bin (bin centre, in cents) lies within 50 cents of
 the true f0. Training loss: cross-entropy over the 360 bins against the nearest bin of the true f0 (the model's
-pre-sigmoid outputs as logits), so that fps_graph.training.train.run_train trains it unchanged; CREPE itself was trained
+pre-sigmoid outputs as logits), so that fps_graph.training.job.run_train trains it unchanged; CREPE itself was trained
 with binary cross-entropy against Gaussian-blurred targets.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Transfer (few-shot, new domain and new classes): scikit-learn's bundled 8x8 digi
 levels), classes 6-9, upscaled bilinearly to 20x20 and centred in 28x28 as MNIST digits are. Per seed,
 ``shots`` images per class form the training split (and FPS's calibration data); a fixed held-out set of other
 images is the test split. The head is replaced (4 classes, seeded) and trained in full, with the biases of the
-scored layers and the selected entries (GPS's recipe), by fps_graph.training.train.run_train.
+scored layers and the selected entries (GPS's recipe), by fps_graph.training.job.run_train.
 
 GPS-style selection: gradients of a supervised-contrastive loss on the head's input features, two views per image
 (the image and a randomly shifted copy), accumulated over the training split (as GPS does on the CLS feature); the

@@ -10,7 +10,8 @@
   statistic is the one each sequence gives alone and no graph change is needed. Inputs the tokenizer does not give
   are filled by the transformers/Optimum conventions (``hf_inputs``).
 
-Public helpers for other stages (e.g. training on text): ``load_tokenizer``, ``find_tokenizer``, ``read_texts``,
+Public helpers for other stages (training reads and tokenizes its text with them): ``TextTokenizer``,
+``load_tokenizer``, ``find_tokenizer``, ``read_texts`` (with extra .jsonl fields such as a label),
 ``tokenize``, ``default_max_length``, ``resolve_model_path``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -32,8 +33,9 @@ from fps_graph.errors import DataError, ModelError, OptionError, RuntimeFailure
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
 
-__all__ = ["TEXT_EXTS", "MODEL_FILES", "TextOptions", "TextSample", "TextSource", "Tokenized", "default_max_length",
-           "find_tokenizer", "is_text_path", "load_tokenizer", "read_texts", "resolve_model_path", "tokenize"]
+__all__ = ["TEXT_EXTS", "MODEL_FILES", "TextOptions", "TextSample", "TextSource", "TextTokenizer", "Tokenized",
+           "default_max_length", "find_tokenizer", "is_text_path", "load_tokenizer", "read_texts",
+           "resolve_model_path", "tokenize"]
 
 TEXT_EXTS = {".txt", ".jsonl"}
 # Which ONNX file a model folder means, first found wins. decoder_model.onnx comes before the merged decoder: it
@@ -62,11 +64,12 @@ class TextOptions:
 
 @dataclass(frozen=True)
 class TextSample:
-    """One sample's text and where it came from (file, 1-based line)."""
+    """One sample's text, where it came from (file, 1-based line), and the other fields asked for (raw values)."""
 
     text: str
     file: Path
     line: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -174,12 +177,15 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
 
 
-def _read_file(path: Path, field: str) -> list[TextSample]:
-    """The samples of one .txt or .jsonl file."""
+def _read_file(path: Path, text_field: str, extra: dict[str, str] | None = None) -> list[TextSample]:
+    """The samples of one .txt or .jsonl file; extra: {field: option naming it} read raw from .jsonl records."""
     rows = _read_lines(path)
     if not rows:
         raise DataError(f"{path}: empty text file (no non-empty line); remove it or add samples")
     if path.suffix.lower() != ".jsonl":
+        if extra:
+            name, option = next(iter(extra.items()))
+            raise DataError(f"{path}: {option} ({name!r}) needs .jsonl records; a .txt file holds plain lines")
         return [TextSample(text, path, n) for n, text in rows]
     out = []
     for n, line in rows:
@@ -189,20 +195,23 @@ def _read_file(path: Path, field: str) -> list[TextSample]:
             raise DataError(f"{path}:{n}: not a JSON object ({exc.args[0] if exc.args else exc})") from exc
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{n}: expected a JSON object per line, found {type(rec).__name__}")
-        if field not in rec:
-            keys = ", ".join(sorted(rec)[:8])
-            raise DataError(f"{path}:{n}: no field {field!r} (fields: {keys}); choose one with --text-field")
-        text = rec[field]
+        for name, option in [(text_field, "--text-field"), *(extra or {}).items()]:
+            if name not in rec:
+                keys = ", ".join(sorted(rec)[:8])
+                raise DataError(f"{path}:{n}: no field {name!r} (fields: {keys}); choose one with {option}")
+        text = rec[text_field]
         if not isinstance(text, str):
-            raise DataError(f"{path}:{n}: field {field!r} holds {type(text).__name__}, not a string")
+            raise DataError(f"{path}:{n}: field {text_field!r} holds {type(text).__name__}, not a string")
         if not text.strip():
-            raise DataError(f"{path}:{n}: field {field!r} is empty")
-        out.append(TextSample(text, path, n))
+            raise DataError(f"{path}:{n}: field {text_field!r} is empty")
+        out.append(TextSample(text, path, n, {k: rec[k] for k in (extra or {})}))
     return out
 
 
-def read_texts(path: str | os.PathLike, field: str = "text") -> list[TextSample]:
-    """Every sample of a .txt/.jsonl file or of a folder of them (path order, then line order)."""
+def read_texts(path: str | os.PathLike, field: str = "text", extra: dict[str, str] | None = None) -> list[TextSample]:
+    """Every sample of a .txt/.jsonl file or of a folder of them (path order, then line order).
+
+    extra: other .jsonl fields to keep per sample ({field: the option that names it, for messages})."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path not found: {p}")
@@ -216,7 +225,7 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[TextSample]
             raise DataError(f"no .txt or .jsonl files found in {p}")
     samples: list[TextSample] = []
     for f in files:
-        samples.extend(_read_file(f, field))
+        samples.extend(_read_file(f, field, extra))
     return samples
 
 
@@ -247,6 +256,39 @@ def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int, *, t
     np.cumsum(lengths, out=offsets[1:])
     ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int64, count=int(offsets[-1]))
     return Tokenized(ids, offsets, truncated)
+
+
+class TextTokenizer:
+    """The model's tokenizer as `select` and `train` use it: a ``tokenizer.json`` loaded with `tokenizers`
+    (``load_tokenizer``), ``tokenize`` for samples, and the end-of-sequence / padding ids from a config.json.
+
+    Args:
+        path: a tokenizer.json or a folder holding one.
+        config: the model's config.json (eos_token_id, pad_token_id); pad falls back to eos, then 0.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any] | None = None):
+        self.path = find_tokenizer(None, path)
+        self.tok = load_tokenizer(self.path)
+        config = config or {}
+        eos = config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        self.eos_id: int | None = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+        pad = config.get("pad_token_id")
+        self.pad_id: int = pad if isinstance(pad, int) and not isinstance(pad, bool) else \
+            (self.eos_id if self.eos_id is not None else 0)
+
+    def tokenize(self, texts: Sequence[str], max_length: int, *, truncate: bool = True,
+                 where: Sequence[str] | None = None) -> Tokenized:
+        """``tokenize`` with this tokenizer (special tokens added; longer texts cut, or refused)."""
+        return tokenize(self.tok, texts, max_length, truncate=truncate, where=where)
+
+    def encode(self, texts: Sequence[str], special: bool = True) -> list[np.ndarray]:
+        """Token ids per text (int64), uncut, with the tokenizer's special tokens when special is true."""
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(list(texts),
+                                                                                 add_special_tokens=special)]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -323,11 +365,11 @@ class TextSource(Source):
             raise ModelError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of {fixed}; "
                                 "every sample would need padding, which would count in the statistics. Export the "
                                 "model with a dynamic sequence axis")
-        tok = load_tokenizer(self.tokenizer_path)
+        tok = TextTokenizer(self.tokenizer_path)
         samples = read_texts(path, opts.text_field)
         self.samples = samples
-        self.tokens = tokenize(tok, [s.text for s in samples], self.max_length, truncate=opts.truncate,
-                               where=[f"{s.file}:{s.line}" for s in samples])
+        self.tokens = tok.tokenize([s.text for s in samples], self.max_length, truncate=opts.truncate,
+                                   where=[f"{s.file}:{s.line}" for s in samples])
         self.lengths = self.tokens.lengths
         self.path = Path(path)
 

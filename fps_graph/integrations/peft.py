@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import ModelError, OptionError, RuntimeFailure
+from fps_graph.training.loop import Callbacks
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,7 +57,7 @@ def shira_plan(handle: Any) -> ShiraPlan:
     targets: dict[str, str] = {}
     sizes: dict[str, tuple[int, int, int]] = {}
     for key, d in handle.deltas.items():
-        owners = handle._owners[key]
+        owners = handle.owners(key)
         if len(owners) > 1:
             tied = ", ".join(f"{names[id(m)]}.{a}" for m, a in owners)
             raise ModelError(f"SHiRA cannot hold the delta on {key}: it is tied ({tied}) and SHiRA adapts one "
@@ -169,4 +170,26 @@ def write_shira(handle: Any, folder: str | os.PathLike, plan: ShiraPlan | None =
     return plan
 
 
-__all__ = ["ShiraPlan", "shira_plan", "shira_tensors", "write_shira"]
+class ShiraExport(Callbacks):
+    """`train --peft`: refuse before training when SHiRA cannot hold the selection, write the adapter after."""
+
+    def __init__(self) -> None:
+        self.plan: ShiraPlan | None = None
+
+    def on_attach(self, handle: Any) -> None:
+        if getattr(handle, "kind", None) != "sparse":
+            raise OptionError("a SHiRA adapter holds sparse deltas; this run trains a "
+                                f"{getattr(handle, 'kind', type(handle).__name__)} adapter")
+        self.plan = shira_plan(handle)
+
+    def on_end(self, handle: Any, folder: Path | None, metrics: dict[str, Any]) -> dict[str, str]:
+        if folder is None or self.plan is None:
+            return {}
+        task = metrics.get("task")
+        write_shira(handle, folder, self.plan, base_model=metrics.get("model", {}).get("base_model"),
+                    task=task if task in ("causal-lm", "seq-cls") else None, force=True)
+        metrics["peft"] = {"type": "SHIRA", **self.plan.to_json()}
+        return {"adapter_config": str(folder / ADAPTER_CONFIG), "adapter_model": str(folder / ADAPTER_WEIGHTS)}
+
+
+__all__ = ["ShiraPlan", "ShiraExport", "shira_plan", "shira_tensors", "write_shira"]

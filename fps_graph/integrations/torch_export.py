@@ -5,12 +5,9 @@ survives the renaming and transposing that both exporters do to Linear weights o
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 import contextlib
@@ -26,6 +23,7 @@ from fps_graph.formats.io import check_output_path
 from fps_graph.graph.layers import find_layers
 from fps_graph.graph.model import load_model
 from fps_graph.graph.names import META_KEY, folded_from, resolve_names
+from fps_graph.training.models import build_model
 
 
 @contextlib.contextmanager
@@ -38,53 +36,6 @@ def _quiet_torch_onnx():
         yield
     finally:
         logger.setLevel(level)
-
-
-def load_factory(spec: str) -> Callable[[], Any]:
-    """Resolve 'package.module:factory' or 'path/to/file.py:factory' to a callable."""
-    if ":" not in spec:
-        raise OptionError(f"expected MODULE:FACTORY, got {spec!r}")
-    mod_name, _, attr = spec.rpartition(":")
-    try:
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            path = Path(mod_name)
-            if not path.is_file():
-                raise OptionError(f"module file not found: {path}")
-            s = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(s)
-            sys.modules[path.stem] = module
-            s.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(mod_name)
-    except FpsGraphError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ModelError(f"{mod_name!r} has no callable {attr!r}")
-    return fn
-
-
-def build_model(spec: str, weights: str | None = None, kwargs: dict[str, Any] | None = None):
-    """Call the factory and load safetensors weights into the module (strict)."""
-    import torch
-    from safetensors.torch import load_file
-
-    model = load_factory(spec)(**(kwargs or {}))
-    if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"{spec} did not return a torch.nn.Module")
-    if weights:
-        if not Path(weights).is_file():
-            raise DataError(f"weights file not found: {weights}")
-        sd = load_file(weights)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise DataError(f"{weights} does not fit {spec}: missing {list(missing)[:5]}, "
-                                f"unexpected {list(unexpected)[:5]}")
-    return model.eval()
 
 
 def weight_map(onnx_path: str | Path, state_dict: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

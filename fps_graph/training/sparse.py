@@ -12,9 +12,10 @@ with their effective (fine-tuned) value, and loading such a state dict sets the 
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import glob
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,10 +26,13 @@ from torch.nn.utils import parametrize
 from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
 from fps_graph.errors import FpsGraphError
 from fps_graph.graph.names import looks_generated
+from fps_graph.training.full import check_globs, is_norm, trained_in_full
+from fps_graph.training.heads import (HeadInfo, find_head, get_module, is_transformers, logits_of, replace_head,
+                                      setup_head, transformers_head)
+from fps_graph.training.recompute import install as install_rebuilder
+from fps_graph.training.rundir import FILES
+from fps_graph.training.summary import TrainableSummary
 
-EMBEDDING_PATTERNS = ("*pos_embed*", "*pos_embedding*", "*position_embedding*", "*position_embeddings*",
-                      "*absolute_pos_embed*", "*cls_token*", "*class_token*", "*dist_token*", "*reg_token*",
-                      "*register_tokens*", "*class_embedding*")
 
 
 # --------------------------------------------------------------------------------------------------- masks
@@ -77,6 +81,29 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
     return MaskSet(indices, shapes)
 
 
+def canonical_masks(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> MaskSet:
+    """The masks with tied tensors under one key (the model's first name for the tensor; indices united)."""
+    ms = load_mask_set(masks)
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+        alias[name] = first[id(p)]
+    keys: dict[str, list[str]] = {}
+    for key in ms.indices:
+        keys.setdefault(alias.get(key, key), []).append(key)
+    if all(len(v) == 1 and v[0] == k for k, v in keys.items()):
+        return ms
+    indices, shapes, info = {}, {}, {}
+    for canon, group in keys.items():
+        indices[canon] = np.unique(np.concatenate([ms.indices[k] for k in group]))
+        shapes[canon] = next((ms.shapes[k] for k in group if ms.shapes.get(k) is not None), None)
+        # keep the ONNX record of the key `select` wrote (apply finds the stored copy through it)
+        info[canon] = ms.info.get(group[0], {}) if len(group) == 1 else \
+            next((ms.info[k] for k in group if ms.info.get(k)), {})
+    return MaskSet(indices, shapes, info, ms.source, ms.sha256, ms.metadata)
+
+
 # ---------------------------------------------------------------------------------------- parametrization
 
 
@@ -107,100 +134,13 @@ class SparseDelta(nn.Module):
         return f"selected={self.index.numel()}, shape={list(self.shape)}, merged={self.merged}"
 
 
-@dataclass
-class HeadInfo:
-    """The classifier head: its module name, and whether (and from which size) it was replaced."""
-
-    name: str
-    replaced: bool = False
-    old_classes: int | None = None
-    num_classes: int | None = None
-    in_features: int | None = None
-    bias: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "replaced": self.replaced, "old_classes": self.old_classes,
-                "num_classes": self.num_classes, "in_features": self.in_features, "bias": self.bias}
-
-
-def find_head(model: nn.Module, example_input: Any = None) -> str | None:
-    """The last nn.Linear whose out_features equals the model's output size (with an example input), else the
-    last nn.Linear; None when there is none."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    if example_input is None:
-        return linears[-1][0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    finally:
-        model.train(was_training)
-    out = _logits(out)
-    n_out = int(out.shape[-1])
-    cands = [n for n, m in linears if m.out_features == n_out]
-    return cands[-1] if cands else None
-
-
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of a model output: the tensor itself, the first of a tuple, or 'logits' of a dict/object."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise FpsGraphError(f"cannot find logits in a model output of type {type(out).__name__}")
-
-
-def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -> HeadInfo:
-    """Swap the Linear module `name` for a fresh one with num_classes outputs (seeded PyTorch default init)."""
-    old = _get_module(model, name, "head")
-    if not isinstance(old, nn.Linear):
-        raise FpsGraphError(f"head {name!r} is a {type(old).__name__}; only an nn.Linear head can be replaced")
-    if num_classes < 1:
-        raise FpsGraphError(f"--num-classes must be at least 1, got {num_classes}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-    return HeadInfo(name, True, old.out_features, num_classes, old.in_features, old.bias is not None)
-
-
-def _is_transformers(model: nn.Module) -> bool:
-    """A transformers PreTrainedModel (duck-typed: no transformers import needed)."""
-    return hasattr(model, "config") and hasattr(model, "get_output_embeddings") and hasattr(model, "save_pretrained")
-
-
-def _get_module(model: nn.Module, name: str, what: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as exc:
-        mods = [n for n, _ in model.named_modules() if n]
-        close = difflib.get_close_matches(name, mods, n=3)
-        raise FpsGraphError(f"{what} {name!r} is no module of the model"
-                            + (f" (did you mean {', '.join(close)}?)" if close else "")) from exc
-
-
-def _is_norm(m: nn.Module) -> bool:
-    norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
-    if hasattr(nn, "RMSNorm"):
-        norm_types += (nn.RMSNorm,)
-    return isinstance(m, norm_types) or "Norm" in type(m).__name__
-
-
 # ------------------------------------------------------------------------------------------------ handle
 
 
 class SparseFineTune:
     """What `attach` returns: the deltas and fully trained tensors of a model, and the ways to save or fold them."""
+
+    kind = "sparse"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -235,6 +175,38 @@ class SparseFineTune:
         out = {f"{k}:delta": d.delta for k, d in self.deltas.items()}
         out.update(self.full)
         return out
+
+    def owners(self, key: str) -> list[tuple[nn.Module, str]]:
+        """The (module, attribute) pairs that hold the masked weight `key` (several for a tied weight)."""
+        return list(self._owners[key])
+
+    def summary(self) -> TrainableSummary:
+        """What trains, counted once (see fps_graph.training.summary)."""
+        indices = self.masks.indices if self.masks else {}
+        by_reason: dict[str, int] = {}
+        seen: set[int] = set()
+        for name, p in self.full.items():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            reason = self.full_reason.get(name, "") or "train-full"
+            by_reason[reason] = by_reason.get(reason, 0) + int(p.numel())
+        head_trains = None
+        if self.head is not None:
+            prefix = self.head.name + "."
+            if any(r == "head" for r in self.full_reason.values()):
+                head_trains = "full"
+            elif any(k.startswith(prefix) for k in self.deltas):
+                head_trains = "adapter"
+            else:
+                head_trains = "frozen"
+        return TrainableSummary(
+            kind=self.kind, adapter_values=int(sum(d.delta.numel() for d in self.deltas.values())),
+            adapter_tensors=len(self.deltas), trained_in_full={k: self.full_reason.get(k, "") for k in self.full},
+            full_by_reason=by_reason, full_finetune=int(self.full_finetune_params),
+            masks_selected=int(sum(np.asarray(v).size for v in indices.values())),
+            selected_in_full={k: int(np.asarray(indices[k]).size) for k in self.superseded if k in indices},
+            head=self.head.to_json() if self.head else None, head_trains=head_trains)
 
     def counts(self) -> dict[str, Any]:
         """Numbers of trainable values (selection, full tensors) and of full fine-tuning's trainable values."""
@@ -351,6 +323,12 @@ class SparseFineTune:
         meta.setdefault("fps_graph_version", __version__)
         write_delta(path, sparse, full, self.tensor_records(), self.head.to_json() if self.head else {}, meta)
 
+    def write_files(self, folder: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """The run folder's files of a sparse run: delta.safetensors (atomic, overwritten)."""
+        path = Path(folder) / FILES["delta"]
+        save_delta(self, path, metadata, force=True)
+        return {"delta": str(path)}
+
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with every delta folded in, under the model's own names (detached copies)."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -376,85 +354,50 @@ def _onnx_record(rec: dict[str, Any] | None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- attach
 
 
-def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | MaskSet, *,
-           head: str | None = "auto", num_classes: int | None = None, example_input: Any = None,
+def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | MaskSet | None = None, *,
+           head: str | HeadInfo | None = "auto", num_classes: int | None = None, example_input: Any = None,
            train_bias: bool = True, train_head: bool = True, train_norms: bool = False,
            train_embeddings: bool = False, train_full: Sequence[str] = (), seed: int = 0) -> SparseFineTune:
     """Make a model sparse-trainable: freeze every parameter, train a delta over each mask's selected entries.
 
     masks: a masks file (``fps-graph select``), or {name: bool mask | flat indices}; keys are parameter names.
-    head: the classifier module ('auto': the last Linear with the model's output size, given example_input, else
-    the last Linear; None: no head). num_classes: replace the head with a fresh seeded Linear of this size when
-    it differs. Trained in full: head (train_head), biases of the masked layers (train_bias), normalisation
-    layers (train_norms), position embeddings and class tokens (train_embeddings), and parameters matching any
-    glob of train_full. A masked tensor that is also trained in full gets no delta (recorded in `superseded`).
+    None: no selected entries (only what trains in full: the head, biases...).
+    head: the classifier module ('auto': for a transformers model the num_labels Linear unless it has an LM head,
+    else the last Linear with the model's output size, given example_input, else the last Linear; None: no head;
+    a HeadInfo from ``heads.setup_head``: that head, as prepared). num_classes: replace the head with a fresh
+    seeded Linear of this size when it differs. Trained in full (``full.trained_in_full``): head (train_head),
+    biases of the masked layers (train_bias), normalisation layers (train_norms), position embeddings and class
+    tokens (train_embeddings), and parameters matching any glob of train_full. A masked tensor that is also
+    trained in full gets no delta (recorded in `superseded`).
     """
     if not isinstance(model, nn.Module):
         raise FpsGraphError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
-    ms = load_mask_set(masks)
-    if not ms.indices:
+    ms = load_mask_set(masks) if masks is not None else MaskSet({}, {}, source="<none>")
+    if masks is not None and not ms.indices:
         raise FpsGraphError(f"{ms.source}: holds no masks")
     handle = SparseFineTune(model)
-    handle.masks = ms
-    _check_masks(model, ms)
-    names0 = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for pat in train_full:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names0):
-            raise FpsGraphError(f"--train-full {pat!r} matches no parameter of the model")
+    handle.masks = ms if masks is not None else None
+    _check_masks(model, ms, head.name if isinstance(head, HeadInfo) and head.replaced else None)
+    check_globs(model, train_full)
 
     # the head, replaced when the number of classes changes
-    head_name = None
-    if head == "auto" and _is_transformers(model):
-        from fps_graph.training.hf import auto_head
-
-        head_name = auto_head(model)       # an LM head is the vocabulary projection, not a task head: none
-        if head_name is not None:
-            handle.notes.append(f"head: {head_name} (detected)")
-    elif head == "auto":
-        head_name = find_head(model, example_input)
-        if head_name is None and (num_classes is not None):
-            raise FpsGraphError("cannot find the classifier head (no nn.Linear with the model's output size); "
-                                "name it with --head")
-        if head_name is not None:
-            handle.notes.append(f"head: {head_name} (detected)")
-    elif head:
-        _get_module(model, head, "head")
+    if isinstance(head, HeadInfo):
+        get_module(model, head.name, "head")
+        handle.head = head
+    else:
         head_name = head
-    if head_name is not None:
-        hm = _get_module(model, head_name, "head")
-        out_f = getattr(hm, "out_features", None)
-        if num_classes is not None and num_classes != out_f:
-            if not train_head:
-                raise FpsGraphError(f"a new head ({num_classes} classes) must be trained; drop --no-train-head")
-            handle.head = replace_head(model, head_name, num_classes, seed)
-        else:
-            handle.head = HeadInfo(head_name, False, out_f, out_f, getattr(hm, "in_features", None),
-                                   getattr(hm, "bias", None) is not None)
-    elif num_classes is not None:
-        raise FpsGraphError("--num-classes needs a head to replace; name it with --head")
+        if head == "auto":
+            head_name = transformers_head(model) if is_transformers(model) else find_head(model, example_input)
+            if head_name is None and num_classes is not None:
+                raise FpsGraphError("cannot find the classifier head (no nn.Linear with the model's output size); "
+                                    "name it with --head")
+            if head_name is not None:
+                handle.notes.append(f"head: {head_name} (detected)")
+        handle.head = setup_head(model, head_name, num_classes, seed=seed, train_head=train_head)
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    # what trains in full, and why
-    full: dict[str, str] = {}
-    if handle.head is not None and train_head:
-        for n, _ in _get_module(model, handle.head.name, "head").named_parameters(prefix=handle.head.name):
-            full[n] = "head"
-    if train_bias:
-        for key in ms.indices:
-            prefix, _, attr = key.rpartition(".")
-            bias = f"{prefix}.{attr.replace('weight', 'bias')}" if prefix else attr.replace("weight", "bias")
-            if "weight" in attr and bias in params and params[bias] is not None:
-                full.setdefault(bias, "bias")
-    if train_norms:
-        for mname, m in model.named_modules():
-            if _is_norm(m):
-                for n, _ in m.named_parameters(prefix=mname, recurse=False):
-                    full.setdefault(n, "norm")
-    for n in params:
-        if train_embeddings and any(fnmatch.fnmatchcase(n, p) for p in EMBEDDING_PATTERNS):
-            full.setdefault(n, "embedding")
-        if any(fnmatch.fnmatchcase(n, p) for p in train_full):
-            full.setdefault(n, "train-full")
+    full = trained_in_full(model, handle.head, ms.indices, train_head=train_head, train_bias=train_bias,
+                           train_norms=train_norms, train_embeddings=train_embeddings, train_full=train_full)
 
     # freeze everything, remember the flags for detach()
     seen: set[int] = set()
@@ -465,10 +408,8 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
             seen.add(id(p))
             handle.full_finetune_params += p.numel()
     order = {n: i for i, n in enumerate(params)}
-    for n in sorted(full, key=order.__getitem__):
+    for n in full:
         p = params[n]
-        if not p.is_floating_point():
-            continue
         p.requires_grad_(True)
         handle.full[n] = p
         handle.full_reason[n] = full[n]
@@ -500,15 +441,13 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         handle.notes.append(f"trained in full instead of sparsely: {', '.join(handle.superseded)}")
     _install_state_dict_hooks(handle)
     if handle.deltas:   # W + scatter(delta) is rebuilt in the backward pass instead of saved (recompute.py)
-        from fps_graph.training.recompute import install
-
         owners = list({id(m): m for key in handle.deltas for m, _ in handle._owners[key]}.values())
-        rebuilder, hooks = install(owners)
+        rebuilder, hooks = install_rebuilder(owners)
         handle._hooks.extend(hooks)
         for d in handle.deltas.values():
             d.rebuilder = rebuilder
     for m in model.modules():
-        if _is_norm(m) and isinstance(m, nn.modules.batchnorm._NormBase) and \
+        if is_norm(m) and isinstance(m, nn.modules.batchnorm._NormBase) and \
                 not any(p.requires_grad for p in m.parameters(recurse=False)):
             handle._frozen_norms.append(m)
     if not handle.trainable_parameters():
@@ -516,10 +455,13 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     return handle
 
 
-def _check_masks(model: nn.Module, ms: MaskSet) -> None:
-    """Every mask key must name a floating-point parameter of the model, with the recorded shape."""
+def _check_masks(model: nn.Module, ms: MaskSet, new_head: str | None = None) -> None:
+    """Every mask key must name a floating-point parameter of the model, with the recorded shape (a replaced head's
+    keys name the head the masks were made for: that head is new and trains in full, so they are not checked)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, idx in ms.indices.items():
+        if new_head is not None and key.startswith(new_head + ".") and key in params:
+            continue
         prefix, _, attr = key.rpartition(".")
         if f"{prefix + '.' if prefix else ''}parametrizations.{attr}.original" in params:
             raise FpsGraphError(f"{key} carries a sparse delta already (attach called twice? detach() first)")
@@ -614,7 +556,7 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
     df = delta if isinstance(delta, DeltaFile) else read_delta(delta)
     head = df.head or {}
     if head.get("replaced"):
-        hm = _get_module(model, head["name"], "head")
+        hm = get_module(model, head["name"], "head")
         if getattr(hm, "in_features", None) != head.get("in_features"):
             raise FpsGraphError(f"{df.path}: head {head['name']!r} has {getattr(hm, 'in_features', None)} inputs in "
                                 f"this model, {head.get('in_features')} in the delta file")
@@ -635,8 +577,7 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
         masks.indices = {}
     handle = _attach_exact(model, masks, list(df.full))
     if head:
-        handle.head = HeadInfo(head["name"], bool(head.get("replaced")), head.get("old_classes"),
-                               head.get("num_classes"), head.get("in_features"), bool(head.get("bias", True)))
+        handle.head = HeadInfo.from_json(head)
     with torch.no_grad():
         for key, e in df.sparse.items():
             if check and e.base is not None:
@@ -661,27 +602,9 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
 
 def _attach_exact(model: nn.Module, masks: MaskSet, full_names: Iterable[str]) -> SparseFineTune:
     """attach() with exactly these tensors trained in full and nothing detected."""
-    names = list(full_names)
-    if masks.indices:
-        return attach(model, masks, head=None, train_bias=False, train_head=False, train_full=names)
-    return _full_only(model, names)   # no sparse tensors at all
-
-
-def _full_only(model: nn.Module, names: list[str]) -> SparseFineTune:
-    handle = SparseFineTune(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    seen: set[int] = set()
-    for p in model.parameters():
-        handle._requires_grad.append((p, p.requires_grad))
-        p.requires_grad_(False)
-        if id(p) not in seen:
-            seen.add(id(p))
-            handle.full_finetune_params += p.numel()
-    for n in names:
-        params[n].requires_grad_(True)
-        handle.full[n] = params[n]
-        handle._base_full[n] = params[n].detach().clone()
-    return handle
+    names = [glob.escape(n) for n in full_names]
+    return attach(model, masks if masks.indices else None, head=None, train_bias=False, train_head=False,
+                  train_full=names)
 
 
 def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
@@ -708,5 +631,5 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
             save_safetensors({k: v.numpy() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))
 
 
-__all__ = ["attach", "load_delta", "save_delta", "save_state_dict", "find_head", "replace_head", "SparseFineTune",
+__all__ = ["attach", "canonical_masks", "load_delta", "save_delta", "save_state_dict", "find_head", "replace_head", "SparseFineTune",
            "SparseDelta", "MaskSet", "load_mask_set", "HeadInfo"]
