@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from fps_graph.data.sources import (ARRAY_EXTS, IMAGE_EXTS, ImageOptions, ImageSource, InputSpec, Loader, Source,
                                     list_files, unnormalised_note)
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, FpsGraphError
 
 __all__ = ["INPUT_KEYS", "LABEL_KEYS", "ArrayData", "Labeled", "open_labeled", "iterate"]
 
@@ -80,30 +80,30 @@ def _load_arrays(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
             elif f.suffix.lower() == ".safetensors":
                 raw = load_file(str(f))
             else:
-                raise FpsGraphError(f"{f}: training arrays need inputs and labels; use .npz or .safetensors")
+                raise DataError(f"{f}: training arrays need inputs and labels; use .npz or .safetensors")
         except FpsGraphError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, SafetensorError) as exc:
-            raise FpsGraphError(f"cannot read array file {f}: {exc}") from exc
+            raise DataError(f"cannot read array file {f}: {exc}") from exc
         kx, ky = _first_key(list(raw), INPUT_KEYS), _first_key(list(raw), LABEL_KEYS)
         if kx is None or ky is None:
-            raise FpsGraphError(f"{f}: needs inputs under one of {list(INPUT_KEYS)} and integer labels under one of "
+            raise DataError(f"{f}: needs inputs under one of {list(INPUT_KEYS)} and integer labels under one of "
                                 f"{list(LABEL_KEYS)}; found keys {sorted(raw)}")
         x, y = raw[kx], raw[ky]
         if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise FpsGraphError(f"{f}: labels {ky!r} must be a 1-D integer array, found {y.dtype.name} "
+            raise DataError(f"{f}: labels {ky!r} must be a 1-D integer array, found {y.dtype.name} "
                                 f"of shape {list(y.shape)}")
         if x.shape[0] != y.shape[0]:
-            raise FpsGraphError(f"{f}: {x.shape[0]} inputs but {y.shape[0]} labels")
+            raise DataError(f"{f}: {x.shape[0]} inputs but {y.shape[0]} labels")
         if x.dtype.kind not in "fiub":
-            raise FpsGraphError(f"{f}: inputs {kx!r} have dtype {x.dtype.name}, not numeric")
+            raise DataError(f"{f}: inputs {kx!r} have dtype {x.dtype.name}, not numeric")
         note = unnormalised_note(kx, x, InputSpec("input", (), np.dtype(np.float32)), str(f))
         if note:
             notes.append(note)
         xs.append(x)
         ys.append(y)
     if len({x.shape[1:] for x in xs}) > 1:
-        raise FpsGraphError(f"array files hold inputs of different shapes {[list(x.shape[1:]) for x in xs]}")
+        raise DataError(f"array files hold inputs of different shapes {[list(x.shape[1:]) for x in xs]}")
     return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64), notes[:1]
 
 
@@ -115,26 +115,26 @@ def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOpti
     classes: the training set's class names, which a validation set must use."""
     p = Path(path)
     if not p.exists():
-        raise FpsGraphError(f"data path not found: {p}")
+        raise DataError(f"data path not found: {p}")
     files = [p] if p.is_file() else list_files(p, ARRAY_EXTS)
     if p.is_file() and p.suffix.lower() not in ARRAY_EXTS:
-        raise FpsGraphError(f"{p}: training data must be a folder of images in class subfolders, or .npz/.safetensors")
+        raise DataError(f"{p}: training data must be a folder of images in class subfolders, or .npz/.safetensors")
     if files:
         x, y, notes = _load_arrays(files)
         if y.size and y.min() < 0:
-            raise FpsGraphError(f"{p}: labels must be non-negative")
+            raise DataError(f"{p}: labels must be non-negative")
         names = classes or [str(i) for i in range(int(y.max()) + 1 if y.size else 0)]
         if y.size and y.max() >= len(names):
-            raise FpsGraphError(f"{p}: label {int(y.max())} is outside the {len(names)} training classes")
+            raise DataError(f"{p}: label {int(y.max())} is outside the {len(names)} training classes")
         return Labeled(ArrayData(x), y, names, "input", notes)
     images = list_files(p, IMAGE_EXTS)
     if not images:
-        raise FpsGraphError(f"no images or .npz/.safetensors files found in {p}")
+        raise DataError(f"no images or .npz/.safetensors files found in {p}")
     labels_text = []
     for f in images:
         rel = f.relative_to(p).parts
         if len(rel) < 2:
-            raise FpsGraphError(f"{p}: images must sit in one subfolder per class ({f.name} is at the top level)")
+            raise DataError(f"{p}: images must sit in one subfolder per class ({f.name} is at the top level)")
         labels_text.append(rel[0])
     found = sorted(set(labels_text))
     if classes is None:
@@ -142,7 +142,7 @@ def open_labeled(path: str, image_spec: Callable[[], InputSpec], opts: ImageOpti
     else:
         unknown = [c for c in found if c not in classes]
         if unknown:
-            raise FpsGraphError(f"{p}: classes {unknown} are not among the training classes {classes}")
+            raise DataError(f"{p}: classes {unknown} are not among the training classes {classes}")
     index = {c: i for i, c in enumerate(classes)}
     spec = image_spec()
     source: Source = ImageSource(images, spec, opts() if callable(opts) else opts)

@@ -13,12 +13,12 @@ import warnings
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
+from fps_graph.errors import ModelError, OptionError
 from fps_graph.formats.io import check_output_path
 from fps_graph.graph.layers import find_layers
 from fps_graph.graph.model import load_model

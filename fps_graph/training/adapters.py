@@ -21,11 +21,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
-import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError, OptionError, RuntimeFailure
 from fps_graph.training.config import TrainsConfig
 from fps_graph.training.full import is_norm
 from fps_graph.training.heads import HeadInfo
@@ -224,7 +223,7 @@ class _LoraFineTune:
         return self
 
     def merged_state_dict(self) -> dict[str, Any]:
-        raise FpsGraphError("a LoRA run has no merged state dict here; merge with PEFT (merge_and_unload)")
+        raise OptionError("a LoRA run has no merged state dict here; merge with PEFT (merge_and_unload)")
 
     def write_files(self, folder: Path, metadata: Mapping[str, Any]) -> dict[str, str]:
         """lora.safetensors (PEFT's adapter state dict: A, B, trained biases and modules_to_save) and
@@ -262,13 +261,13 @@ class LoraAdapter(Adapter):
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not self.target_modules:
-            raise FpsGraphError("LoRA needs target_modules (e.g. ('q_proj', 'v_proj'))")
+            raise OptionError("LoRA needs target_modules (e.g. ('q_proj', 'v_proj'))")
         ranks = [self.rank] if isinstance(self.rank, int) else list(self.rank.values())
         if not ranks or min(ranks) < 1:
-            raise FpsGraphError(f"LoRA rank must be at least 1, got {self.rank}")
+            raise OptionError(f"LoRA rank must be at least 1, got {self.rank}")
         t = self.trains
         if t.train_norms or t.train_embeddings or t.train_full:
-            raise FpsGraphError("LoRA trains in full only the head and the biases of adapted layers")
+            raise OptionError("LoRA trains in full only the head and the biases of adapted layers")
 
     def attach(self, model: "nn.Module", head: HeadInfo | None, seed: int = 0) -> _LoraFineTune:
         import torch
@@ -276,7 +275,7 @@ class LoraAdapter(Adapter):
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as exc:
-            raise FpsGraphError("LoRA needs peft: pip install peft") from exc
+            raise RuntimeFailure("LoRA needs peft: pip install peft") from exc
         if isinstance(self.rank, int):
             r, pattern = self.rank, {}
         else:
@@ -297,7 +296,7 @@ class LoraAdapter(Adapter):
             try:
                 model = inject_adapter_in_model(config, model)
             except ValueError as exc:
-                raise FpsGraphError(f"LoRA cannot adapt {list(self.target_modules)}: {exc}") from exc
+                raise ModelError(f"LoRA cannot adapt {list(self.target_modules)}: {exc}") from exc
         reasons: dict[str, str] = {}
         for n, p in model.named_parameters():
             if not p.requires_grad or ".lora_" in n:

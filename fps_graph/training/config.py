@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from fps_graph.data.text import TextOptions
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 
 __all__ = ["Optimizer", "ModelConfig", "TrainsConfig", "OptimConfig", "DataConfig", "RunConfig", "help_of", "default_of",
            "settings"]
@@ -55,8 +55,8 @@ def default_of(cls: type, name: str) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def _bad(flag: str, why: str) -> FpsGraphError:
-    return FpsGraphError(f"{flag} {why}")
+def _bad(flag: str, why: str) -> OptionError:
+    return OptionError(f"{flag} {why}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise FpsGraphError("the model is required (a factory or hf:DIR)")
+            raise OptionError("the model is required (a factory or hf:DIR)")
         object.__setattr__(self, "model", str(self.model))
         if self.weights is not None:
             object.__setattr__(self, "weights", str(self.weights))
@@ -102,7 +102,7 @@ class TrainsConfig:
         if self.num_classes is not None and self.num_classes < 1:
             raise _bad("--num-classes", f"must be at least 1, got {self.num_classes}")
         if self.num_classes is not None and not self.train_head:
-            raise FpsGraphError("a new head (--num-classes) must be trained; drop --no-train-head")
+            raise OptionError("a new head (--num-classes) must be trained; drop --no-train-head")
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
-        except ValueError:
+        except ValueError as exc:
             raise _bad("--optimizer", f"{self.optimizer!r} is unknown (use {', '.join(o.value for o in Optimizer)})"
-                       ) from None
+                       ) from exc
         if self.epochs < 1:
             raise _bad("--epochs", "must be at least 1")
         if self.batch_size < 1:
@@ -202,7 +202,7 @@ class DataConfig:
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise _bad("--crop-pct", "must be in (0, 1]")
         if self.completion_field is not None and self.prompt_field is None:
-            raise FpsGraphError("--completion-field needs --prompt-field (without a prompt every token is learnt)")
+            raise OptionError("--completion-field needs --prompt-field (without a prompt every token is learnt)")
 
 
 @dataclass(frozen=True)

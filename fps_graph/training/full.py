@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.training.heads import HeadInfo, get_module
 
 __all__ = ["EMBEDDING_PATTERNS", "REASONS", "is_norm", "trained_in_full", "check_globs"]
@@ -36,7 +36,7 @@ def check_globs(model: nn.Module, patterns: Sequence[str]) -> None:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise FpsGraphError(f"--train-full {pat!r} matches no parameter of the model (a glob must match the "
+            raise OptionError(f"--train-full {pat!r} matches no parameter of the model (a glob must match the "
                                 "whole name, e.g. '*norm*')")
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import ModelError, OptionError
 
 __all__ = ["HeadInfo", "find_head", "replace_head", "setup_head", "logits_of", "get_module", "is_transformers",
            "transformers_head", "num_labels_head"]
@@ -51,7 +51,7 @@ def get_module(model: nn.Module, name: str, what: str) -> nn.Module:
     except AttributeError as exc:
         mods = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(name, mods, n=3)
-        raise FpsGraphError(f"{what} {name!r} is no module of the model"
+        raise OptionError(f"{what} {name!r} is no module of the model"
                             + (f" (did you mean {', '.join(close)}?)" if close else "")) from exc
 
 
@@ -65,7 +65,7 @@ def logits_of(out: Any) -> torch.Tensor:
         return out.logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise FpsGraphError(f"cannot find logits in a model output of type {type(out).__name__}")
+    raise ModelError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
 def find_head(model: nn.Module, example_input: Any = None) -> str | None:
@@ -112,9 +112,9 @@ def replace_head(model: nn.Module, name: str, num_classes: int, seed: int = 0) -
     """Swap the Linear module `name` for a fresh one with num_classes outputs (seeded PyTorch default init)."""
     old = get_module(model, name, "head")
     if not isinstance(old, nn.Linear):
-        raise FpsGraphError(f"head {name!r} is a {type(old).__name__}; only an nn.Linear head can be replaced")
+        raise ModelError(f"head {name!r} is a {type(old).__name__}; only an nn.Linear head can be replaced")
     if num_classes < 1:
-        raise FpsGraphError(f"--num-classes must be at least 1, got {num_classes}")
+        raise OptionError(f"--num-classes must be at least 1, got {num_classes}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
@@ -133,13 +133,13 @@ def setup_head(model: nn.Module, name: str | None, num_classes: int | None = Non
     Returns None without a head (``name`` None)."""
     if name is None:
         if num_classes is not None:
-            raise FpsGraphError("--num-classes needs a head to replace; name it with --head")
+            raise OptionError("--num-classes needs a head to replace; name it with --head")
         return None
     hm = get_module(model, name, "head")
     out_f = getattr(hm, "out_features", None)
     if (num_classes is not None and num_classes != out_f) or fresh:
         if not train_head:
-            raise FpsGraphError(f"a new head ({num_classes or out_f} classes) must be trained; drop --no-train-head")
+            raise OptionError(f"a new head ({num_classes or out_f} classes) must be trained; drop --no-train-head")
         info = replace_head(model, name, int(num_classes or out_f), seed)
         if fresh:
             info.old_classes = None        # nothing in the checkpoint to start from

@@ -4,14 +4,15 @@ loop (``loop.fit``). ``fps-graph train`` is a thin layer over ``run_train(TrainJ
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, OptionError
+from fps_graph.data.text import TextOptions
 from fps_graph.formats.io import sha256_file
 from fps_graph.formats.masks import data_record
 from fps_graph.training.adapters import Adapter, SparseAdapter
-from fps_graph.training.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from fps_graph.training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainsConfig
 from fps_graph.training.loop import Callbacks, TrainResult, fit
 from fps_graph.training.models import build_model, default_task, hf_folder, load_hf_model
 from fps_graph.training.rundir import check_output
@@ -40,9 +41,9 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         if self.model.task is not None and self.model.task not in TASKS:
-            raise FpsGraphError(f"unknown --task {self.model.task!r} (use {', '.join(TASKS)})")
+            raise OptionError(f"unknown --task {self.model.task!r} (use {', '.join(TASKS)})")
         if not isinstance(self.adapter, Adapter):
-            raise FpsGraphError(f"adapter must be an Adapter (SparseAdapter, LoraAdapter...), not "
+            raise OptionError(f"adapter must be an Adapter (SparseAdapter, LoraAdapter...), not "
                                 f"{type(self.adapter).__name__}")
 
 
@@ -54,11 +55,6 @@ def train_job(model: str, masks: Any, data: str, output: str | None = None, **op
     Example:
         >>> run_train(train_job("hf:llama/", "masks.safetensors", "train.txt", "run/", lr=3e-4, epochs=2))
     """
-    from dataclasses import fields
-
-    from fps_graph.data.text import TextOptions
-    from fps_graph.training.config import TrainsConfig
-
     def take(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         names = {f.name for f in fields(cls)} - set(skip)
         return {k: options.pop(k) for k in list(options) if k in names}
@@ -69,7 +65,7 @@ def train_job(model: str, masks: Any, data: str, output: str | None = None, **op
                data=DataConfig(data=data, text=text, **take(DataConfig, ("data", "text"))),
                optim=OptimConfig(**take(OptimConfig)), run=RunConfig(output=output, **take(RunConfig, ("output",))))
     if options:
-        raise FpsGraphError(f"unknown training option(s): {', '.join(sorted(options))}")
+        raise OptionError(f"unknown training option(s): {', '.join(sorted(options))}")
     return TrainJob(**job)
 
 
@@ -79,11 +75,11 @@ def run_train(job: TrainJob, callbacks: Callbacks | Sequence[Callbacks] | None =
     folder = hf_folder(spec)
     task = get_task(job.model.task or (default_task(folder) if folder is not None else "image-cls"))
     if folder is None and task.hf_class is not None:
-        raise FpsGraphError(f"--task {task.name} needs a Hugging Face model folder (hf:DIR), not a factory")
+        raise OptionError(f"--task {task.name} needs a Hugging Face model folder (hf:DIR), not a factory")
     if folder is not None and task.hf_class is None:
-        raise FpsGraphError(f"--task {task.name} is not supported for Hugging Face models; use causal-lm or seq-cls")
+        raise OptionError(f"--task {task.name} is not supported for Hugging Face models; use causal-lm or seq-cls")
     if folder is not None and weights_file:
-        raise FpsGraphError("--weights does not apply to hf:DIR (the weights come from the folder's safetensors)")
+        raise OptionError("--weights does not apply to hf:DIR (the weights come from the folder's safetensors)")
     if job.run.output is not None:
         check_output(job.run.output, job.run.force)
     masks = job.adapter.masks if isinstance(job.adapter, SparseAdapter) else None
@@ -101,7 +97,7 @@ def run_train(job: TrainJob, callbacks: Callbacks | Sequence[Callbacks] | None =
     ctx = DataContext(model, job.data, folder, record, masks_path)
     train = task.read(job.data.data, ctx)
     if len(train) == 0:
-        raise FpsGraphError(f"{job.data.data}: no training samples")
+        raise DataError(f"{job.data.data}: no training samples")
     val = task.read(job.data.val, ctx, classes=train.classes or None) if job.data.val else None
     return fit(model, job.adapter, task, train, val, job.optim, job.run, callbacks, data_config=job.data,
                model_info=info)

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from fps_graph.errors import FpsGraphError
+from fps_graph import __version__
+from fps_graph.errors import DataError, OptionError, RuntimeFailure
 from fps_graph.training.adapters import Adapter, Attached
 from fps_graph.training.config import DataConfig, OptimConfig, RunConfig, settings
 from fps_graph.training.heads import setup_head
 from fps_graph.training.metrics import PeakMemory, StepTimer, machine, plot_curves
 from fps_graph.training.optim import make_optimizer
 from fps_graph.training.rundir import FILES, prepare_output, write_json
+from fps_graph.training.sparse import save_state_dict
 from fps_graph.training.summary import state_memory
 from fps_graph.training.tasks.base import Task, TaskData
 
@@ -112,7 +114,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FpsGraphError("--device cuda asked for, but PyTorch sees no CUDA device")
+        raise RuntimeFailure("--device cuda asked for, but PyTorch sees no CUDA device")
     return name
 
 
@@ -176,7 +178,7 @@ def fit(model: torch.nn.Module, adapter: Adapter, task: Task, train_data: TaskDa
     info = dict(model_info or {})
     device = resolve_device(run.device)
     if len(train_data) == 0:
-        raise FpsGraphError(f"{getattr(train_data, 'source', 'the training data')}: no training samples")
+        raise DataError(f"{getattr(train_data, 'source', 'the training data')}: no training samples")
     t_start = time.perf_counter()
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_threads = torch.get_num_threads()
@@ -250,7 +252,7 @@ def _checkpointing(model: torch.nn.Module) -> None:
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        raise FpsGraphError("gradient checkpointing needs a Hugging Face model (hf:DIR)")
+        raise OptionError("gradient checkpointing needs a Hugging Face model (hf:DIR)")
 
 
 def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: TaskData, val_data: TaskData | None,
@@ -277,7 +279,7 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
             ts = timer.now()
             s = task.step(model, batch, device, ls)
             if not torch.isfinite(s.loss):
-                raise FpsGraphError(f"the loss became {float(s.loss)} in epoch {epoch}; lower --lr")
+                raise RuntimeFailure(f"the loss became {float(s.loss)} in epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)
             s.loss.backward()
             if optim.grad_clip is not None:
@@ -316,15 +318,11 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
 def _write(out: Path, handle: Attached, task: Task, adapter: Adapter, metrics: dict[str, Any], run: RunConfig,
            train_data: TaskData, info: dict[str, Any], cb: Callbacks) -> dict[str, str]:
     """The run folder: the adapter's files, merged weights, run_config.json, the plot, the callbacks' files."""
-    from fps_graph import __version__
-
     meta = {"training": metrics["settings"], "task": task.name, "classes": list(train_data.classes),
             "base_model": info.get("base_model", ""), "weights_sha256": info.get("weights_sha256", ""),
             "data": metrics["data"]}
     files = handle.write_files(out, meta)
     if run.save_merged:
-        from fps_graph.training.sparse import save_state_dict
-
         save_state_dict(handle.merged_state_dict(), out / FILES["merged"], force=True,
                         metadata={"format": "pt", "fps_graph": "merged state dict"})
         files["merged"] = str(out / FILES["merged"])

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from fps_graph.errors import DataError, FpsGraphError, ModelError, OptionError
+from fps_graph.errors import DataError, FpsGraphError, ModelError, OptionError, RuntimeFailure
 
 __all__ = ["load_factory", "build_model", "hf_folder", "read_config", "default_task", "load_hf_model"]
 
@@ -73,12 +73,12 @@ def hf_folder(spec: str) -> Path | None:
     else:
         return None
     if not path.is_dir():
-        raise FpsGraphError(f"Hugging Face model folder not found: {path}")
+        raise ModelError(f"Hugging Face model folder not found: {path}")
     if not (path / "config.json").is_file():
-        raise FpsGraphError(f"{path} holds no config.json; `fps-graph train hf:DIR` needs a folder written by "
+        raise ModelError(f"{path} holds no config.json; `fps-graph train hf:DIR` needs a folder written by "
                             "save_pretrained (config.json and *.safetensors)")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise FpsGraphError(f"{path} holds no weights (*.safetensors); save the model with save_pretrained")
+        raise ModelError(f"{path} holds no weights (*.safetensors); save the model with save_pretrained")
     return path
 
 
@@ -87,7 +87,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise FpsGraphError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from exc
 
 
 def default_task(folder: Path) -> str:
@@ -106,7 +106,7 @@ def load_hf_model(folder: Path, auto_class: str) -> Any:
         import transformers
         from transformers.utils import logging as hf_logging
     except ImportError as exc:
-        raise FpsGraphError("Hugging Face models need transformers: pip install transformers") from exc
+        raise RuntimeFailure("Hugging Face models need transformers: pip install transformers") from exc
     import torch
 
     cls = getattr(transformers, auto_class)
@@ -117,7 +117,7 @@ def load_hf_model(folder: Path, auto_class: str) -> Any:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
                                           output_loading_info=True)
     except Exception as exc:   # transformers raises many kinds for a folder it cannot build; the cause is kept
-        raise FpsGraphError(f"cannot build a model from {folder} with transformers ({auto_class}): "
+        raise ModelError(f"cannot build a model from {folder} with transformers ({auto_class}): "
                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.formats.io import atomic_output
 
 __all__ = ["FILES", "check_output", "prepare_output", "write_json"]
@@ -41,11 +41,11 @@ def check_output(output: str | Path, force: bool) -> None:
     """prepare_output's refusals, without creating anything (checked before the long work starts)."""
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise FpsGraphError(f"output path is a file, not a run folder: {out}")
+        raise OptionError(f"output path is a file, not a run folder: {out}")
     if out.is_dir() and not force:
         clash = [n for n in FILES.values() if (out / n).exists()]
         if clash:
-            raise FpsGraphError(f"{out} holds a run already ({', '.join(clash)}); use --force to overwrite")
+            raise OptionError(f"{out} holds a run already ({', '.join(clash)}); use --force to overwrite")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -21,13 +21,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
+from fps_graph import __version__
 from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
-from fps_graph.errors import FpsGraphError
+from fps_graph.formats.io import atomic_output, save_safetensors, sha256_file
+from fps_graph.formats.masks import load_indices, read_metadata
+from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.graph.names import looks_generated
 from fps_graph.training.full import check_globs, is_norm, trained_in_full
-from fps_graph.training.heads import (HeadInfo, find_head, get_module, is_transformers, logits_of, replace_head,
+from fps_graph.training.heads import (HeadInfo, find_head, get_module, is_transformers, replace_head,
                                       setup_head, transformers_head)
 from fps_graph.training.recompute import install as install_rebuilder
 from fps_graph.training.rundir import FILES
@@ -55,9 +59,6 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
     if isinstance(masks, MaskSet):
         return masks
     if isinstance(masks, (str, os.PathLike)):
-        from fps_graph.formats.io import sha256_file
-        from fps_graph.formats.masks import load_indices, read_metadata
-
         meta = read_metadata(masks)
         indices = load_indices(masks)
         tensors = meta.get("tensors") or {}
@@ -65,7 +66,7 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
         return MaskSet({k: np.unique(v) for k, v in indices.items()}, shapes,
                        {k: tensors.get(k, {}) for k in indices}, str(masks), sha256_file(masks), meta)
     if not isinstance(masks, Mapping):
-        raise FpsGraphError(f"masks must be a masks file or a dict of arrays, not {type(masks).__name__}")
+        raise DataError(f"masks must be a masks file or a dict of arrays, not {type(masks).__name__}")
     indices, shapes = {}, {}
     for key, arr in masks.items():
         a = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
@@ -76,7 +77,7 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
             indices[key] = np.unique(a.astype(np.int64))
             shapes[key] = None
         else:
-            raise FpsGraphError(f"mask {key!r}: expected a bool mask or 1-D integer indices, got {a.dtype.name} "
+            raise DataError(f"mask {key!r}: expected a bool mask or 1-D integer indices, got {a.dtype.name} "
                                 f"of shape {list(a.shape)}")
     return MaskSet(indices, shapes)
 
@@ -318,8 +319,6 @@ class SparseFineTune:
             meta.setdefault("masks_sha256", self.masks.sha256 or "")
             meta.setdefault("model_sha256", str(self.masks.metadata.get("model_sha256", "")))
             meta.setdefault("masks_model", str(self.masks.metadata.get("model", "")))
-        from fps_graph import __version__
-
         meta.setdefault("fps_graph_version", __version__)
         write_delta(path, sparse, full, self.tensor_records(), self.head.to_json() if self.head else {}, meta)
 
@@ -371,10 +370,10 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     trained in full gets no delta (recorded in `superseded`).
     """
     if not isinstance(model, nn.Module):
-        raise FpsGraphError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
+        raise OptionError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
     ms = load_mask_set(masks) if masks is not None else MaskSet({}, {}, source="<none>")
     if masks is not None and not ms.indices:
-        raise FpsGraphError(f"{ms.source}: holds no masks")
+        raise DataError(f"{ms.source}: holds no masks")
     handle = SparseFineTune(model)
     handle.masks = ms if masks is not None else None
     _check_masks(model, ms, head.name if isinstance(head, HeadInfo) and head.replaced else None)
@@ -389,7 +388,7 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         if head == "auto":
             head_name = transformers_head(model) if is_transformers(model) else find_head(model, example_input)
             if head_name is None and num_classes is not None:
-                raise FpsGraphError("cannot find the classifier head (no nn.Linear with the model's output size); "
+                raise ModelError("cannot find the classifier head (no nn.Linear with the model's output size); "
                                     "name it with --head")
             if head_name is not None:
                 handle.notes.append(f"head: {head_name} (detected)")
@@ -430,7 +429,7 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         sd = SparseDelta(idx, p.shape)
         for module, attr in owners:
             if parametrize.is_parametrized(module, attr):
-                raise FpsGraphError(f"{key} is parametrized already (attach called twice?)")
+                raise OptionError(f"{key} is parametrized already (attach called twice?)")
             parametrize.register_parametrization(module, attr, sd)
             module.parametrizations[attr].original.requires_grad_(False)
         handle.deltas[key] = sd
@@ -451,7 +450,7 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
                 not any(p.requires_grad for p in m.parameters(recurse=False)):
             handle._frozen_norms.append(m)
     if not handle.trainable_parameters():
-        raise FpsGraphError("nothing to train: the masks select nothing and no tensor is trained in full")
+        raise OptionError("nothing to train: the masks select nothing and no tensor is trained in full")
     return handle
 
 
@@ -464,24 +463,24 @@ def _check_masks(model: nn.Module, ms: MaskSet, new_head: str | None = None) -> 
             continue
         prefix, _, attr = key.rpartition(".")
         if f"{prefix + '.' if prefix else ''}parametrizations.{attr}.original" in params:
-            raise FpsGraphError(f"{key} carries a sparse delta already (attach called twice? detach() first)")
+            raise OptionError(f"{key} carries a sparse delta already (attach called twice? detach() first)")
         if key not in params:
             if looks_generated(key):
-                raise FpsGraphError(
+                raise DataError(
                     f"mask {key!r} ({ms.source}) is keyed by an ONNX initializer name, not a PyTorch parameter name;"
                     " select again with --state-dict WEIGHTS, or export with `fps-graph export` so names are recorded")
             close = difflib.get_close_matches(key, list(params), n=3)
-            raise FpsGraphError(f"mask {key!r} ({ms.source}) names no parameter of the model"
+            raise DataError(f"mask {key!r} ({ms.source}) names no parameter of the model"
                                 + (f" (did you mean {', '.join(close)}?)" if close else ""))
         p = params[key]
         shape = ms.shapes.get(key)
         if shape is not None and tuple(shape) != tuple(p.shape):
-            raise FpsGraphError(f"mask {key!r} ({ms.source}) does not fit the model: expected shape "
+            raise DataError(f"mask {key!r} ({ms.source}) does not fit the model: expected shape "
                                 f"{list(p.shape)} (the model's parameter), found {list(shape)} (the mask)")
         if not p.is_floating_point():
-            raise FpsGraphError(f"mask {key!r}: parameter has dtype {p.dtype}, not floating point")
+            raise DataError(f"mask {key!r}: parameter has dtype {p.dtype}, not floating point")
         if idx.size and (idx[0] < 0 or idx[-1] >= p.numel()):
-            raise FpsGraphError(f"mask {key!r} ({ms.source}): index {int(idx[-1])} is outside the parameter of shape "
+            raise DataError(f"mask {key!r} ({ms.source}): index {int(idx[-1])} is outside the parameter of shape "
                                 f"{list(p.shape)} ({p.numel()} entries)")
 
 
@@ -558,7 +557,7 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
     if head.get("replaced"):
         hm = get_module(model, head["name"], "head")
         if getattr(hm, "in_features", None) != head.get("in_features"):
-            raise FpsGraphError(f"{df.path}: head {head['name']!r} has {getattr(hm, 'in_features', None)} inputs in "
+            raise DataError(f"{df.path}: head {head['name']!r} has {getattr(hm, 'in_features', None)} inputs in "
                                 f"this model, {head.get('in_features')} in the delta file")
         if getattr(hm, "out_features", None) != head.get("num_classes"):
             replace_head(model, head["name"], int(head["num_classes"]))
@@ -569,9 +568,9 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, e in df.full.items():
         if key not in params:
-            raise FpsGraphError(f"{df.path}: tensor {key!r} names no parameter of the model")
+            raise DataError(f"{df.path}: tensor {key!r} names no parameter of the model")
         if tuple(params[key].shape) != tuple(e.value.shape):
-            raise FpsGraphError(f"{df.path}: tensor {key!r} does not fit the model: expected shape "
+            raise DataError(f"{df.path}: tensor {key!r} does not fit the model: expected shape "
                                 f"{list(params[key].shape)} (the model's parameter), found {list(e.value.shape)}")
     if not df.sparse:
         masks.indices = {}
@@ -583,14 +582,14 @@ def load_delta(model: nn.Module, delta: str | os.PathLike | DeltaFile, check: bo
             if check and e.base is not None:
                 cur = handle._base_sparse[key].float().cpu().numpy()
                 if not np.array_equal(cur, e.base.astype(np.float32)):
-                    raise FpsGraphError(f"{df.path}: {key} of this model does not hold the values training started "
+                    raise DataError(f"{df.path}: {key} of this model does not hold the values training started "
                                         "from (another base model or weights?)")
             handle.deltas[key].delta.copy_(torch.from_numpy(np.ascontiguousarray(e.delta)))
         for key, e in df.full.items():
             p = handle.full[key]
             if check and e.base is not None and key in handle._base_full:
                 if not np.array_equal(_np(handle._base_full[key].cpu()), e.base):
-                    raise FpsGraphError(f"{df.path}: {key} of this model does not hold the values training started "
+                    raise DataError(f"{df.path}: {key} of this model does not hold the values training started "
                                         "from (another base model or weights?)")
             p.copy_(torch.from_numpy(np.ascontiguousarray(e.value)).to(p.dtype))
             if e.base is not None:
@@ -610,8 +609,6 @@ def _attach_exact(model: nn.Module, masks: MaskSet, full_names: Iterable[str]) -
 def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
                force: bool = False) -> None:
     """Write the handle's delta file atomically."""
-    from fps_graph.formats.io import atomic_output
-
     with atomic_output(path, force) as tmp:
         handle.save(tmp, metadata)
 
@@ -619,13 +616,9 @@ def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mappin
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
                     metadata: Mapping[str, str] | None = None) -> None:
     """A state dict as safetensors, atomically, with a canonical header (bfloat16 kept through torch)."""
-    from fps_graph.formats.io import atomic_output, save_safetensors
-
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     with atomic_output(path, force) as tmp:
         if any(v.dtype == torch.bfloat16 for v in sd.values()):
-            from safetensors.torch import save_file
-
             save_file(sd, str(tmp), metadata=dict(metadata or {}))
         else:
             save_safetensors({k: v.numpy() for k, v in sd.items()}, tmp, metadata=dict(metadata or {}))

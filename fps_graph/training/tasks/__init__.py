@@ -4,7 +4,7 @@ Adding a task: one file in this folder with a ``Task`` subclass, and its line in
 """
 from __future__ import annotations
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import OptionError
 from fps_graph.training.tasks.base import DataContext, HeadPlan, Step, Task, TaskData
 from fps_graph.training.tasks.causal_lm import CausalLM
 from fps_graph.training.tasks.image_cls import ImageClassification
@@ -19,5 +19,5 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (ImageClassification, CausalL
 def get_task(name: str) -> Task:
     """A fresh task object by its name (image-cls, causal-lm, seq-cls)."""
     if name not in TASKS:
-        raise FpsGraphError(f"unknown task {name!r} (use {', '.join(TASKS)})")
+        raise OptionError(f"unknown task {name!r} (use {', '.join(TASKS)})")
     return TASKS[name]()

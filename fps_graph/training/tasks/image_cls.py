@@ -18,7 +18,7 @@ import torch
 
 from fps_graph.data.labeled import ArrayData, Labeled, open_labeled
 from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, InputSpec, Loader
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, FpsGraphError, OptionError
 from fps_graph.training.config import DataConfig, TrainsConfig
 from fps_graph.training.heads import find_head, logits_of
 from fps_graph.training.tasks.base import DataContext, HeadPlan, Step, Task, TaskData
@@ -74,7 +74,7 @@ def resolve_image_prep(opts: DataConfig, record: dict[str, Any], model: Any) -> 
         if size is None:
             kind = record.get("kind", "none")
             why = "records no image size" + (f" (select read {kind} data)" if kind != "none" else "")
-            raise FpsGraphError(f"cannot tell the model's input image size: the masks file {why} and the model names "
+            raise OptionError(f"cannot tell the model's input image size: the masks file {why} and the model names "
                                 "none; pass --image-size H,W")
         origin["size"] = "model"
     mean = pick("mean", opts.mean, rec.get("mean"), IMAGENET_MEAN, "default")
@@ -140,7 +140,7 @@ def image_size(model: Any, opts: ImageOptions) -> tuple[int, int]:
                 return (v, v)
             if isinstance(v, (tuple, list)) and len(v) == 2:
                 return (int(v[0]), int(v[1]))
-    raise FpsGraphError("cannot tell the model's input image size; pass --image-size H,W")
+    raise OptionError("cannot tell the model's input image size; pass --image-size H,W")
 
 
 def _channels(model: Any) -> int:
@@ -220,7 +220,7 @@ class ImageClassification(Task):
             model.train(was)
         n_data = len(data.classes)
         if n_data > n_out:
-            raise FpsGraphError(f"{data.source} has {n_data} classes but the model "
+            raise DataError(f"{data.source} has {n_data} classes but the model "
                                 f"predicts {n_out}; pass --num-classes {n_data} to train a new head")
         warnings = []
         if trains.num_classes is None and n_data < n_out:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fps_graph.data.text import read_texts
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.training.config import TrainsConfig
 from fps_graph.training.heads import HeadInfo, num_labels_head
 from fps_graph.training.models import read_config
@@ -55,7 +55,7 @@ class SequenceClassification(Task):
         head = num_labels_head(model)
         if head is None:
             n = getattr(getattr(model, "config", None), "num_labels", None)
-            raise FpsGraphError(f"cannot find the classification head (an nn.Linear with {n} outputs); name it "
+            raise ModelError(f"cannot find the classification head (an nn.Linear with {n} outputs); name it "
                                 "with --head")
         return head
 
@@ -63,12 +63,12 @@ class SequenceClassification(Task):
         n = len(data.classes)
         num_classes = trains.num_classes or n
         if n and num_classes < n:
-            raise FpsGraphError(f"{data.source} has {n} classes, more than --num-classes {num_classes}")
+            raise OptionError(f"{data.source} has {n} classes, more than --num-classes {num_classes}")
         # a head the checkpoint lacks (a causal-LM folder trained for seq-cls) is new: seeded like a replaced one
         fresh = head is not None and any(k.startswith(head + ".") for k in getattr(model, "fps_missing_keys", []))
         warnings = []
         if fresh and not trains.train_head:
-            raise FpsGraphError(f"head {head} is not in the checkpoint (a new, random module): it must be trained; "
+            raise OptionError(f"head {head} is not in the checkpoint (a new, random module): it must be trained; "
                                 "drop --no-train-head")
         return HeadPlan(num_classes, fresh, warnings)
 
@@ -96,16 +96,16 @@ def _labels(path: str, labels: list[Any], where: list[str], classes: list[str] |
     """Integer labels and class names (a validation set uses the training set's names)."""
     for place, v in zip(where, labels):
         if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise FpsGraphError(f"{place}: label {v!r} is neither an integer nor a string")
+            raise DataError(f"{place}: label {v!r} is neither an integer nor a string")
     if all(isinstance(v, int) for v in labels):
         if any(v < 0 for v in labels):
-            raise FpsGraphError(f"{path}: labels must be non-negative")
+            raise DataError(f"{path}: labels must be non-negative")
         names = classes or [str(i) for i in range(max(labels) + 1)]
         if max(labels) >= len(names):
-            raise FpsGraphError(f"{path}: label {max(labels)} is outside the {len(names)} training classes")
+            raise DataError(f"{path}: label {max(labels)} is outside the {len(names)} training classes")
         return np.asarray(labels, dtype=np.int64), list(names)
     if not all(isinstance(v, str) for v in labels):
-        raise FpsGraphError(f"{path}: labels mix integers and strings")
+        raise DataError(f"{path}: labels mix integers and strings")
     if classes is None:
         found = sorted(set(labels))
         if label2id and set(found) <= set(label2id) and sorted(label2id.values()) == list(range(len(label2id))):
@@ -115,5 +115,5 @@ def _labels(path: str, labels: list[Any], where: list[str], classes: list[str] |
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
-        raise FpsGraphError(f"{path}: labels {unknown} are not among the training classes {classes}")
+        raise DataError(f"{path}: labels {unknown} are not among the training classes {classes}")
     return np.asarray([index[v] for v in labels], dtype=np.int64), list(classes)

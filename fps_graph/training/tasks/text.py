@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.data.text import TextTokenizer, default_max_length
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, OptionError
 from fps_graph.training.models import read_config
 from fps_graph.training.tasks.base import DataContext, TaskData
 
@@ -68,7 +68,7 @@ class TextSetup:
 def text_setup(ctx: DataContext) -> TextSetup:
     """The tokenizer and maximum length, as select chose them unless the options say otherwise."""
     if ctx.folder is None:
-        raise FpsGraphError("text tasks need a Hugging Face model folder (hf:DIR), not a factory")
+        raise OptionError("text tasks need a Hugging Face model folder (hf:DIR), not a factory")
     text = ctx.config.text
     rec = ctx.record if ctx.record.get("kind") == "text" else {}
     max_length = int(text.max_length or rec.get("max_length") or default_max_length([ctx.folder])[0])
@@ -83,8 +83,8 @@ def check_lengths(ids: list[np.ndarray], where: list[str], max_length: int, min_
     """Every sample within max_length tokens and at least min_tokens long (errors name file and line)."""
     for place, x in zip(where, ids):
         if len(x) > max_length:
-            raise FpsGraphError(f"{place}: {len(x)} tokens, longer than max_length {max_length}; raise --max-length "
+            raise DataError(f"{place}: {len(x)} tokens, longer than max_length {max_length}; raise --max-length "
                                 "or shorten the text (texts are never cut silently)")
         if len(x) < min_tokens:
-            raise FpsGraphError(f"{place}: {len(x)} token(s); causal-lm needs at least {min_tokens} to predict one"
+            raise DataError(f"{place}: {len(x)} token(s); causal-lm needs at least {min_tokens} to predict one"
                                 if min_tokens > 1 else f"{place}: empty text")
