@@ -16,6 +16,7 @@ from fps_graph.training.config import (DataConfig, ModelConfig, OptimConfig, Opt
                                        default_of, help_of)
 from fps_graph_cli.common import TORCH_INSTALL, parse_floats, parse_ints, require, tqdm_progress
 
+
 def opt(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
     """A click option for a config field: help and default from the field (kw overrides, e.g. type); the option's
     name is the field's, so the parsed values go to ``train_job`` as they are."""
@@ -86,7 +87,7 @@ def train(model: str, masks: str, peft: bool, quiet: bool, **kw: Any) -> None:
     kw.update(image_size=parse_ints(kw["image_size"], "--image-size"), mean=parse_floats(kw["mean"], "--mean"),
               std=parse_floats(kw["std"], "--std"), plot=not kw.pop("no_plot"))
     job = train_job(model, masks, kw.pop("data"), kw.pop("output"), **kw)
-    callbacks: list[Any] = [Printer(quiet, job.optim.epochs, head_given=job.adapter.trains.head is not None)]
+    callbacks: list[Any] = [Printer(quiet, job.optim.epochs)]
     if peft:
         from fps_graph.integrations.peft import ShiraExport
 
@@ -109,10 +110,11 @@ def train(model: str, masks: str, peft: bool, quiet: bool, **kw: Any) -> None:
 
 
 class Printer:
-    """What `train` shows: warnings and the trainable summary before training, a line per epoch, progress bars."""
+    """What `train` shows (a fps_graph.training.loop.Callbacks, duck-typed so that this module loads without torch):
+    warnings and the trainable summary before training, a line per epoch, progress bars."""
 
-    def __init__(self, quiet: bool, epochs: int, head_given: bool):
-        self.quiet, self.epochs, self.head_given = quiet, epochs, head_given
+    def __init__(self, quiet: bool, epochs: int):
+        self.quiet, self.epochs = quiet, epochs
         self.said: list[str] = []
 
     def on_attach(self, handle: Any) -> None:

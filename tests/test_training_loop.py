@@ -239,3 +239,26 @@ def test_seq_cls_summary_is_honest(tmp_path, capsys):
     assert f"+ {t['full_tensors']:,} trained in full in 1 tensors (head 48)" in err
     assert t["trainable"] == t["adapter_values"] + 48 and t["masks_selected"] == t["adapter_values"] + \
         sum(t["selected_in_full"].values())
+
+
+def test_divergence_fails_or_stops_as_asked(token):
+    """A non-finite loss is an error naming the fix; with stop_on_divergence (learning-rate sweeps) the run stops,
+    says where, and the model is still returned for evaluation."""
+    from fps_graph.errors import RuntimeFailure
+    from fps_graph.training.models import build_model
+
+    task = get_task("image-cls")
+    cfg = DataConfig(data=token["train"])
+    for stop in (False, True):
+        model = build_model(SPEC_TOKEN, token["weights"])
+        data = task.read(cfg.data, DataContext(model, cfg))
+        args = (model, SparseAdapter(token["masks"]), task, data, None,
+                OptimConfig(optimizer="sgd", lr=1e30, epochs=2, batch_size=16, warmup_epochs=0),
+                RunConfig(threads=1, stop_on_divergence=stop))
+        if not stop:
+            with pytest.raises(RuntimeFailure, match="the loss became nan in epoch 1; lower --lr"):
+                fit(*args)
+            continue
+        res = fit(*args)
+        assert res.metrics["diverged"] == {"epoch": 1, "step": 2, "loss": "nan"} and res.metrics["epochs"] == []
+        assert res.metrics["time"]["steps"] == 1 and res.handle.model is model

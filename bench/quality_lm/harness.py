@@ -1,32 +1,36 @@
 """One training run of the LM study: a method (sparse masks, LoRA, full, head-only, none) on a task, one loop.
 
-Every method goes through the same code: the model is built from the Hugging Face folder by the product's
-``fps_graph.training.hf.load_hf_model`` (seq-cls: a fresh head seeded by the run's seed), the texts are tokenized
-and batched by the product's ``read_text_data``/``batches`` and the loss is its ``step_loss``; the optimiser is
-AdamW with linear warm-up and cosine decay (``make_optimizer``). Only what trains differs:
+Every method goes through the product's one training loop, ``fps_graph.training.fit``, with the product's task
+(``get_task('seq-cls' | 'causal-lm')``: text read and tokenized as `select` does it, padded batches, loss and
+metrics; seq-cls: a fresh head seeded by the run's seed) and AdamW with linear warm-up and cosine decay
+(``OptimConfig``). Only the adapter differs:
 
-* ``sparse``: ``fps_graph.training.sparse.attach`` with a masks file (the head trains in full for seq-cls; no
-  biases, so that the count equals LoRA's on the same modules). ``scale="input"`` reparametrises each delta as
-  ``c_i * theta_i`` with ``c_i = median_j E|x_j| / E|x_col(i)|`` over the layer's input features (candidate (a)
-  of issue 16: with Adam an entry then moves its output by about the same amount whatever its input's scale).
-* ``lora``: PEFT LoRA on the blocks' Linear layers, rank per module from ``rank_pattern``; seq-cls head in
+* ``sparse``: ``SparseAdapter`` with a masks file (the head trains in full for seq-cls; no biases, so that the
+  count equals LoRA's on the same modules). ``scale="input"`` reparametrises each delta as ``c_i * theta_i`` with
+  ``c_i = median_j E|x_j| / E|x_col(i)|`` over the layer's input features (candidate (a) of issue 16: with Adam an
+  entry then moves its output by about the same amount whatever its input's scale): ``InputScaledSparse``.
+* ``lora``: ``LoraAdapter`` (PEFT) on the blocks' Linear layers, rank per module; the seq-cls head as
   ``modules_to_save``.
-* ``full``: every parameter. ``head``: the seq-cls head only. ``none``: no training (evaluation only).
+* ``full``: ``FullAdapter``. ``head``: ``SparseAdapter(None)``, the seq-cls head only. ``none``: no training.
 
-Returns metrics on validation and test, seconds per step and peak RSS (VmHWM reset at the start of training).
+Returns metrics on validation and test, seconds per step (median) and peak RSS (VmHWM reset at the start of
+training), as ``fit`` measures them for every method.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from fps_graph.data.text import TextOptions
+from fps_graph.training import (Adapter, DataConfig, DataContext, FullAdapter, LoraAdapter, OptimConfig, RunConfig,
+                                SparseAdapter, TrainsConfig, evaluate, fit, get_task, prepare)
+from fps_graph.training.models import load_hf_model
 from fps_graph.training.sparse import SparseDelta
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,158 +104,109 @@ def scale_deltas(handle: Any, masks: str, stats: str) -> dict[str, Any]:
     return {"median_c": float(np.median(meds)), "min_c": float(np.min(mins))}
 
 
-def build(folder: Path, task: Task, spec: Spec, classes: int | None) -> tuple[Any, list[Any], dict[str, Any]]:
-    """The model with what the spec trains: (model, trainable parameters, info)."""
-    import torch
+@dataclass(frozen=True)
+class InputScaledSparse(SparseAdapter):
+    """SparseAdapter whose deltas are reparametrised per entry by the input scale (``scale_deltas``)."""
 
-    from fps_graph.training.hf import head_module, load_hf_model
-    from fps_graph.training.sparse import attach, replace_head
+    stats: str = ""
 
-    model = load_hf_model(folder, task.kind)
-    info: dict[str, Any] = {}
-    head = None
-    if task.kind == "seq-cls":
-        head = head_module(model, "seq-cls")
-        replace_head(model, head, int(classes), spec.seed)
-        model.config.num_labels = int(classes)
-        model.num_labels = int(classes)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = int(model.config.eos_token_id)
-    total = sum(p.numel() for p in model.parameters())
-    block = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS)
-    info.update(total_params=int(total), block_linear_params=int(block))
+    def attach(self, model: Any, head: Any, seed: int = 0) -> Any:
+        handle = super().attach(model, head, seed)
+        handle.notes.append(f"input scale: {scale_deltas(handle, str(self.masks), self.stats)}")
+        return handle
+
+
+def adapter_for(spec: Spec, seq_cls: bool) -> Adapter:
+    """The adapter of a spec: what trains (the seq-cls head trains in full for every method; no biases)."""
+    trains = TrainsConfig(train_bias=False, train_head=seq_cls)
     if spec.kind == "sparse":
-        from fps_graph.training.hf import canonical_masks
-
-        handle = attach(model, canonical_masks(model, spec.masks), head=head, train_bias=False,
-                        train_head=head is not None, seed=spec.seed)
         if spec.scale == "input":
-            info["scale"] = scale_deltas(handle, spec.masks, spec.stats)
-        params = handle.trainable_parameters()
-        c = handle.counts()
-        info.update(selected=c["selected"], trainable=c["trainable"], head=c["full_tensors"])
-        info["_handle"] = handle
-    elif spec.kind == "lora":
-        from peft import LoraConfig, get_peft_model
-
+            return InputScaledSparse(spec.masks, trains, stats=str(spec.stats))
+        return SparseAdapter(spec.masks, trains)
+    if spec.kind == "lora":
         ranks = spec.lora_ranks
-        default_r = max(ranks.values())
-        cfg = LoraConfig(r=default_r, lora_alpha=default_r * spec.lora_alpha_ratio, lora_dropout=0.0,
-                         target_modules=sorted({k.rsplit(".", 1)[-1] for k in ranks}),
-                         rank_pattern={k: v for k, v in ranks.items()},
-                         alpha_pattern={k: v * spec.lora_alpha_ratio for k, v in ranks.items()},
-                         modules_to_save=[head] if head else None, bias="none")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model = get_peft_model(model, cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-        info.update(selected=int(lora), trainable=int(sum(p.numel() for p in params)))
-    elif spec.kind == "full":
-        params = [p for p in model.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        info.update(selected=int(total), trainable=int(total))
-    elif spec.kind in ("head", "none"):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = []
-        if spec.kind == "head" and head:
-            params = list(model.get_submodule(head).parameters())
-            for p in params:
-                p.requires_grad_(True)
-        info.update(selected=0, trainable=int(sum(p.numel() for p in params)))
-    else:
-        raise ValueError(spec.kind)
-    return model, params, info
+        return LoraAdapter(rank=dict(ranks), target_modules=tuple(sorted({k.rsplit(".", 1)[-1] for k in ranks})),
+                           alpha_ratio=spec.lora_alpha_ratio, trains=trains)
+    if spec.kind == "full":
+        return FullAdapter(trains)
+    if spec.kind == "head":
+        return SparseAdapter(None, trains)
+    raise ValueError(spec.kind)
 
 
-def load_task_data(folder: Path, task: Task, test: bool = True) -> tuple[Any, Any, Any, int, int | None]:
-    """Tokenized train/val/test of a task with the model's tokenizer; the tokenizer's pad id; the class count."""
-    from fps_graph.training.hf import TextOptions, Tokenizer, _config_json, read_text_data
-
-    tok = Tokenizer(folder, _config_json(folder))
-    topts = TextOptions()
-    train = read_text_data(task.train, task.kind, tok, topts, task.max_length)
-    val = read_text_data(task.val, task.kind, tok, topts, task.max_length, classes=train.classes or None)
-    tst = read_text_data(task.test, task.kind, tok, topts, task.max_length, classes=train.classes or None) \
-        if test else None
-    return train, val, tst, tok.pad_id, (len(train.classes) if task.kind == "seq-cls" else None)
+def load_task_data(folder: Path, task: Task, test: bool = True) -> tuple[Any, Any, Any, Any, Any]:
+    """The task object, the model (from the folder, for the task), and the tokenized train/val/test splits."""
+    t = get_task(task.kind)
+    model = load_hf_model(folder, t.hf_class)
+    cfg = DataConfig(data=task.train, max_samples=task.max_train, text=TextOptions(max_length=task.max_length))
+    ctx = DataContext(model, cfg, folder)
+    train = t.read(task.train, ctx)
+    classes = train.classes or None
+    val = t.read(task.val, ctx, classes=classes)
+    tst = t.read(task.test, ctx, classes=classes) if test else None
+    return t, model, cfg, (train, val, tst), classes
 
 
 def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: bool = True,
         progress: bool = False) -> dict[str, Any]:
-    """Train one spec on one task; returns the record (metrics, counts, time, memory)."""
-    import torch
-
-    from fps_graph.training import train as tr
-    from fps_graph.training.hf import batches, evaluate_text, step_loss
-
-    if threads:
-        torch.set_num_threads(threads)
-    train, val, tst, tok_pad, classes = load_task_data(folder, task, test)
+    """Train one spec on one task through ``fit``; returns the record (metrics, counts, time, memory)."""
+    t_setup = time.perf_counter()
+    t, model, cfg, (train, val, tst), _ = load_task_data(folder, task, test)
     rec: dict[str, Any] = {"method": spec.method, "kind": spec.kind, "lr": spec.lr, "seed": spec.seed,
                            "task": task.name, "model": folder.name}
-    t_setup = time.perf_counter()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        tr.deterministic(True)
-        try:
-            model, params, info = build(folder, task, spec, classes)
-            handle = info.pop("_handle", None)
-            rec.update(info)
-            pad_id = int(getattr(model.config, "pad_token_id", None) or tok_pad)
-            rec["setup_seconds"] = round(time.perf_counter() - t_setup, 2)
-            n_train = min(len(train), task.max_train or len(train))
-            steps = []
-            mem = tr.PeakMemory("cpu")
-            if spec.kind != "none":
-                opts = SimpleNamespace(optimizer="adamw", lr=spec.lr, weight_decay=0.0, max_samples=n_train,
-                                       batch_size=task.batch_size, epochs=task.epochs,
-                                       warmup_epochs=0.3, min_lr=0.0)
-                optim, sched, _ = tr.make_optimizer(params, opts, len(train))
-                model.train()
-                if handle is not None:
-                    handle.train(True)
-                mem.start()
-                losses = []
-                for epoch in range(1, task.epochs + 1):
-                    for b in batches(train, task.batch_size, pad_id, shuffle=True,
-                                     seed=spec.seed * 100003 + epoch, max_samples=n_train):
-                        t0 = time.perf_counter()
-                        loss, n, _ = step_loss(model, b, task.kind, "cpu")
-                        if not torch.isfinite(loss):
-                            rec["diverged"] = True
-                            break
-                        optim.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optim.step()
-                        sched.step()
-                        steps.append(time.perf_counter() - t0)
-                        losses.append(float(loss.detach()))
-                        if progress and len(steps) % 10 == 0:
-                            print(f"  step {len(steps)} loss {np.mean(losses[-10:]):.3f} "
-                                  f"{np.mean(steps[-10:]):.2f} s/step", flush=True)
-                    if rec.get("diverged"):
-                        break
-                rec["memory"] = mem.report()
-                rec["steps"] = len(steps)
-                rec["seconds_per_step"] = round(float(np.median(steps)), 4) if steps else None
-                rec["train_seconds"] = round(float(np.sum(steps)), 2)
-                rec["train_loss_last"] = float(np.mean(losses[-10:])) if losses else None
-            model.eval()
-            ev = {}
-            for split, data in (("val", val), ("test", tst)):
-                if data is None:
-                    continue
-                t0 = time.perf_counter()
-                ev[split] = evaluate_text(model, data, task.kind, 32, pad_id, "cpu")
-                ev[split]["seconds"] = round(time.perf_counter() - t0, 2)
-            rec["metrics"] = ev
-        finally:
-            tr.deterministic(prev_det)
+    total = sum(p.numel() for p in model.parameters())
+    block = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS)
+    rec.update(total_params=int(total), block_linear_params=int(block))
+    run_cfg = RunConfig(output=None, seed=spec.seed, threads=threads, plot=False, stop_on_divergence=True)
+    if spec.kind == "none":           # the seq-cls head set up as every method has it, nothing trained
+        trained = prepare(model, SparseAdapter(None, TrainsConfig(train_bias=False, train_head=True)), t, train,
+                          spec.seed).handle.model
+        rec.update(selected=0, trainable=0)
+    else:
+        adapter = adapter_for(spec, task.kind == "seq-cls")
+        optim = OptimConfig(optimizer="adamw", lr=spec.lr, weight_decay=0.0, batch_size=task.batch_size,
+                            epochs=task.epochs, warmup_epochs=0.3, min_lr=0.0)
+        res = fit(model, adapter, t, train, None, optim, run_cfg, [_Progress()] if progress else None,
+                  data_config=cfg)
+        m, trained = res.metrics, res.handle.model
+        tr = m["trainable"]
+        rec.update(selected=tr["trainable"] if tr["kind"] == "full" else tr["adapter_values"], trainable=tr["trainable"], head=tr["full_tensors"],
+                   memory=m["memory"], steps=m["time"]["steps"],
+                   seconds_per_step=m["time"]["seconds_per_step_median"] or None,
+                   train_seconds=round(m["time"]["seconds_per_step"] * m["time"]["steps"], 2),
+                   train_loss_last=m["epochs"][-1]["train_loss"] if m["epochs"] else None,
+                   machine=m["machine"])
+        if m["diverged"]:
+            rec["diverged"] = True
+    rec["setup_seconds"] = round(time.perf_counter() - t_setup, 2)
+    ev = {}
+    for split, data in (("val", val), ("test", tst)):
+        if data is None:
+            continue
+        t0 = time.perf_counter()
+        ev[split] = evaluate(trained, t, data, 32, "cpu")
+        ev[split]["seconds"] = round(time.perf_counter() - t0, 2)
+    rec["metrics"] = ev
     return rec
+
+
+class _Progress:
+    """Prints the loss after each epoch (the study's --progress)."""
+
+    def on_attach(self, handle: Any) -> None:
+        pass
+
+    def on_setup(self, setup: Any) -> None:
+        print(f"  trainable {setup.summary['trainable']:,}", flush=True)
+
+    def progress(self, total: int, desc: str) -> None:
+        return None
+
+    def on_epoch(self, rec: dict[str, Any]) -> None:
+        print(f"  epoch {rec['epoch']} loss {rec['train_loss']:.3f} {rec['seconds']:.1f} s", flush=True)
+
+    def on_end(self, handle: Any, folder: Any, metrics: dict[str, Any]) -> dict[str, str]:
+        return {}
 
 
 def score(rec: dict[str, Any], split: str) -> float:

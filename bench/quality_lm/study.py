@@ -113,25 +113,20 @@ class Prepared:
         path = self.work / "gps_grad.safetensors"
         if path.is_file():
             return path
-        import torch
         from safetensors.torch import save_file
 
-        from bench.quality_lm.harness import Spec, build, load_task_data
+        from bench.quality_lm.harness import load_task_data
+        from fps_graph.training import FullAdapter, TrainsConfig, prepare
 
         task = self.task_obj()
-        train, _, _, tok_pad, classes = load_task_data(self.folder, task, test=False)
-        model, _, _ = build(self.folder, task, Spec("gps-grad", "full", seed=0), classes)
-        from fps_graph.training.hf import batches, step_loss
-
+        t, model, cfg, (train, _, _), _ = load_task_data(self.folder, task, test=False)
+        prepare(model, FullAdapter(TrainsConfig(train_bias=False)), t, train, seed=0)   # the head as runs have it
         keys = [n for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in BLOCK_LINEARS]
         for n, p in model.named_parameters():
             p.requires_grad_(n in keys)
         model.eval()
-        pad = int(getattr(model.config, "pad_token_id", None) or tok_pad)
-        n_train = min(len(train), task.max_train or len(train))
-        for b in batches(train, task.batch_size, pad, max_samples=n_train):
-            loss, _, _ = step_loss(model, b, task.kind, "cpu")
-            loss.backward()
+        for b in train.batches(task.batch_size, max_samples=cfg.max_samples):
+            t.step(model, b, "cpu", 0.0).loss.backward()
         params = dict(model.named_parameters())
         save_file({k: params[k].grad.detach().abs().float().contiguous() for k in keys}, str(path))
         return path

@@ -22,7 +22,7 @@ _WHERE = {
                                   "TrainsConfig"),
     "fps_graph.training.heads": ("HeadInfo",),
     "fps_graph.training.job": ("TrainJob", "run_train"),
-    "fps_graph.training.loop": ("Callbacks", "Setup", "TrainResult", "evaluate", "fit"),
+    "fps_graph.training.loop": ("Callbacks", "Prepared", "Setup", "TrainResult", "evaluate", "fit", "prepare"),
     "fps_graph.training.sparse": ("SparseFineTune", "attach", "load_delta", "save_delta"),
     "fps_graph.training.summary": ("TrainableSummary",),
     "fps_graph.training.tasks": ("TASKS", "DataContext", "Task", "TaskData", "get_task"),

@@ -245,7 +245,8 @@ class LoraAdapter(Adapter):
         rank: r for every adapted module, or {module name: r} (a name or a regex, PEFT's rank_pattern) over a
             default of the smallest rank given.
         target_modules: module names or suffixes PEFT adapts (e.g. ("q_proj", "v_proj")).
-        alpha: lora_alpha (default: r, a scale of 1).
+        alpha: lora_alpha for every module; None: alpha_ratio * the module's rank.
+        alpha_ratio: with alpha None, each module's lora_alpha is this times its rank (1: a scale of 1).
         dropout: lora_dropout.
         trains: what trains in full: the head (as PEFT's modules_to_save) and the biases of adapted layers
             (bias='lora_only'); norms, embeddings and globs are refused (PEFT would not save them).
@@ -255,6 +256,7 @@ class LoraAdapter(Adapter):
     rank: int | Mapping[str, int] = 8
     target_modules: tuple[str, ...] = ()
     alpha: float | None = None
+    alpha_ratio: float = 1.0
     dropout: float = 0.0
     trains: TrainsConfig = field(default_factory=TrainsConfig)
 
@@ -282,8 +284,10 @@ class LoraAdapter(Adapter):
             r, pattern = min(self.rank.values()), dict(self.rank)
         t = self.trains
         to_save = [head.name] if head is not None and t.train_head else None
-        config = LoraConfig(r=r, rank_pattern=pattern, target_modules=list(self.target_modules),
-                            lora_alpha=self.alpha if self.alpha is not None else r, lora_dropout=self.dropout,
+        alphas = {} if self.alpha is not None else {k: v * self.alpha_ratio for k, v in pattern.items()}
+        config = LoraConfig(r=r, rank_pattern=pattern, alpha_pattern=alphas, target_modules=list(self.target_modules),
+                            lora_alpha=self.alpha if self.alpha is not None else r * self.alpha_ratio,
+                            lora_dropout=self.dropout,
                             bias="lora_only" if t.train_bias else "none", modules_to_save=to_save)
         seen: set[int] = set()
         total = 0
@@ -306,7 +310,8 @@ class LoraAdapter(Adapter):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank if isinstance(self.rank, int) else dict(self.rank),
-                "target_modules": list(self.target_modules), "alpha": self.alpha, "dropout": self.dropout}
+                "target_modules": list(self.target_modules), "alpha": self.alpha, "alpha_ratio": self.alpha_ratio,
+                "dropout": self.dropout}
 
 
 ADAPTERS: dict[str, type[Adapter]] = {a.kind: a for a in (SparseAdapter, LoraAdapter, FullAdapter)}

@@ -219,6 +219,8 @@ class RunConfig:
     threads: int | None = _opt(None, "PyTorch CPU threads [default: PyTorch's].", "--threads")
     gradient_checkpointing: bool = _opt(False, "Hugging Face models: recompute activations in the backward pass "
                                                "(less memory, ~30% more time).", "--gradient-checkpointing")
+    stop_on_divergence: bool = _opt(False, "At a non-finite loss, stop and report the run as diverged (metrics "
+                                           "'diverged') instead of failing; for learning-rate sweeps (Python only).")
 
     def __post_init__(self) -> None:
         if self.output is not None:

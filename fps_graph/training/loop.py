@@ -23,13 +23,13 @@ from fps_graph.training.adapters import Adapter, Attached
 from fps_graph.training.config import DataConfig, OptimConfig, RunConfig, settings
 from fps_graph.training.heads import setup_head
 from fps_graph.training.metrics import PeakMemory, StepTimer, machine, plot_curves
-from fps_graph.training.optim import make_optimizer
+from fps_graph.training.optim import clip_gradients, make_optimizer
 from fps_graph.training.rundir import FILES, prepare_output, write_json
 from fps_graph.training.sparse import save_state_dict
 from fps_graph.training.summary import state_memory
 from fps_graph.training.tasks.base import Task, TaskData
 
-__all__ = ["Callbacks", "CallbackList", "TrainResult", "Setup", "fit", "evaluate", "deterministic", "resolve_device"]
+__all__ = ["Callbacks", "CallbackList", "TrainResult", "Setup", "Prepared", "fit", "prepare", "evaluate", "deterministic", "resolve_device"]
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
@@ -190,7 +190,8 @@ def fit(model: torch.nn.Module, adapter: Adapter, task: Task, train_data: TaskDa
             if run.threads:
                 torch.set_num_threads(run.threads)
             model.to(device)
-            handle, warnings, notes, head_from = _attach(model, adapter, task, train_data, run)
+            prep = prepare(model, adapter, task, train_data, run.seed)
+            handle, warnings, notes, head_from = prep.handle, prep.warnings, prep.notes, prep.head_from
             cb.on_attach(handle)                        # may refuse (e.g. --peft), before anything is written
             if run.gradient_checkpointing:
                 _checkpointing(model)
@@ -226,9 +227,20 @@ def fit(model: torch.nn.Module, adapter: Adapter, task: Task, train_data: TaskDa
     return TrainResult(metrics, files, warnings, handle)
 
 
-def _attach(model: torch.nn.Module, adapter: Adapter, task: Task, data: TaskData,
-            run: RunConfig) -> tuple[Attached, list[str], list[str], str | None]:
-    """The head (found, planned, replaced when new or resized), then the adapter attached."""
+@dataclass
+class Prepared:
+    """A model made trainable by ``prepare``: the adapter's handle, setup warnings and notes, where the head came
+    from ('option', 'detected' or None)."""
+
+    handle: Attached
+    warnings: list[str]
+    notes: list[str]
+    head_from: str | None
+
+
+def prepare(model: torch.nn.Module, adapter: Adapter, task: Task, data: TaskData, seed: int = 0) -> Prepared:
+    """The task head (found, planned, replaced by a seeded one when new or resized), then the adapter attached:
+    the model as ``fit`` trains it (also for work outside the loop, e.g. gradients for a GPS-style selection)."""
     trains = adapter.trains
     name = trains.head
     head_from = "option" if name else None
@@ -237,13 +249,13 @@ def _attach(model: torch.nn.Module, adapter: Adapter, task: Task, data: TaskData
         name = task.find_head(model, data)
         head_from = "detected" if name else None
     plan = task.plan_head(model, name, data, trains)
-    head = setup_head(model, name, plan.num_classes, seed=run.seed, train_head=trains.train_head, fresh=plan.fresh)
+    head = setup_head(model, name, plan.num_classes, seed=seed, train_head=trains.train_head, fresh=plan.fresh)
     task.prepare_model(model, head)
-    handle = adapter.attach(model, head, seed=run.seed)
+    handle = adapter.attach(model, head, seed=seed)
     notes = [n for n in handle.notes if not n.startswith(("head: ", "trained in full instead of sparsely"))]
     if plan.fresh and head is not None:
-        notes.append(f"head {head.name}: not in the checkpoint; a new seeded head (--seed {run.seed})")
-    return handle, list(plan.warnings), notes, head_from
+        notes.append(f"head {head.name}: not in the checkpoint; a new seeded head (--seed {seed})")
+    return Prepared(handle, list(plan.warnings), notes, head_from)
 
 
 def _checkpointing(model: torch.nn.Module) -> None:
@@ -268,6 +280,7 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
     timer = StepTimer(device)
     mem.start()
     epochs: list[dict[str, Any]] = []
+    diverged: dict[str, Any] | None = None
     t0 = time.perf_counter()
     seen = 0
     for epoch in range(1, optim.epochs + 1):
@@ -279,11 +292,14 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
             ts = timer.now()
             s = task.step(model, batch, device, ls)
             if not torch.isfinite(s.loss):
-                raise RuntimeFailure(f"the loss became {float(s.loss)} in epoch {epoch}; lower --lr")
+                bad = float(s.loss.detach())
+                if not run.stop_on_divergence:
+                    raise RuntimeFailure(f"the loss became {bad} in epoch {epoch}; lower --lr")
+                diverged = {"epoch": epoch, "step": len(timer.seconds) + 1, "loss": str(bad)}
+                break
             opt.zero_grad(set_to_none=True)
             s.loss.backward()
-            if optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            clip_gradients(params, optim.grad_clip)
             opt.step()
             sched.step()
             timer.add(timer.now() - ts)
@@ -294,6 +310,8 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
             if progress:
                 progress(s.samples)
         handle.train(False)
+        if diverged is not None:
+            break
         rec: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in task.summarize(loss_sum, n_sum,
                                                                                               correct).items()}}
         rec.update({f"train_{k}": v for k, v in task.epoch_extras(n_sum).items()})
@@ -306,9 +324,9 @@ def _epochs(model: torch.nn.Module, handle: Attached, task: Task, train_data: Ta
     train_seconds = time.perf_counter() - t0
     memory = mem.report()
     model.eval()
-    return {"epochs": epochs,
+    return {"epochs": epochs, "diverged": diverged,
             "initial": {f"val_{k}": v for k, v in initial.items()} if initial else None,
-            "final": {k: v for k, v in epochs[-1].items() if k not in ("epoch", "seconds", "lr")},
+            "final": {k: v for k, v in epochs[-1].items() if k not in ("epoch", "seconds", "lr")} if epochs else {},
             "memory": memory,
             "time": {"train_seconds": round(train_seconds, 3),
                      "samples_per_s": round(seen / train_seconds, 2) if train_seconds > 0 else 0.0,
@@ -342,7 +360,7 @@ def _write(out: Path, handle: Attached, task: Task, adapter: Adapter, metrics: d
         "files": {k: Path(v).name for k, v in files.items()}, "inference_mode": True,
         "fps_graph_version": __version__})
     files["run_config"] = str(out / FILES["run_config"])
-    if run.plot:
+    if run.plot and metrics["epochs"]:
         err = plot_curves(metrics["epochs"], out / FILES["plot"], metrics["initial"])
         if err:
             metrics["warnings"].append(err)
