@@ -135,3 +135,16 @@ def save_weights(model: nn.Module, path: Path) -> Path:
 
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def token_run_inputs(root: Path, n: int, k: int = 2, calib: int = 16) -> dict:
+    """A seeded TokenNet's weights, its legacy export, masks from select (k per neuron on the first `calib`
+    samples) and n labelled samples in train.npz: what a `train` run on the token model needs."""
+    model = token_net()
+    weights = save_weights(model, root / "w.safetensors")
+    onnx_path = export(model, TOKEN_SHAPE, root / "m.onnx", dynamo=False)
+    x, y = token_data(n, seed=0)
+    np.savez(root / "train.npz", x=x, y=y)
+    masks = select_masks(onnx_path, x[:calib], root / "masks.safetensors", k=k)
+    return {"root": root, "weights": str(weights), "onnx": onnx_path, "masks": str(masks),
+            "train": str(root / "train.npz"), "x": x, "y": y}

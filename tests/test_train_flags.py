@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest_train import SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, select_masks, token_data, token_net  # noqa: E402,E501
+from conftest_train import SPEC_TOKEN, token_net, token_run_inputs  # noqa: E402
 
 from fps_graph.formats.delta import read_delta  # noqa: E402
 from fps_graph.training.optim import lr_factor  # noqa: E402
@@ -23,15 +23,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flags")
-    model = token_net()
-    weights = save_weights(model, root / "w.safetensors")
-    onnx_path = export(model, TOKEN_SHAPE, root / "m.onnx", dynamo=False)
-    x, y = token_data(40, seed=0)
-    np.savez(root / "train.npz", x=x, y=y)
-    masks = select_masks(onnx_path, x[:16], root / "masks.safetensors", k=2)
-    return {"root": root, "weights": str(weights), "masks": str(masks), "train": str(root / "train.npz"), "x": x,
-            "y": y}
+    return token_run_inputs(tmp_path_factory.mktemp("flags"), 40)
 
 
 def run(tok, out: Path, *flags: str, capsys=None, code: int = 0) -> dict:

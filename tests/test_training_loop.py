@@ -6,16 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest_train import SPEC_TOKEN, TOKEN_SHAPE, export, save_weights, select_masks, token_data, token_net  # noqa: E402,E501
+from conftest_train import SPEC_TOKEN, token_net, token_run_inputs  # noqa: E402
 
-from fps_graph.errors import FpsGraphError, OptionError  # noqa: E402
+from fps_graph.errors import OptionError  # noqa: E402
 from fps_graph.training import (DataConfig, DataContext, FullAdapter, LoraAdapter, OptimConfig, RunConfig,  # noqa: E402
                                 SparseAdapter, TrainsConfig, fit, get_task)
 from fps_graph.training.config import ModelConfig, help_of  # noqa: E402
@@ -24,16 +23,10 @@ from fps_graph_cli.main import entry  # noqa: E402
 
 @pytest.fixture(scope="module")
 def token(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop")
-    model = token_net()
-    weights = save_weights(model, root / "w.safetensors")
-    onnx_path = export(model, TOKEN_SHAPE, root / "m.onnx", dynamo=False)
-    x, y = token_data(64, seed=0)
-    np.savez(root / "train.npz", x=x, y=y)
-    np.savez(root / "two.npz", x=x[y < 2], y=y[y < 2])
-    masks = select_masks(onnx_path, x[:32], root / "masks.safetensors", k=2)
-    return {"root": root, "weights": str(weights), "masks": str(masks), "train": str(root / "train.npz"),
-            "two": str(root / "two.npz")}
+    run = token_run_inputs(tmp_path_factory.mktemp("loop"), 64, calib=32)
+    x, y = run["x"], run["y"]
+    np.savez(run["root"] / "two.npz", x=x[y < 2], y=y[y < 2])
+    return {**run, "two": str(run["root"] / "two.npz")}
 
 
 def _image_fit(token, adapter, out=None, **optim):
