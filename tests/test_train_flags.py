@@ -214,3 +214,10 @@ def test_gradient_checkpointing_gives_the_same_training(llm, tmp_path):
         np.testing.assert_allclose(a.sparse[k].delta, b.sparse[k].delta, rtol=1e-4, atol=1e-7)
     assert entry(["train", SPEC_TOKEN, "--masks", llm["masks"], "--data", str(tmp_path / "t.txt"), "-o",
                   str(tmp_path / "x"), "--gradient-checkpointing", "-q"]) == 2      # factories have none
+
+
+def test_task_is_checked_once_with_the_known_names(tok, tmp_path, capsys):
+    run(tok, tmp_path / "r", "--task", "image-cls")
+    run(tok, tmp_path / "x", "--task", "detection", capsys=capsys, code=2)
+    err = capsys.readouterr().err
+    assert "unknown --task 'detection' (use image-cls, causal-lm, seq-cls)" in err and not (tmp_path / "x").exists()
