@@ -227,6 +227,18 @@ def scope_of_key(model, key: str) -> str:
     return model.__dict__["_fpsg_local"].get(key, ("", key))[0]
 
 
+def branch_conditions(model, path: str) -> list[str]:
+    """The If branches a graph sits in, outermost first, as ``"<If node>: <then_branch|else_branch>"``: its nodes
+    run only when every one of them is taken (empty for the main graph and bodies that always run)."""
+    scope = next((s for s in model_scopes(model) if s.path == path), None)
+    out: list[str] = []
+    while scope is not None and scope.owner is not None:
+        if scope.owner.op_type == "If":
+            out.append(f"{scope.owner_name}: {scope.attr}")
+        scope = scope.parent
+    return out[::-1]
+
+
 def iter_nodes(scopes: list[Scope]) -> Iterator[tuple[Scope, onnx.NodeProto, str]]:
     """(scope, node, unique node name within the scope) for every node of every graph, depth first."""
     for scope in scopes:
@@ -247,5 +259,5 @@ def all_value_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-__all__ = ["BODY_OPS", "LOOP_OPS", "Scope", "graph_scopes", "model_scopes", "node_names", "node_reads",
+__all__ = ["BODY_OPS", "LOOP_OPS", "Scope", "branch_conditions", "graph_scopes", "model_scopes", "node_names", "node_reads",
            "outer_reads", "subgraphs", "iter_nodes", "local_name", "scope_of_key", "all_value_names"]

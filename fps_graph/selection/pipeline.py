@@ -26,6 +26,7 @@ from fps_graph.formats.masks import write_masks
 from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
 from fps_graph.graph.recurrent import zero_state_notes
+from fps_graph.graph.walk import branch_conditions
 from fps_graph.selection.positions import canonical_to_key
 from fps_graph.selection.copies import merge_copies
 from fps_graph.selection.scores import SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight
@@ -140,8 +141,19 @@ def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequ
     return Plan(model, kept, groups, {layer.weight: names[layer.weight] for layer in kept}, skipped)
 
 
-def describe(plan: Plan) -> dict[str, Any]:
-    """The `inspect` view: scored layers (with names and layouts) and skipped nodes."""
+def describe(plan: Plan, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `inspect` view: scored layers (with names and layouts) and skipped nodes.
+
+    Each layer lists the If branches it sits in (``branches``: it runs only when all are taken, so `select` scores it
+    only if the calibration data takes them). ``run``: the header of a masks file selected on this model
+    (``formats.masks.read_metadata``); the view is then that run's: the layers it skipped (an If branch its data
+    never took, ``--include``/``--exclude``) move to the skipped list with its reason, and each scored layer gets
+    ``selected``, the entries the masks hold for its weight.
+    """
+    tensors: dict[str, Any] = {}
+    if run is not None:
+        plan = _as_run(plan, run)
+        tensors = run.get("tensors", {})
     layers = []
     for layer in plan.layers:
         info = plan.names[layer.weight]
@@ -154,7 +166,10 @@ def describe(plan: Plan) -> dict[str, Any]:
             "stored": primary_storage(plan.model, layer),      # the ONNX constant holding it (int8/int4 if quantized)
             "stored_dtype": np.dtype(plan.model.tensor_dtype(primary_storage(plan.model, layer))).name,
             "shared": len(next(g for g in plan.groups if any(l is layer for l in g.layers)).layers) > 1,
+            "branches": branch_conditions(plan.model, layer.graph),
         })
+        if run is not None:
+            layers[-1]["selected"] = int(tensors.get(info.key, {}).get("selected", 0))
     return {
         "model": str(plan.model.path), "sha256": plan.model.sha256,
         "layers": layers,
@@ -164,6 +179,24 @@ def describe(plan: Plan) -> dict[str, Any]:
         "inputs": [{"name": s.name, "shape": [d if isinstance(d, int) else str(d) for d in s.shape],
                     "dtype": s.dtype.name} for s in spec_list(plan.model)],
     }
+
+
+def _as_run(plan: Plan, run: dict[str, Any]) -> Plan:
+    """The plan as a `select` run saw it (its masks header): the layers it skipped taken out, with its records."""
+    if run.get("model_sha256") and run["model_sha256"] != plan.model.sha256:
+        raise DataError(f"the masks file was selected on another model ({run.get('model', '?')}, sha256 "
+                        f"{str(run['model_sha256'])[:12]}...), not {plan.model.path}")
+    records = {r["node"]: r for r in run.get("skipped", []) if r.get("weight")}
+    moved = [layer for layer in plan.layers if layer.node in records]
+    if not moved:
+        return plan
+    gone = {id(layer) for layer in moved}
+    skipped = plan.skipped + [Skipped(**{**records[layer.node], "shape": tuple(records[layer.node]["shape"])})
+                              for layer in moved]
+    groups = [g for g in plan.groups if not all(id(layer) in gone for layer in g.layers)]
+    layers = [layer for layer in plan.layers if id(layer) not in gone]
+    return Plan(plan.model, layers, groups, {k: v for k, v in plan.names.items()
+                                            if any(layer.weight == k for layer in layers)}, skipped, plan.data)
 
 
 def _axis_text(layer: Layer) -> str:
@@ -341,6 +374,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
+UNREACHED_NAMED = 20    # weights named in the warning; the masks header's skipped list holds them all
+
+
 def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     """Take weights no calibration data reached out of the plan, listed as skipped (selection.reach)."""
     from fps_graph.selection.reach import split_unreached
@@ -351,8 +387,12 @@ def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     if not kept:
         raise DataError(f"no calibration data reached any scored layer ({dropped[0].reason})")
     plan.layers = [layer for g in kept for layer in g.layers]
-    warnings.append(f"{len(plan.groups) - len(kept)} weights saw no calibration data (inside If branches never "
-                    "taken) and are not selected; see the skipped list")
+    kept_ids = {id(g) for g in kept}
+    names = [plan.names[g.weight].key for g in plan.groups if id(g) not in kept_ids]
+    shown = ", ".join(names[:UNREACHED_NAMED]) + (f" and {len(names) - UNREACHED_NAMED} more"
+                                                   if len(names) > UNREACHED_NAMED else "")
+    warnings.append(f"{len(names)} weights saw no calibration data (inside If branches never taken) and are skipped, "
+                    f"not selected: {shown} (the masks header lists each under 'skipped'; inspect --masks shows them)")
     plan.groups, plan.skipped = kept, plan.skipped + dropped
     plan.skipped.extend(name_the_rest(plan.model, plan.layers, plan.skipped))
 

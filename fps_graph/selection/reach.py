@@ -9,6 +9,7 @@ from __future__ import annotations
 from fps_graph.graph.inventory import layer_record
 from fps_graph.graph.layers import Skipped
 from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.walk import branch_conditions
 from fps_graph.selection.scores import WeightGroup
 from fps_graph.selection.stats import Stats
 
@@ -23,7 +24,7 @@ def split_unreached(model: OnnxModel, groups: list[WeightGroup], stats: Stats
             kept.append(group)
             continue
         for layer in group.layers:
-            branch = f" ({layer.graph})" if layer.graph else ""
-            dropped.append(layer_record(model, layer, f"no calibration data reached this layer{branch}; the If "
-                                                      "branch holding it was never taken"))
+            where = "; ".join(branch_conditions(model, layer.graph)) or layer.graph or "the main graph"
+            dropped.append(layer_record(model, layer, f"no calibration data reached this layer: the If branch "
+                                                      f"holding it ({where}) was never taken"))
     return kept, dropped
