@@ -42,12 +42,26 @@ def _select(*args) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
+def test_paddle2onnx_node_names_mark_a_stripped_producer(tmp_path):
+    """PP-OCRv4's files carry no producer name; their p2o.* node names still say paddle2onnx wrote them."""
+    path = tmp_path / "m.onnx"
+    _model(path, ["fc1.weight"], "")
+    m = onnx.load(str(path))
+    m.graph.node[0].name = "p2o.MatMul.0"
+    onnx.save(m, str(path))
+    out = tmp_path / "masks.safetensors"
+    assert _select(path, "-o", out, "--score", "magnitude", "-q")[0] == 0
+    rec = read_metadata(out)["tensors"]["fc1.weight"]
+    assert rec["torch"] is None and rec["name_source"] == "onnx-name"
+
+
 @pytest.mark.parametrize("producer,names,torch_names", [
     ("pytorch", ["fc1.weight", "blocks.0.fc2.weight"], ["fc1.weight", "blocks.0.fc2.weight"]),
     ("tf2onnx", ["model/dense/kernel:0", "dense_1.kernel"], [None, None]),          # TensorFlow's own paths
     ("PaddlePaddle", ["conv2d_0.w_0", "linear_1.w_0"], [None, None]),               # looks dotted, is Paddle's
     ("pytorch", ["fc1.weight", "If_0_then_branch__Inline_0__fc.weight"], ["fc1.weight", None]),  # inliner-made
     ("", ["W", "fc.weight"], [None, "fc.weight"]),
+    ("", ["conv2d_transpose_0.w_0", "fc.weight"], [None, "fc.weight"]),    # Paddle's names, producer stripped
 ])
 def test_torch_field_only_for_pytorch_names(tmp_path, producer, names, torch_names):
     path = tmp_path / "m.onnx"

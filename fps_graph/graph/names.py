@@ -62,6 +62,19 @@ _OTHER_PRODUCERS = ("tf2onnx", "keras2onnx", "tflite", "paddle", "skl2onnx", "on
                     "coreml", "chainer", "jax", "mindspore", "tensorflow")
 _MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 _INLINED = re.compile(r"__Inline_\d+__|(then|else)_branch__|^(If|Loop|Scan)_\d+_")
+_PADDLE_PARAM = re.compile(r"\.(w|b)_\d+$")        # conv2d_0.w_0, linear_1.b_0: PaddlePaddle's parameter names
+
+
+def _foreign(model: OnnxModel) -> bool:
+    """True for a model another framework's converter wrote, by its producer name or, where that was stripped, by
+    the converter's node names (paddle2onnx's ``p2o.``, TensorFlow's ``StatefulPartitionedCall``)."""
+    cached = model.__dict__.get("_fpsg_foreign")
+    if cached is None:
+        producer = (model.proto.producer_name or "").lower()
+        cached = any(p in producer for p in _OTHER_PRODUCERS) or any(
+            n.name.startswith(("p2o.", "StatefulPartitionedCall")) for n in model.graph.node)
+        model.__dict__["_fpsg_foreign"] = cached
+    return cached
 
 
 def is_pytorch_name(model: OnnxModel, name: str) -> bool:
@@ -69,7 +82,7 @@ def is_pytorch_name(model: OnnxModel, name: str) -> bool:
     (``blocks.0.attn.qkv.weight``; a bare name only in a PyTorch export), not one an inliner made up (``If_0_then_branch__Inline_0__...``), in a model
     that no other framework's converter wrote (a TensorFlow or PaddlePaddle name is that framework's own)."""
     producer = (model.proto.producer_name or "").lower()
-    if any(p in producer for p in _OTHER_PRODUCERS) or looks_generated(name) or _INLINED.search(name):
+    if _foreign(model) or looks_generated(name) or _INLINED.search(name) or _PADDLE_PARAM.search(name):
         return False
     # a bare name ("W") is a PyTorch name only in a PyTorch export (a top-level parameter, "weight")
     return bool(_MODULE_PATH.match(name)) and ("." in name or producer == "pytorch")
