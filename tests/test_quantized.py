@@ -263,12 +263,33 @@ def test_cast_times_scale_weight_is_scored(tmp_path, with_zero_point, scale_firs
     x = RNG.normal(size=(9, 12)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     plan = make_plan(path)
-    assert [(l.node, l.weight) for l in plan.layers] == [("fc", "Wq.dequantized")]
+    assert [(l.node, l.weight) for l in plan.layers] == [("fc", "Wf")]      # the float weight's name in the graph
     res = run_select(path, str(tmp_path / "x.npy"), SelectOptions(k=1))
     score = np.abs(w.T) * np.abs(x.astype(np.float64)).mean(0)
-    assert res.indices["Wq.dequantized"].tolist() == _top1_stored(score, lambda o, i: i * 7 + o)
-    assert not any("computed at run time" in s.reason for s in plan.skipped)
-    assert res.tensors["Wq.dequantized"]["layout"]["quantized"]["how"] == "Cast x scale"
+    assert res.indices["Wf"].tolist() == _top1_stored(score, lambda o, i: i * 7 + o)
+    assert plan.skipped == [] and res.metadata["weights"]["share"] == 1.0     # scale and zero point: part of Wf
+    assert res.tensors["Wf"]["layout"]["quantized"] == {
+        "source": "Wq", "format": "linear", "how": "Cast x scale", "scale": "s",
+        "zero_point": "zp" if with_zero_point else ""}
+
+
+def test_cast_times_scale_embedding_is_named_once_as_a_table(tmp_path):
+    """A dequantized embedding read by Gather: one record naming the float view (its int8 source and scale are
+    part of it), kind Gather."""
+    q = RNG.integers(-100, 100, size=(20, 6)).astype(np.int8)
+    w = RNG.normal(size=(6, 3)).astype(np.float32)
+    nodes = [h.make_node("Cast", ["emb_q"], ["emb_f"], name="cast", to=TP.FLOAT),
+             h.make_node("Mul", ["emb_f", "emb_scale"], ["emb.weight"], name="dq"),
+             h.make_node("Gather", ["emb.weight", "ids"], ["e"], name="embed"),
+             h.make_node("MatMul", ["e", "W"], ["y"], name="fc")]
+    g = h.make_graph(nodes, "g", [_vi("ids", TP.INT64, ["N", 4])], [_vi("y")],
+                     initializer=[nh.from_array(q, "emb_q"), nh.from_array(np.full((20, 1), 0.1, np.float32),
+                                                                            "emb_scale"), nh.from_array(w, "W")])
+    plan = make_plan(_save(g, tmp_path / "e.onnx"))
+    named = [(s.weight, s.op, s.shape, s.dtype) for s in plan.skipped]
+    assert named == [("emb.weight", "Gather", (20, 6), "float32")]
+    inv = plan.inventory()
+    assert (inv.total_values, inv.scored_values, inv.unscored_by_kind) == (120 + 18, 18, {"Gather": 120})
 
 
 def test_dynamic_quantize_matmul_from_ort_optimizer(tmp_path):
@@ -352,3 +373,24 @@ def test_inspect_names_quantized_weights(tmp_path):
                        text=True)
     assert p.returncode == 0 and "W1 <- W1_quantized (int8)" in p.stdout
     assert view["weights"]["share"] == 1.0
+
+
+def test_conv_integer_with_an_int32_bias_add_before_the_cast(tmp_path):
+    """Older quantizers add the int32 bias between ConvInteger and the Cast (ddddocr, Kokoro); the scale is found
+    through it and the scores are those of the same model without the Add."""
+    fpath = float_mlp_conv(tmp_path / "f.onnx")
+    qpath = _quantize_dynamic(fpath, tmp_path / "q.onnx", False, ops=("Conv",))
+    m = onnx.load(str(qpath))
+    conv = next(n for n in m.graph.node if n.op_type == "ConvInteger")
+    cast = next(n for n in m.graph.node if n.op_type == "Cast" and n.input[0] == conv.output[0])
+    m.graph.initializer.append(nh.from_array(np.arange(6, dtype=np.int32).reshape(1, 6, 1, 1), "bias_q"))
+    m.graph.node.insert(list(m.graph.node).index(cast),
+                        h.make_node("Add", [conv.output[0], "bias_q"], ["biased"], name="bias_add"))
+    cast.input[0] = "biased"
+    onnx.save(m, str(tmp_path / "qb.onnx"))
+    img = RNG.normal(size=(6, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 16), np.float32), img=img)
+    a = run_select(qpath, str(tmp_path / "d.npz"), SelectOptions(k=2))
+    b = run_select(tmp_path / "qb.onnx", str(tmp_path / "d.npz"), SelectOptions(k=2))
+    assert [l.node_op for l in make_plan(tmp_path / "qb.onnx").layers if l.op == "Conv"] == ["ConvInteger"]
+    assert a.indices["K"].tolist() == b.indices["K"].tolist() and b.metadata["weights"]["share"] == 1.0

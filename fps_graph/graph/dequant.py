@@ -124,16 +124,18 @@ def float_name(source: str, taken: Callable[[str], bool]) -> str:
     return name
 
 
-def register_view(model: Any, q: QuantizedTensor) -> str:
+def register_view(model: Any, q: QuantizedTensor, hint: str = "") -> str:
     """Register a float view in an OnnxModel (``model.quantized``) and return its key; the same view registered
-    twice (a weight read by several nodes) keeps one key. A view of a constant stored in an If/Loop/Scan body is
-    keyed in that body's scope (graph.walk), so it is named like the body's own constants."""
+    twice (a weight read by several nodes) keeps one key. The key is ``hint`` (the name the graph gives the float
+    weight, e.g. the output of ``Mul(Cast(q), scale)``) when no constant has it, else ``float_name``. A view of a
+    constant stored in an If/Loop/Scan body is keyed in that body's scope (graph.walk)."""
     for key, have in model.quantized.items():
         if have == q:
             return key
-    key = float_name(q.source, lambda n: model.is_constant(n))
     model_scopes(model)
     path = scope_of_key(model, q.source)
+    hinted = (f"{path}::{hint}" if path else hint) if hint else ""
+    key = hinted if hinted and not model.is_constant(hinted) else float_name(q.source, lambda n: model.is_constant(n))
     local = model.__dict__["_fpsg_local"]
     if path:
         local[key] = (path, key[len(path) + 2:] if key.startswith(path + "::") else key)

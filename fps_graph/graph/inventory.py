@@ -79,7 +79,7 @@ def _params(model: OnnxModel) -> set[str]:
 def weight_constants(model: OnnxModel) -> list[str]:
     """Model-wide keys of every weight-like stored constant (not quantization parameters), in storage order."""
     model_scopes(model)                       # registers the constants stored in bodies
-    params = _params(model)
+    params = _params(model) | {k for q in model.quantized.values() for k in (q.scale, q.zero_point) if k}
     keys = [k for k in [*model.initializers, *model.constant_nodes] if k not in params]
     return [k for k in keys if is_weight_like(model.tensor_shape(k), model.tensor_dtype(k))]
 
@@ -112,7 +112,7 @@ def name_the_rest(model: OnnxModel, layers: list[Layer], skipped: list[Skipped])
     """A record for every weight-like constant that is neither scored nor named yet (read only by Shape-like
     ops, a graph output, or nothing)."""
     scored = set().union(*(storage_of(model, layer) for layer in layers)) if layers else set()
-    named = {s.weight for s in skipped if s.weight}
+    named = set(_named_kinds(model, skipped))
     readers: dict[str, tuple[str, str]] = {}
     for scope, node, local in iter_nodes(model_scopes(model)):
         for inp in node.input:
@@ -131,14 +131,23 @@ def name_the_rest(model: OnnxModel, layers: list[Layer], skipped: list[Skipped])
     return out
 
 
+def _named_kinds(model: OnnxModel, skipped: list[Skipped]) -> dict[str, str]:
+    """Stored key -> the op of its first record; a record of a dequantized view names the constants behind it."""
+    kind: dict[str, str] = {}
+    for s in skipped:
+        if not s.weight:
+            continue
+        keys = model.quantized[s.weight].stored() if s.weight in model.quantized else (s.weight,)
+        for key in keys:
+            kind.setdefault(key, s.op)
+    return kind
+
+
 def inventory(model: OnnxModel, layers: list[Layer], skipped: list[Skipped]) -> Inventory:
     """The scored share of the model's weight values, and the unscored values per kind (the reading op)."""
     keys = weight_constants(model)
     scored = set().union(*(storage_of(model, layer) for layer in layers)) if layers else set()
-    kind: dict[str, str] = {}
-    for s in skipped:
-        if s.weight:
-            kind.setdefault(s.weight, s.op)
+    kind = _named_kinds(model, skipped)
     total = scored_values = 0
     unscored: dict[str, int] = {}
     for key in keys:

@@ -348,7 +348,7 @@ def cast_scale_view(model: OnnxModel, scope: Scope, node: onnx.NodeProto) -> str
             continue
         q = QuantizedTensor(source=source, format="linear", shape=shape, scale=scale, zero_point=zero_point,
                             how="Cast x scale")
-        return register_view(model, q)
+        return register_view(model, q, hint=node.output[0])
     return None
 
 
@@ -556,6 +556,20 @@ _UNSCORED_REASONS = {
 _NOT_COMPUTE = ("Shape", "Size", "Constant") + PASS_THROUGH
 
 
+def _dequantizes(model: OnnxModel, scope: Scope, node: onnx.NodeProto) -> bool:
+    """True for the Mul (and the zero-point Sub before it) of a ``Mul(Cast(q), scale)`` weight."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Mul":
+        return cast_scale_view(model, scope, node) is not None
+    if node.op_type == "Sub" and len(node.input) == 2:
+        q = _resolve_weight(model, node.input[0], scope)
+        zp = _resolve_weight(model, node.input[1], scope)
+        return (q is not None and zp is not None and any(st["op"] == "Cast" for st in q[1])
+                and np.dtype(model.tensor_dtype(q[0])).kind in "iu")
+    return False
+
+
 def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -575,6 +589,8 @@ def _name_unscored(model: OnnxModel, scopes: list[Scope], scored: set[str], skip
     named = {s.weight for s in skipped if s.weight}      # a table read by several nodes is named once
     for scope, node, local in iter_nodes(scopes):
         if node.op_type in _NOT_COMPUTE and node.domain in ("", "ai.onnx"):
+            continue
+        if _dequantizes(model, scope, node):      # part of a quantized weight; its reader names the weight
             continue
         name = scope.qualify(local)
         seen: set[str] = set()

@@ -61,6 +61,8 @@ def _output_scale(model: OnnxModel, scope: Scope, node: onnx.NodeProto, dql: onn
     """The weight scale of a MatMulInteger/ConvInteger: its int32 output -> Cast(float) -> Mul(., a_scale * w_scale)
     as ONNX Runtime's dynamic quantizer writes it; the constant factor of that product."""
     uses = _consumers(scope).get(node.output[0], [])
+    if len(uses) == 1 and uses[0].op_type == "Add":        # the int32 bias, quantized with a_scale * w_scale
+        uses = _consumers(scope).get(uses[0].output[0], [])
     if len(uses) != 1 or uses[0].op_type != "Cast" or _attr(uses[0], "to") not in _FLOAT:
         return None
     muls = _consumers(scope).get(uses[0].output[0], [])
