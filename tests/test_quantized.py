@@ -394,3 +394,28 @@ def test_conv_integer_with_an_int32_bias_add_before_the_cast(tmp_path):
     b = run_select(tmp_path / "qb.onnx", str(tmp_path / "d.npz"), SelectOptions(k=2))
     assert [l.node_op for l in make_plan(tmp_path / "qb.onnx").layers if l.op == "Conv"] == ["ConvInteger"]
     assert a.indices["K"].tolist() == b.indices["K"].tolist() and b.metadata["weights"]["share"] == 1.0
+
+
+def test_blocked_int4_dequantize_linear_is_scored(tmp_path):
+    """opset 21 DequantizeLinear with block_size on an int4 weight (one scale and zero point per block of 8 along
+    K): scored with the blocks dequantized by hand; the reference is first checked against ONNX Runtime."""
+    k, n, bs = 32, 6, 8
+    q = RNG.integers(-8, 8, size=(k, n)).astype(np.int8)
+    scale = RNG.uniform(0.05, 0.2, size=(k // bs, n)).astype(np.float32)
+    zp = RNG.integers(-2, 2, size=(k // bs, n)).astype(np.int8)
+    wq = h.make_tensor("Wq", TP.INT4, [k, n], q.reshape(-1).tolist())
+    zq = h.make_tensor("z", TP.INT4, [k // bs, n], zp.reshape(-1).tolist())
+    g = h.make_graph([h.make_node("DequantizeLinear", ["Wq", "s", "z"], ["Wf"], name="dq", axis=0, block_size=bs),
+                      h.make_node("MatMul", ["x", "Wf"], ["y"], name="fc")], "g", [_vi("x", shape=["N", k])],
+                     [_vi("y")], initializer=[wq, nh.from_array(scale, "s"), zq])
+    path = _save(g, tmp_path / "b4.onnx", opset=21)
+    w = (q.astype(np.float64) - np.repeat(zp, bs, axis=0)) * np.repeat(scale.astype(np.float64), bs, axis=0)
+    x = RNG.normal(size=(10, k)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+    np.save(tmp_path / "x.npy", x)
+    res = run_select(path, str(tmp_path / "x.npy"), SelectOptions(k=2))
+    score = np.abs(w.T) * np.abs(x.astype(np.float64)).mean(0)
+    top = np.argsort(-score, axis=1, kind="stable")[:, :2]
+    assert res.indices["Wq"].tolist() == sorted(int(i) * n + o for o in range(n) for i in top[o])
+    assert res.metadata["weights"]["share"] == 1.0 and res.metadata["skipped"] == []

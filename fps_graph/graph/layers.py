@@ -244,7 +244,12 @@ def apply_chain(arr: np.ndarray, chain: list[dict[str, Any]], values: bool = Fal
             scale = model.tensor(step["scale"]).astype(np.float32)
             zp = model.tensor(step["zero_point"]).astype(np.float32) if step["zero_point"] else np.float32(0)
             axis = step["axis"] % arr.ndim if arr.ndim else 0
-            if scale.ndim == 1 and scale.size > 1:
+            if step.get("block_size"):      # blocked (opset 21): one scale per block of block_size along axis
+                bs = int(step["block_size"])
+                scale = np.repeat(scale, bs, axis=axis).take(range(arr.shape[axis]), axis=axis)
+                if np.ndim(zp):
+                    zp = np.repeat(zp, bs, axis=axis).take(range(arr.shape[axis]), axis=axis)
+            elif scale.ndim == 1 and scale.size > 1:
                 shape = [1] * arr.ndim
                 shape[axis] = -1
                 scale = scale.reshape(shape)
@@ -303,8 +308,7 @@ def _resolve_weight(model: OnnxModel, name: str, scope: Scope) -> tuple[str, lis
             step["scale"] = const(node.input[1])
             step["zero_point"] = const(node.input[2]) if len(node.input) > 2 and node.input[2] else ""
             step["axis"] = int(_attr(node, "axis", 1))
-            if _attr(node, "block_size", 0):
-                return None
+            step["block_size"] = int(_attr(node, "block_size", 0) or 0)
         chain.append(step)
         name = node.input[0]
     return None
