@@ -191,6 +191,10 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
         source = model.derived[weight].source if weight in model.derived else weight
         if source in model.quantized:  # a float view of a quantized weight (graph/dequant.py)
             info.layout["quantized"] = model.quantized[source].record()
+            if info.how == "initializer-name":
+                info.how = "quantized-weight-name"     # the stored name without the quantizer's suffix
+                if not is_pytorch_name(model, info.key):
+                    info.torch = None
         if info.how == "initializer-name" and not is_pytorch_name(model, info.key):
             info.torch, info.how = None, "onnx-name"    # the graph's own name, not known to be PyTorch's
         if info.how == "onnx-node":
