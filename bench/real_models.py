@@ -416,6 +416,17 @@ def _meta(threads: int) -> dict:
                              "numpy": np.__version__}}
 
 
+def _by_reason(records: list[dict]) -> dict[str, dict]:
+    """Skipped weight records grouped by (op, reason): how many and how many values."""
+    out: dict[str, dict] = {}
+    for r in records:
+        key = f"{r['op']}: {r['reason']}"
+        slot = out.setdefault(key, {"weights": 0, "values": 0})
+        slot["weights"] += 1
+        slot["values"] += int(r["values"])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["values"]))
+
+
 def run(models: list[Model], reps: int, threads: int, timeout: float) -> list[dict]:
     """Every model: inventory, naming check, and select / plain runs alternating."""
     out = []
@@ -445,6 +456,10 @@ def run(models: list[Model], reps: int, threads: int, timeout: float) -> list[di
             rec["layers"] = sel["layers"]
             rec["unnamed"] = unnamed_weights(path, set(sel["named_local"]))
             rec["skipped_weights"] = len(sel["skipped_records"])
+            rec["skipped_by_reason"] = _by_reason(sel["skipped_records"])
+        for r in runs["select"]:            # the long lists stay out of the results file
+            r.pop("named_local", None)
+            r.pop("skipped_records", None)
         if sel.get("error"):
             rec["error"] = sel["error"]
         if sel.get("warnings"):
