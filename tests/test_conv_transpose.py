@@ -366,3 +366,58 @@ def test_per_tap_counts_survive_stats_files_shards_and_host_reduce(exported, tmp
         np.testing.assert_allclose(merged.stats.sums[node]["abs"], whole.stats.sums[node]["abs"], rtol=1e-6)
     for other in (merged, host):
         assert {k: v.tolist() for k, v in other.indices.items()} == {k: v.tolist() for k, v in whole.indices.items()}
+
+
+def test_stats_file_with_one_count_for_a_conv_transpose_is_refused(exported, tmp_path):
+    """A statistics file whose ConvTranspose layer holds one count instead of one per tap (not this version's)."""
+    from fps_graph.errors import DataError
+    from fps_graph.selection.pipeline import write_stats
+    from fps_graph.selection.stats import Stats
+
+    _, path, dpath, _ = exported("1d", "legacy")
+    res = run_select(path, str(dpath), SelectOptions(batch_size=B, provider="cpu", k=1), stats_out=True)
+    node = next(rec["nodes"][0] for rec in res.tensors.values() if rec["op"] == "ConvTranspose")
+    res.stats.counts[node] = float(np.max(res.stats.counts[node]))
+    write_stats(res.stats, tmp_path / "st.safetensors")
+    assert isinstance(Stats.load(tmp_path / "st.safetensors").counts[node], float)
+    with pytest.raises(DataError, match="value counts of layer"):
+        run_select(path, None, SelectOptions(k=1, stats_in=[str(tmp_path / "st.safetensors")]))
+
+
+def test_conv_transpose_in_an_if_branch_not_taken_in_one_shard(tmp_path):
+    """Inside an If branch: a shard where the branch never runs adds zero sums and zero per-tap counts, so its
+    statistics file merges with one where it ran (equal to that one alone) and passes the file checks."""
+    from fps_graph.runtime.calibrate import collect_stats
+    from fps_graph.selection.pipeline import write_stats
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    vi = lambda n, s=None: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)     # noqa: E731
+    then = helper.make_graph([helper.make_node("ConvTranspose", ["x", "W"], ["t"], name="up", strides=[2, 2],
+                                               pads=[1, 0, 0, 1], output_padding=[1, 0])], "then", [], [vi("t")],
+                             [numpy_helper.from_array(w, "W")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="id")], "else", [], [vi("e")])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], name="cf", then_branch=then, else_branch=other)], "g",
+                          [vi("x", ["N", 3, 5, 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [vi("y")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "if.onnx"
+    onnx.save(m, str(path))
+    x = rng.standard_normal((8, 3, 5, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "c.npy", np.array(True))
+    once = run_select(path, str(tmp_path / "x.npy"), SelectOptions(batch_size=4, provider="cpu", k=1,
+                                                                   static={"c": str(tmp_path / "c.npy")}),
+                      stats_out=True)
+    write_stats(once.stats, tmp_path / "taken.st")
+    plan = make_plan(path)
+    node = plan.layers[0].node
+    st, _ = collect_stats(plan.model, plan.layers, [{"x": x[:4], "c": np.array(False)}], kinds=("abs", "sq"),
+                          provider="cpu")
+    assert np.array_equal(st.counts[node], np.zeros((3, 3, 3))) and not st.sums[node]["abs"].any()
+    write_stats(st, tmp_path / "not_taken.st")
+    files = [str(tmp_path / "taken.st"), str(tmp_path / "not_taken.st")]
+    merged = run_select(path, None, SelectOptions(k=1, stats_in=files))
+    np.testing.assert_array_equal(merged.stats.counts[node], once.stats.counts[node])
+    assert {k: v.tolist() for k, v in merged.indices.items()} == {k: v.tolist() for k, v in once.indices.items()}

@@ -48,7 +48,8 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
         if batch == 0:   # an If branch not taken: no values (the map is empty)
             for kind in kinds:
                 st.add(layer.node, kind, np.zeros(layer.feature_shape, dtype=np.float64))
-            st.add_count(layer.node, 0)
+            # ConvTranspose keeps one count per tap (selection.stats): zeros of that shape, so files stay checkable
+            st.add_count(layer.node, np.zeros(layer.feature_shape) if layer.op == "ConvTranspose" else 0)
             continue
         for kind in kinds:
             m = maps[kind].astype(np.float64)

@@ -254,6 +254,13 @@ class Stats:
                 if tuple(arr.shape) != tuple(layer.feature_shape):
                     raise DataError(f"{source}: statistics of layer {layer.node} have shape {tuple(arr.shape)},"
                                         f" the model expects {tuple(layer.feature_shape)}")
+            count = self.counts.get(layer.node, 0.0)
+            per_value = layer.op == "ConvTranspose"      # each tap has its own count (conv_transpose_window_sums)
+            if np.ndim(count) != (len(layer.feature_shape) if per_value else 0) or (
+                    per_value and tuple(np.shape(count)) != tuple(layer.feature_shape)):
+                raise DataError(f"{source}: the value counts of layer {layer.node} have shape "
+                                f"{tuple(np.shape(count))}, the model expects "
+                                f"{tuple(layer.feature_shape) if per_value else '()'} (a file from another version?)")
 
 
 def load_merged(paths: list[str]) -> Stats:
