@@ -98,7 +98,7 @@ def export_minilm(folder: Path) -> Path:
     return folder
 
 
-def export_llama(folder: Path) -> Path:
+def export_llama(folder: Path, positions: int = 512) -> Path:
     """A small Llama decoder (random, perturbed) with past_key_values inputs, MiniLM's tokenizer beside it."""
     import torch
     import transformers
@@ -109,7 +109,7 @@ def export_llama(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
     cfg = transformers.LlamaConfig(vocab_size=30522, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=positions,
                                    attn_implementation="eager", tie_word_embeddings=False)
 
     class Llama(transformers.LlamaForCausalLM):

@@ -15,6 +15,19 @@ from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
 
 
+def _text_options(tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
+                  pack: int | None) -> TextOptions:
+    """The text options, with the library's refusals worded in flags."""
+    if pack is not None and max_length is not None:
+        raise OptionError("give --pack LENGTH or --max-length, not both: packed rows are exactly LENGTH tokens and "
+                            "no document is truncated")
+    if pack is not None and no_truncate:
+        raise OptionError("--no-truncate does not apply with --pack: packing truncates nothing (documents run on "
+                            "into the next row)")
+    return TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate,
+                       pack=pack)
+
+
 @click.command()
 @click.argument("model", type=click.Path())
 @click.argument("data", required=False)
@@ -54,6 +67,10 @@ from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_
               help="Text: tokens per sample [default: the model's limit from its folder's configs, else 512].")
 @click.option("--no-truncate", is_flag=True, help="Text: refuse samples longer than --max-length (default: cut them,"
               " with a warning count).")
+@click.option("--pack", "pack", type=click.IntRange(min=1), default=None, metavar="LENGTH",
+              help="Text: join the documents with the tokenizer's end-of-sequence token and cut them into rows of "
+                   "exactly LENGTH tokens (the last partial row dropped, counted): full batches for long documents, "
+                   "but windows, not documents (docs/text.md). Default: each document exactly, unpadded.")
 @click.option("--reduce", type=click.Choice(["graph", "host"]), default="graph", show_default=True,
               help="graph: reduce activations inside ONNX Runtime; host: return them raw and reduce in NumPy.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
@@ -83,6 +100,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            anchor: str | None, anchor_stats: tuple[str, ...], eps: float, seed: int, batch_size: int,
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
+           pack: int | None,
            reduce: str, provider: str, opt_level: str, threads: int | None, max_memory: float | None, dense: bool,
            stats_out: str | None, stats_in: tuple[str, ...], static: tuple[str, ...], state_dict: str | None, force: bool,
            quiet: bool, ray_address: str | None, workers: int | None, workdir: str | None, resume: str | None,
@@ -106,7 +124,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         opt_level=opt_level, threads=threads or None, max_memory_mb=max_memory, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
-        text=TextOptions(tokenizer=tokenizer, text_field=text_field, max_length=max_length, truncate=not no_truncate),
+        text=_text_options(tokenizer, text_field, max_length, no_truncate, pack),
         stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
         static=parse_static(static),
         min_per_layer=min_per_layer, shard_size=shard_size,

@@ -232,7 +232,7 @@ class _Prefixed(torch.nn.Module):
 
 def select(model_path, data, **kw):
     text = TextOptions(**{k: kw.pop(k) for k in list(kw) if k in ("tokenizer", "text_field", "max_length",
-                                                                     "truncate")})
+                                                                     "truncate", "pack")})
     opts = SelectOptions(**{"batch_size": 4, "provider": "cpu", "k": 1, "text": text, "stat": "mean-abs", **kw})
     return run_select(model_path, str(data), opts)
 

@@ -9,6 +9,10 @@
   sorted by token count, ties kept in input order, and each run of equal lengths is cut into batches), so every
   statistic is the one each sequence gives alone and no graph change is needed. Inputs the tokenizer does not give
   are filled by the transformers/Optimum conventions (``hf_inputs``).
+* **Packing** (``TextOptions.pack = L``): the documents, each tokenized whole with its special tokens, are joined
+  with the tokenizer's separator (its end-of-sequence token, or BERT's [SEP]) into one token stream, cut into rows of
+  exactly L tokens; the last partial row is dropped (counted in ``notes`` and the record). Every batch is full, at
+  the price of windows that start mid-document and attend across document boundaries (docs/text.md).
 
 Public helpers for other stages (training reads and tokenizes its text with them): ``TextTokenizer``,
 ``load_tokenizer``, ``find_tokenizer``, ``read_texts`` (with extra .jsonl fields such as a label),
@@ -33,9 +37,9 @@ from fps_graph.errors import DataError, ModelError, OptionError, RuntimeFailure
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
 
-__all__ = ["TEXT_EXTS", "MODEL_FILES", "TextOptions", "TextSample", "TextSource", "TextTokenizer", "Tokenized",
-           "default_max_length", "find_tokenizer", "is_text_path", "load_tokenizer", "read_texts",
-           "resolve_model_path", "tokenize"]
+__all__ = ["TEXT_EXTS", "MODEL_FILES", "Packed", "TextOptions", "TextSample", "TextSource", "TextTokenizer",
+           "Tokenized", "default_max_length", "find_separator", "find_tokenizer", "is_text_path", "load_tokenizer",
+           "pack", "read_texts", "resolve_model_path", "tokenize"]
 
 TEXT_EXTS = {".txt", ".jsonl"}
 # Which ONNX file a model folder means, first found wins. decoder_model.onnx comes before the merged decoder: it
@@ -43,6 +47,8 @@ TEXT_EXTS = {".txt", ".jsonl"}
 MODEL_FILES = ("model.onnx", "decoder_model.onnx", "decoder_model_merged.onnx")
 DEFAULT_MAX_LENGTH = 512
 _HF_UNSET = 10 ** 9   # transformers writes int(1e30) as model_max_length when a tokenizer has no limit
+# Separator tokens looked up in the vocabulary when no config names one, in this order.
+SEPARATOR_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
 
 
 @dataclass
@@ -54,12 +60,26 @@ class TextOptions:
         text_field: the field of each .jsonl record that holds the text.
         max_length: tokens per sample (special tokens included); None = the model's limit (see default_max_length).
         truncate: cut longer samples to max_length (counted in a warning); False = refuse them.
+        pack: tokens per row when packing: documents joined with the tokenizer's separator and cut into rows of
+            exactly this many tokens, the last partial row dropped; None = one sample per document, exact.
     """
 
     tokenizer: str | None = None
     text_field: str = "text"
     max_length: int | None = None
     truncate: bool = True
+    pack: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pack is not None:
+            if isinstance(self.pack, bool) or not isinstance(self.pack, (int, np.integer)) or self.pack < 1:
+                raise OptionError(f"pack length must be a positive number of tokens (got {self.pack!r})")
+            if self.max_length is not None:
+                raise OptionError("give a pack length or a max length, not both: packed rows are exactly the pack "
+                                    "length and no document is truncated")
+            if not self.truncate:
+                raise OptionError("packing truncates nothing (documents run on into the next row); drop the "
+                                    "refusal of long samples")
 
 
 @dataclass(frozen=True)
@@ -229,14 +249,15 @@ def read_texts(path: str | os.PathLike, field: str = "text", extra: dict[str, st
     return samples
 
 
-def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int, *, truncate: bool = True,
+def tokenize(tokenizer: "Tokenizer", texts: Sequence[str], max_length: int | None, *, truncate: bool = True,
              where: Sequence[str] | None = None) -> Tokenized:
-    """Token ids (special tokens added) of each text, cut to max_length; with truncate=False a longer text is an
-    error naming ``where[i]``."""
-    if max_length < 1:
+    """Token ids (special tokens added) of each text, cut to max_length (None: whole); with truncate=False a longer
+    text is an error naming ``where[i]``."""
+    if max_length is not None and max_length < 1:
         raise OptionError(f"max_length must be at least 1, got {max_length}")
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)   # special tokens are kept; the rest is cut from the right
+    if max_length is not None:
+        tokenizer.enable_truncation(max_length)   # special tokens are kept; the rest is cut from the right
     try:
         encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
     finally:
@@ -289,6 +310,65 @@ class TextTokenizer:
         self.tok.no_truncation()
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(list(texts),
                                                                                  add_special_tokens=special)]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Packed rows of one token stream and what packing left out."""
+
+    rows: np.ndarray       # int64 [rows, length]
+    documents: int         # documents joined
+    stream_tokens: int     # tokens in the joined stream (separators included)
+    dropped_tokens: int    # the last partial row's tokens, not used
+
+
+def pack(docs: Tokenized, separator: int, length: int) -> Packed:
+    """Join the documents' tokens with ``separator`` between two documents (not where a document already ends with
+    it) and cut the stream into rows of exactly ``length`` tokens; the last partial row is dropped."""
+    if length < 1:
+        raise OptionError(f"pack length must be at least 1, got {length}")
+    parts: list[np.ndarray] = []
+    sep = np.array([separator], dtype=np.int64)
+    for i in range(len(docs)):
+        ids = docs.sample(i)
+        if parts and parts[-1][-1] != separator:
+            parts.append(sep)
+        parts.append(ids)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = stream.size // length
+    return Packed(stream[:n * length].reshape(n, length), len(docs), int(stream.size), int(stream.size - n * length))
+
+
+def find_separator(tokenizer: "Tokenizer", folders: Sequence[str | os.PathLike]) -> tuple[int, str]:
+    """(token id, token) that joins documents when packing: the first found of tokenizer_config.json ``eos_token``,
+    config.json ``eos_token_id``, tokenizer_config.json ``sep_token`` (folders in order), else the first of
+    SEPARATOR_TOKENS in the vocabulary."""
+    def content(v: Any) -> str | None:
+        v = v.get("content") if isinstance(v, dict) else v
+        return v if isinstance(v, str) and v else None
+
+    candidates: list[tuple[str, Any]] = []
+    for fname, fld in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id"),
+                       ("tokenizer_config.json", "sep_token")):
+        for folder in folders:
+            v = _read_json(Path(folder) / fname).get(fld)
+            if fld.endswith("_id"):
+                v = v[0] if isinstance(v, list) and v else v
+                if isinstance(v, int) and not isinstance(v, bool) and tokenizer.id_to_token(v) is not None:
+                    return v, tokenizer.id_to_token(v)
+            elif content(v) is not None:
+                candidates.append((content(v), f"{Path(folder) / fname} {fld}"))
+                tid = tokenizer.token_to_id(content(v))
+                if tid is not None:
+                    return tid, content(v)
+    for token in SEPARATOR_TOKENS:
+        tid = tokenizer.token_to_id(token)
+        if tid is not None:
+            return tid, token
+    named = f" ({', '.join(f'{t!r} from {w}' for t, w in candidates)} not in the vocabulary)" if candidates else ""
+    raise DataError("packing joins documents with the tokenizer's end-of-sequence token, and none was found"
+                        f"{named}: set eos_token in tokenizer_config.json beside the tokenizer, or calibrate without "
+                        "packing")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -361,15 +441,37 @@ class TextSource(Source):
                                     "(config.json max_position_embeddings)")
             self.max_length, self.max_length_from = limit, "config.json max_position_embeddings"
         fixed = self.plan.fixed_length
-        if fixed is not None:
+        self.packed: Packed | None = None
+        self.separator: str | None = None
+        if opts.pack is not None:
+            self.max_length, self.max_length_from = int(opts.pack), "pack"
+            if limit is not None and self.max_length > limit:
+                raise OptionError(f"pack length {self.max_length} exceeds the model's {limit} positions "
+                                    "(config.json max_position_embeddings)")
+            if fixed is not None and fixed != self.max_length:
+                raise ModelError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of "
+                                    f"{fixed}; pack rows of {fixed} tokens")
+        elif fixed is not None:
             raise ModelError(f"{model_path}: input {self.plan.ids_name!r} has a fixed sequence length of {fixed}; "
                                 "every sample would need padding, which would count in the statistics. Export the "
-                                "model with a dynamic sequence axis")
+                                f"model with a dynamic sequence axis, or pack rows of {fixed} tokens")
         tok = TextTokenizer(self.tokenizer_path)
         samples = read_texts(path, opts.text_field)
         self.samples = samples
-        self.tokens = tok.tokenize([s.text for s in samples], self.max_length, truncate=opts.truncate,
-                                   where=[f"{s.file}:{s.line}" for s in samples])
+        where = [f"{s.file}:{s.line}" for s in samples]
+        if opts.pack is None:
+            self.tokens = tok.tokenize([s.text for s in samples], self.max_length, truncate=opts.truncate,
+                                       where=where)
+        else:   # whole documents (never truncated), joined and cut into rows of exactly the pack length
+            sep_id, self.separator = find_separator(tok.tok, folders)
+            self.packed = pack(tokenize(tok.tok, [s.text for s in samples], None, where=where), sep_id,
+                               self.max_length)
+            rows = self.packed.rows
+            if rows.shape[0] == 0:
+                raise DataError(f"{path}: {self.packed.stream_tokens} tokens in all, fewer than one packed row "
+                                    f"of {self.max_length}; pack shorter rows or add text")
+            self.tokens = Tokenized(rows.reshape(-1), np.arange(rows.shape[0] + 1, dtype=np.int64) * rows.shape[1],
+                                    [])
         self.lengths = self.tokens.lengths
         self.path = Path(path)
 
@@ -378,7 +480,14 @@ class TextSource(Source):
 
     @property
     def notes(self) -> list[str]:
-        """Warnings for the user (truncated samples)."""
+        """Warnings for the user (truncated samples; the packed stream's dropped tail)."""
+        if self.packed is not None:
+            p = self.packed
+            if not p.dropped_tokens:
+                return []
+            return [f"packed {p.documents} documents ({p.stream_tokens} tokens with {self.separator!r} between "
+                    f"documents) into {p.rows.shape[0]} rows of {self.max_length} tokens; the last "
+                    f"{p.dropped_tokens} tokens (a partial row) are not used"]
         n = len(self.tokens.truncated)
         if not n:
             return []
@@ -389,12 +498,19 @@ class TextSource(Source):
 
     def record(self) -> dict[str, Any]:
         """What the masks metadata keeps about this data (tokenizer, lengths, field)."""
-        return {"kind": "text", "tokenizer": str(self.tokenizer_path.resolve()),
+        rec = {"kind": "text", "tokenizer": str(self.tokenizer_path.resolve()),
                 "tokenizer_sha256": sha256_of(self.tokenizer_path),
                 "max_length": self.max_length, "max_length_from": self.max_length_from,
                 "text_field": self.opts.text_field, "truncate": self.opts.truncate,
                 "truncated": len(self.tokens.truncated), "tokens": int(self.tokens.offsets[-1]),
                 "padding": "none (equal-length batches)"}
+        if self.packed is not None:
+            rec.update({"padding": "none (packed rows)", "truncated": 0,
+                        "packing": {"length": self.max_length, "separator": self.separator,
+                                    "documents": self.packed.documents, "rows": int(self.packed.rows.shape[0]),
+                                    "stream_tokens": self.packed.stream_tokens,
+                                    "dropped_tokens": self.packed.dropped_tokens}})
+        return rec
 
     def batches(self, order: np.ndarray, batch_size: int) -> list[np.ndarray]:
         """Batches of equal-length samples: ``order``'s samples sorted by length (ties in ``order``), each run of

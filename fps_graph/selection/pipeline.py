@@ -232,6 +232,8 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
     open_data = functools.partial(open_source, data, specs, opts.image, text_opts=opts.text,
                                   model_path=plan.model.path)   # picklable: Ray workers open the data the same way
     source = open_data()
+    if opts.text.pack is not None and not isinstance(source, TextSource):   # never drop an option silently
+        raise OptionError(f"{data}: packing applies to text data (.txt/.jsonl); this data is not text")
     warnings.extend(getattr(source, "notes", []))
     plan.data[label] = source.record()
     batch_size, max_samples = opts.batch_size, opts.max_samples
