@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 LABELS = {
-    "ours": "fps-graph select (in-graph reduction)",
-    "ours-lean": "fps-graph select --max-memory MB (micro-batches)",
+    "ours": "fps-graph select (default: micro-batches only where plain inference would need less)",
+    "ours-lean": "fps-graph select --max-memory auto (or MB): micro-batches near the floor",
+    "ours-whole": "fps-graph select, whole batches (before lean-by-default)",
     "host": "fps-graph select --reduce host",
     "hooks": "PyTorch forward hooks, no_grad (FPS)",
     "gps": "PyTorch forward+backward, top \\|grad\\| (GPS-style)",
     "plain": "ONNX Runtime inference only (floor)",
 }
-SHORT = {"ours": "ours", "ours-lean": "ours --max-memory", "host": "host", "hooks": "hooks", "gps": "GPS", "plain": "plain ORT"}
-COLORS = {"ours": "#1f77b4", "ours-lean": "#2ca02c", "host": "#9ecae1", "hooks": "#ff7f0e", "gps": "#d62728", "plain": "#7f7f7f"}
+SHORT = {"ours": "ours", "ours-lean": "ours --max-memory", "ours-whole": "ours whole", "host": "host", "hooks": "hooks", "gps": "GPS", "plain": "plain ORT"}
+COLORS = {"ours": "#1f77b4", "ours-lean": "#2ca02c", "ours-whole": "#17becf", "host": "#9ecae1", "hooks": "#ff7f0e", "gps": "#d62728", "plain": "#7f7f7f"}
 
 
 def _cell(s: dict | None, fmt: str = "{:.1f}") -> str:
@@ -41,6 +42,8 @@ def markdown(res: dict) -> str:
              f"| machine | {m.get('cpu', '?')}, {m.get('cpu_count')} cores, {m.get('ram_gb', '?')} GB RAM"
              + (f"; GPU {m.get('gpu')}" if cuda else "") + f"; {m.get('platform')} |",
              "| versions | " + ", ".join(f"{k} {val}" for k, val in v.items()) + f", python {m.get('python')} |",
+             *([f"| git | {res['meta']['git']['commit']}" + (" (uncommitted changes)" if res['meta']['git']['dirty']
+                                                             else "") + " |"] if res.get("meta") else []),
              f"| settings | device {st['device']}, {st['ort_threads']} (ORT), {st['torch_threads']} (torch); "
              f"top-K = {st['k']} per output neuron; ONNX weights {st['layout']}; {st['reps']} repetitions, each "
              "method in its own fresh process, order rotated every repetition |"]
@@ -87,7 +90,8 @@ def markdown(res: dict) -> str:
         r = next(x for x in res["ratios"] if (x["model"], x["batch_size"], x["samples"]) == (model, batch, samples))
         lines += ["", "| ratio of medians | time | CPU | pass | peak RSS | above baseline |"
                   + (" device |" if cuda else ""), "|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
-        for key in ("gps/ours", "gps/ours-lean", "hooks/ours", "host/ours", "ours/plain", "ours-lean/plain"):
+        for key in ("gps/ours", "gps/ours-lean", "gps/ours-whole", "hooks/ours", "host/ours", "ours/plain",
+                    "ours-lean/plain", "ours-whole/plain"):
             q = r.get(key)
             if not q or not any(v for v in q.values()):
                 continue
@@ -100,7 +104,7 @@ def markdown(res: dict) -> str:
                    (model, batch, samples)), None)
         if ag:
             parts = []
-            for other in ("ours-lean", "hooks", "host", "gps"):
+            for other in ("ours-lean", "ours-whole", "hooks", "host", "gps"):
                 val = ag.get(f"ours~{other}")
                 if f"ours~{other}" in ag:
                     parts.append(f"{SHORT[other]} {'n/a (different weight names)' if val is None else f'{100 * val:.2f}%'}")

@@ -6,7 +6,8 @@
 Methods (all read the same .npy through fps_graph's Loader, same batch size, same samples, same thread count):
 
 * ``ours``  - fps_graph.selection.pipeline.run_select + write_result, i.e. exactly ``fps-graph select`` (in-graph reduction);
-* ``ours-lean`` - the same with ``--max-memory MB`` (micro-batches sized to the budget, same masks);
+* ``ours-lean`` - the same with ``--max-memory auto`` (or MB): micro-batches near the memory floor, same masks;
+* ``ours-whole`` - the same with whole batches (no micro-batching: the behaviour before lean-by-default);
 * ``host``  - the same with ``--reduce host`` (raw activations leave ONNX Runtime, reduced in NumPy);
 * ``hooks`` - FPS the obvious PyTorch way: forward pre-hooks on every nn.Linear / nn.Conv2d under torch.no_grad(),
   sum |x| per input feature (Conv: F.unfold windows), then |W| * E|x| and top-K per output neuron;
@@ -131,11 +132,12 @@ class Sampler(threading.Thread):
 # ONNX Runtime methods
 
 
-def run_ours(a, reduce: str, max_memory_mb: float | None = None) -> dict:
+def run_ours(a, reduce: str, max_memory_mb: float | str | None = None, whole: bool = False) -> dict:
     from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
     opts = SelectOptions(k=a.k, reduce=reduce, provider=a.provider, threads=a.threads, batch_size=a.batch_size,
-                         max_samples=a.samples, opt_level=a.opt_level, max_memory_mb=max_memory_mb)
+                         max_samples=a.samples, opt_level=a.opt_level, max_memory_mb=max_memory_mb,
+                         micro_batch=a.batch_size if whole else None)
     res = run_select(a.onnx, a.data, opts)
     write_result(res, a.masks, force=True)
     s = res.summary
@@ -155,6 +157,7 @@ def run_plain(a) -> dict:
     so = _options(a.opt_level, a.threads)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if a.device == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(a.onnx, so, providers=providers)
+    session_rss = rss_mb()   # weights as ONNX Runtime holds them + the runtime: the floor before any activation
     provider = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if a.device == "cuda" and provider != "cuda":
         raise SystemExit("plain: the CUDA provider is not usable")
@@ -170,7 +173,7 @@ def run_plain(a) -> dict:
         sess.run(None, {k: batch[k] for k in names})
         n += int(next(iter(batch.values())).shape[0])
     pass_s = time.perf_counter() - t0
-    return {"pass_s": pass_s, "provider": provider, "selected": 0, "samples_seen": n}
+    return {"pass_s": pass_s, "provider": provider, "selected": 0, "samples_seen": n, "session_rss_mb": session_rss}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,8 +318,9 @@ def run_torch(a, method: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", required=True, choices=["ours", "ours-lean", "host", "hooks", "gps", "plain"])
-    p.add_argument("--max-memory", type=float, default=None, help="ours-lean: fps-graph select --max-memory MB")
+    p.add_argument("--method", required=True, choices=["ours", "ours-lean", "ours-whole", "host", "hooks", "gps",
+                                                        "plain"])
+    p.add_argument("--max-memory", default=None, help="ours-lean: fps-graph select --max-memory MB|auto")
     p.add_argument("--model", required=True)
     p.add_argument("--onnx", required=True)
     p.add_argument("--weights", required=True)
@@ -371,7 +375,9 @@ def main(argv=None) -> int:
     if a.method in ("ours", "host"):
         res = run_ours(a, "graph" if a.method == "ours" else "host")
     elif a.method == "ours-lean":
-        res = run_ours(a, "graph", a.max_memory)
+        res = run_ours(a, "graph", a.max_memory if a.max_memory == "auto" else float(a.max_memory))
+    elif a.method == "ours-whole":
+        res = run_ours(a, "graph", whole=True)
     elif a.method == "plain":
         res = run_plain(a)
     else:

@@ -8,11 +8,29 @@ from fps_graph.data.text import TextOptions
 from fps_graph.data.static import parse_static
 from fps_graph.errors import OptionError
 from fps_graph.formats.io import check_output_path
+from fps_graph.runtime.memory import AUTO
 from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
 from fps_graph.selection.scores import SCORES, STATS
 from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
+
+
+class MemoryBudget(click.ParamType):
+    """--max-memory: a number of MB, or auto."""
+
+    name = "MB|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        if text == AUTO:
+            return AUTO
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of MB nor 'auto'", param, ctx)
 
 
 def _text_options(tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
@@ -77,9 +95,11 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
 @click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimisation level.")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--max-memory", "max_memory", type=float, default=None, metavar="MB",
+@click.option("--max-memory", "max_memory", type=MemoryBudget(), default=None, metavar="MB|auto",
               help="Keep peak memory near MB: each batch runs in micro-batches sized from the model's activation "
-                   "bytes per sample (same statistics, summed); default: whole batches.")
+                   "bytes per sample (same statistics, summed). auto: close to the floor (weights + runtime + one "
+                   "micro-batch whose activations stay under a quarter of the weights). Default: micro-batches only "
+                   "where the observed graph would need more than plain inference of the same batch.")
 @click.option("--dense", is_flag=True, help="Write bool masks of each tensor's shape instead of indices.")
 @click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
               help="Also save the raw statistics (sums and counts) here.")
@@ -101,7 +121,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
            max_samples: int | None, shuffle: bool, image_size: str | None, mean: str | None, std: str | None,
            crop_pct: float, tokenizer: str | None, text_field: str, max_length: int | None, no_truncate: bool,
            pack: int | None,
-           reduce: str, provider: str, opt_level: str, threads: int | None, max_memory: float | None, dense: bool,
+           reduce: str, provider: str, opt_level: str, threads: int | None, max_memory: float | str | None, dense: bool,
            stats_out: str | None, stats_in: tuple[str, ...], static: tuple[str, ...], state_dict: str | None, force: bool,
            quiet: bool, ray_address: str | None, workers: int | None, workdir: str | None, resume: str | None,
            shard_size: int) -> None:

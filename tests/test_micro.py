@@ -11,13 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fps_graph.errors import FpsGraphError
 from fps_graph.graph.layers import find_layers
 from fps_graph.graph.model import load_model
 from fps_graph.runtime.calibrate import BatchStats
-from fps_graph.runtime.memory import MB, RUNTIME_MB, ARENA_SLACK, ActivationEstimate, Footprint, micro_batch_for
+from fps_graph.runtime.memory import (MB, RUNTIME_MB, ARENA_SLACK, AUTO, ActivationEstimate, Footprint, auto_cap,
+                                     even_slices, micro_batch_for, within_plain)
 from fps_graph.runtime.micro import MicroBatcher, check_micro
 from fps_graph.selection.pipeline import SelectOptions, run_select
 
@@ -34,7 +35,7 @@ def _masks(path, data, **kw):
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_micro_batched_masks_equal_whole_batch(exported, name):
     _, path, dpath, _ = exported(name, "legacy")
-    whole, ref = _masks(path, dpath)
+    whole, ref = _masks(path, dpath, micro_batch=16)      # a slice as large as the batch: whole batches
     assert whole.summary["micro_batch"] == 0
     for micro in (1, 3, 7):
         res, got = _masks(path, dpath, micro_batch=micro)
@@ -54,7 +55,9 @@ def test_max_memory_slices_batches_and_keeps_masks(exported):
     step = BatchStats(model, layers, provider="cpu", max_memory_mb=RUNTIME_MB + 0.05)
     fp = step.micro.footprint({"input": np.zeros((16, 6, 10), np.float32)})
     assert fp.per_sample > 0
-    expect = micro_batch_for(RUNTIME_MB + 0.05, step.micro.weights, fp)
+    _, plain = step.micro.footprints({"input": np.zeros((16, 6, 10), np.float32)})
+    expect = even_slices(16, min(micro_batch_for(RUNTIME_MB + 0.05, step.micro.weights, fp),
+                                 within_plain(fp, plain, 16)))
     assert 1 <= expect < 16          # the budget forces slices on this model
     res, got = _masks(path, dpath, max_memory_mb=RUNTIME_MB + 0.05)
     assert got == ref and res.summary["micro_batch"] == expect
@@ -70,6 +73,75 @@ def test_activation_estimate_by_hand():
     est = ActivationEstimate(m, set())
     assert est.peak_bytes({"x": (5, 10)}) == 3 * 5 * 40
     assert est.footprint({"x": (32, 10)}, {"x"}) == Footprint(fixed=0, per_sample=120)
+
+
+def test_activation_estimate_counts_views_once():
+    """Reshape and a Cast to the type a tensor already has share its buffer (ONNX Runtime aliases or removes them):
+    x[N,10] -> A=Relu(x) -> V=Reshape(A) -> W=Cast(V, float) -> B=Relu(W), outputs A and B: x is freed after A, V
+    and W cost nothing, so A and B are all that is ever live (a copy per view would make it A, V, W then B). A Cast to
+    float16 is a new tensor of half the size."""
+    def model(cast_to: int):
+        shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 10])
+        nodes = [helper.make_node("Relu", ["x"], ["A"]), helper.make_node("Reshape", ["A", "shape"], ["V"]),
+                 helper.make_node("Cast", ["V"], ["W"], to=cast_to), helper.make_node("Relu", ["W"], ["B"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("B", cast_to, None)], [shape])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert ActivationEstimate(model(TensorProto.FLOAT), set()).peak_bytes({"x": (5, 10)}) == 2 * 5 * 40
+    assert ActivationEstimate(model(TensorProto.FLOAT16), set()).peak_bytes({"x": (5, 10)}) == 5 * 40 + 2 * 5 * 20
+
+
+def test_even_slices():
+    assert [even_slices(32, m) for m in (32, 40, 28, 16, 11, 7, 1, 0)] == [32, 32, 16, 16, 11, 7, 1, 1]
+    assert even_slices(5, 2) == 2 and even_slices(1, 8) == 1
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_default_never_needs_more_than_plain_inference(exported, name):
+    """By default a batch is sliced just enough that the observed graph's activations stay within those of plain
+    inference of the same batch (both estimated from the graphs); --max-memory auto goes further, within a quarter
+    of the weights (at least 64 MB); the masks are the whole batch's, byte for byte."""
+    _, path, dpath, data = exported(name, "legacy")
+    _, ref = _masks(path, dpath, micro_batch=16)
+    model = load_model(path)
+    layers, _ = find_layers(model)
+    batch = {"input": np.zeros((16, *data.shape[1:]), np.float32)}
+    step = BatchStats(model, layers, provider="cpu")
+    observed, plain = step.micro.footprints(batch)
+    m = step.micro.size(batch, 16)
+    need = lambda k: observed.fixed + observed.per_sample * k   # noqa: E731
+    assert m == 1 or need(m) <= plain.fixed + plain.per_sample * 16
+    assert m == 16 or need(-(-16 // (-(-16 // m) - 1))) > plain.fixed + plain.per_sample * 16   # not sliced more than needed
+    auto = BatchStats(model, layers, provider="cpu", max_memory_mb=AUTO)
+    assert auto.micro.size(batch, 16) <= m
+    for kw in ({}, {"max_memory_mb": AUTO}):
+        res, got = _masks(path, dpath, **kw)
+        assert got == ref, kw
+
+
+def test_auto_bounds_activations_by_a_share_of_the_weights():
+    """A graph whose activations dwarf its weights: auto picks the most samples whose activations (with the arena's
+    slack) fit max(weights / 4, 64 MB); the default only stays within plain inference."""
+    w = numpy_helper.from_array(np.eye(256, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4096, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = Path(pytest.importorskip("tempfile").mkdtemp()) / "wide.onnx"
+    onnx.save(m, path)
+    model = load_model(path)
+    layers, _ = find_layers(model)
+    batch = {"x": np.zeros((64, 4096, 256), np.float32)}   # 4 MB per sample
+    auto = BatchStats(model, layers, provider="cpu", max_memory_mb=AUTO).micro
+    observed, _ = auto.footprints(batch)
+    k = auto.size(batch, 64)
+    assert auto_cap(auto.weights) == 64 * MB // ARENA_SLACK
+    assert observed.fixed + observed.per_sample * k <= auto_cap(auto.weights) < \
+        observed.fixed + observed.per_sample * (k + 1)
+    assert 1 <= k < BatchStats(model, layers, provider="cpu").micro.size(batch, 64)
 
 
 def test_micro_batch_for_budget():
@@ -105,7 +177,7 @@ def _cli(*args):
 @pytest.mark.parametrize("value,message", [("0", "--max-memory must be a positive number"),
                                            ("-5", "--max-memory must be a positive number"),
                                            ("nan", "--max-memory must be a positive number"),
-                                           ("abc", "'abc' is not a valid float"),
+                                           ("abc", "'abc' is neither a number of MB nor 'auto'"),
                                            ("10", "--max-memory 10 MB is too small")])
 def test_cli_bad_max_memory(tmp_path, value, message):
     out = tmp_path / "m.safetensors"

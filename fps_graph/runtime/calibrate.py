@@ -95,7 +95,7 @@ class BatchStats:
 
     def __init__(self, model: OnnxModel, layers: list[Layer], *, kinds: tuple[str, ...] = ("abs",),
                  reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
-                 threads: int | None = None, micro_batch: int | None = None, max_memory_mb: float | None = None):
+                 threads: int | None = None, micro_batch: int | None = None, max_memory_mb: float | str | None = None):
         if reduce not in ("graph", "host"):
             raise OptionError(f"unknown reduce mode {reduce!r} (use graph or host)")
         check_micro(micro_batch, max_memory_mb)
@@ -168,7 +168,7 @@ def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[
                   kinds: tuple[str, ...] = ("abs",), reduce: str = "graph", provider: str = "auto",
                   opt_level: str = "all", threads: int | None = None,
                   progress: Progress | None = None, shard_batches: int | None = None,
-                  micro_batch: int | None = None, max_memory_mb: float | None = None) -> tuple[Stats, CalibrationInfo]:
+                  micro_batch: int | None = None, max_memory_mb: float | str | None = None) -> tuple[Stats, CalibrationInfo]:
     """Run every batch through the observed graph once and return float64 sums and counts per layer.
 
     The batches are summed in shards of ``shard_batches`` (None: one shard), each from zero, and the shard sums

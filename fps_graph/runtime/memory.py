@@ -1,11 +1,18 @@
 """How many samples fit a memory budget: the activation memory of one run, estimated from the graph itself.
 
 Statistics are sums, so a batch can be run in micro-batches (runtime.calibrate.BatchStats) with a fraction of the
-activation memory. ``--max-memory MB`` picks the micro-batch from the model's activation bytes per sample, found by
-shape inference on a weightless copy of the observed graph (concrete input shapes: those of the batch, one and two
-samples) and a walk over the nodes in graph order that frees each tensor after its last reader, as ONNX Runtime's
-allocation planner does with the priority-based order (runtime.session). The estimate is deterministic (it reads
-no clock and no RSS), so the micro-batch, and therefore every sum and mask, is the same on every rerun.
+activation memory. The micro-batch comes from the model's activation bytes per sample, found by shape inference on
+a weightless copy of a graph (concrete input shapes: those of the batch, one and two samples) and a walk over the
+nodes in graph order that frees each tensor after its last reader, as ONNX Runtime's allocation planner does with
+the priority-based order (runtime.session). Three limits, each deterministic (no clock, no RSS), so the
+micro-batch, and therefore every sum and mask, is the same on every rerun:
+
+* ``plain`` (the default): the observed graph's activations never exceed those of plain inference of the same batch
+  (the unmodified model, estimated the same way);
+* ``auto`` (``--max-memory auto``): also at most ``AUTO_SHARE`` of the weight bytes (at least ``AUTO_MIN_MB``) of
+  activations with the arena's slack: near the floor of weights + runtime + one micro-batch, with micro-batches still
+  large enough to keep the kernels busy;
+* a budget in MB (``--max-memory MB``): weights + runtime + activations with slack within it, else an error.
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ KEEP_BYTES = 4096          # initializers up to this size keep their values (sha
 RUNTIME_MB = 150           # Python, NumPy, onnx and ONNX Runtime themselves plus a session's fixed buffers
 ARENA_SLACK = 2.0          # resident bytes per estimated activation byte: ORT's arena grows in rounded-up chunks and
                            # keeps them; ViT-B/16 b32: 13-17 MB resident per sample against 7.1 MB estimated
+VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}   # ONNX Runtime aliases their output
+AUTO = "auto"              # --max-memory auto
+AUTO_SHARE = 0.25          # auto: activations (with slack) up to this share of the weight bytes ...
+AUTO_MIN_MB = 64           # ... or this many MB, whichever is more (small models keep whole batches)
 
 
 def _itemsize(elem_type: int) -> int:
@@ -102,28 +113,39 @@ class ActivationEstimate:
             pass
         g = m.graph
         size: dict[str, int] = {}
+        elem: dict[str, int] = {}
         for vi in [*g.input, *g.value_info, *g.output]:
             tt = vi.type.tensor_type
+            elem[vi.name] = tt.elem_type
             if not tt.HasField("shape") or any(not d.HasField("dim_value") or d.dim_value < 0 for d in tt.shape.dim):
                 continue
             size[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64)) * _itemsize(tt.elem_type)
         constants = {t.name for t in g.initializer} | self.weights
+        # A view (Reshape, Squeeze, ... and a Cast to the type it already has, which ORT removes) shares its
+        # input's buffer: it costs nothing and keeps that buffer alive until the view's own last reader.
+        root: dict[str, str] = {}
+        for node in g.node:
+            src = node.input[0] if node.input else ""
+            if src and src not in constants and (node.op_type in VIEW_OPS or (
+                    node.op_type == "Cast" and elem.get(src) and elem.get(src) == elem.get(node.output[0]))):
+                root[node.output[0]] = root.get(src, src)
         last: dict[str, int] = {}
         for i, node in enumerate(g.node):
             for name in _node_inputs(node):
-                last[name] = i
-        outputs = {o.name for o in g.output}
+                last[root.get(name, name)] = i
+        outputs = {root.get(o.name, o.name) for o in g.output}
         live = {vi.name: size.get(vi.name, 0) for vi in g.input if vi.name not in constants}
         peak = current = sum(live.values())
         for i, node in enumerate(g.node):
             ins = [n for n in node.input if n and n not in constants]
             guess = max((size.get(n, 0) for n in ins), default=0)   # unknown output: as big as its largest input
             for out in node.output:
-                if out and out not in live:
+                if out and out not in live and out not in root:
                     live[out] = size.get(out, guess)
                     current += live[out]
             peak = max(peak, current)
             for name in list(_node_inputs(node)) + list(node.output):
+                name = root.get(name, name)
                 if name in live and last.get(name, -1) <= i and name not in outputs:
                     current -= live.pop(name)
         return int(peak)
@@ -136,6 +158,24 @@ class ActivationEstimate:
         one, two = at(1), at(2)
         per = max(two - one, 1)
         return Footprint(fixed=max(one - per, 0), per_sample=per)
+
+
+def even_slices(n: int, most: int) -> int:
+    """Samples per slice when n samples may run at most ``most`` at a time: as few slices as that allows, of equal
+    size (the last one smaller), so 32 at most 28 gives 16 + 16, not 28 + 4."""
+    most = max(1, min(n, most))
+    slices = -(-n // most)
+    return -(-n // slices)
+
+
+def within_plain(observed: Footprint, plain: Footprint, n: int) -> int:
+    """The most samples whose observed run needs no more activation bytes than plain inference of n samples."""
+    return max(1, observed.samples_within(plain.fixed + plain.per_sample * n))
+
+
+def auto_cap(weights: int) -> int:
+    """Activation bytes (before the arena's slack) that ``--max-memory auto`` allows for one run."""
+    return int(max(AUTO_SHARE * weights, AUTO_MIN_MB * MB) / ARENA_SLACK)
 
 
 def micro_batch_for(budget_mb: float, weights: int, footprint: Footprint) -> int:
@@ -151,9 +191,9 @@ def micro_batch_for(budget_mb: float, weights: int, footprint: Footprint) -> int
     return int(fit)
 
 
-def check_max_memory(value: float | None) -> None:
-    """Refuse a budget that is not a positive, finite number of MB."""
-    if value is None:
+def check_max_memory(value: float | str | None) -> None:
+    """Refuse a budget that is not a positive, finite number of MB or ``"auto"``."""
+    if value is None or value == AUTO:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise OptionError(f"--max-memory must be a positive number of MB (got {value!r})")
+        raise OptionError(f"--max-memory must be a positive number of MB or 'auto' (got {value!r})")

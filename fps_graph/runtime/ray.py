@@ -200,7 +200,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
                       kinds: tuple[str, ...] = ("abs",),
                       reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
                       threads: int | None = None, micro_batch: int | None = None,
-                      max_memory_mb: float | None = None, label: str = "calibration",
+                      max_memory_mb: float | str | None = None, label: str = "calibration",
                       progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
     """Sum the statistics of ``batches`` over Ray workers; the same sums as ``collect_stats`` with the same shards.
 

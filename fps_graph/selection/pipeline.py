@@ -70,7 +70,8 @@ class SelectOptions:
     provider: str = "auto"
     opt_level: str = "all"
     threads: int | None = None
-    max_memory_mb: float | None = None   # run each batch in micro-batches that fit this budget (runtime.memory)
+    max_memory_mb: float | str | None = None   # MB or "auto": micro-batches within this budget (runtime.memory);
+                                               # None: never above plain inference of the same batch
     micro_batch: int | None = None       # or in micro-batches of this many samples (library only)
     batch_size: int = 32
     max_samples: int | None = None
