@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.meta import load_now, run_meta
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -197,7 +199,8 @@ def _ours(a) -> dict:
 
     from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
 
-    kw = {"max_memory_mb": a.max_memory} if a.method == "ours-lean" else {}
+    kw = {"max_memory_mb": a.max_memory if a.max_memory == "auto" else float(a.max_memory)} \
+        if a.method == "ours-lean" else {}
     opts = SelectOptions(k=a.k, provider="cpu", threads=a.threads, batch_size=a.batch_size, **kw)
     prof = cProfile.Profile() if a.profile else None
     if prof:
@@ -316,9 +319,12 @@ def _same(a: str, b: str) -> dict:
 def render(res: dict, stem: Path) -> None:
     """NAME.md and NAME.png from the results."""
     rows = res["runs"]
-    by = {r["method"]: r for r in rows if r["rc"] == 0}
+    by = {}
+    for r in sorted((r for r in rows if r["rc"] == 0), key=lambda r: r["total_s"]):
+        by.setdefault(r["method"], []).append(r)
+    by = {m: v[len(v) // 2] for m, v in by.items()}   # each method's median run (by total time)
     plain = by.get("plain")
-    label = {"ours": "fps-graph select", "ours-lean": f"fps-graph select --max-memory {res['settings']['max_memory']:g}",
+    label = {"ours": "fps-graph select", "ours-lean": f"fps-graph select --max-memory {res['settings']['max_memory']}",
              "plain": "ONNX Runtime inference only (same batches)", "gps": "PyTorch forward+backward, top |grad| (GPS)",
              "before": "fps-graph select, before (commit " + res["settings"].get("before_commit", "?") + ")"}
     m = res["model"]
@@ -396,8 +402,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--k", type=int, default=1)
-    p.add_argument("--max-memory", type=float, default=5000.0, help="MB for ours-lean")
+    p.add_argument("--max-memory", default="auto", help="MB or auto, for ours-lean")
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--reps", type=int, default=1, help="repetitions, interleaved (method order rotated)")
     p.add_argument("--name", default=None)
     p.add_argument("--work", default="/tmp/fpsg-llm-bench")
     a = p.parse_args(argv)
@@ -428,19 +435,34 @@ def main(argv=None) -> int:
            "machine": f"{os.cpu_count()} cores, "
                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
            "settings": {"sequences": a.sequences, "length": a.length, "batch_size": a.batch_size, "k": a.k,
-                        "threads": a.threads, "max_memory": a.max_memory, "methods": methods}, "runs": []}
+                        "threads": a.threads, "max_memory": a.max_memory, "methods": methods, "reps": a.reps},
+           "meta": run_meta(a.threads, "python -m bench.llm " + " ".join(argv if argv is not None else sys.argv[1:])),
+           "runs": []}
     if a.before:
         res["settings"]["before_commit"] = subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
                                                           capture_output=True, text=True).stdout.strip()
-    for m in methods:
-        rec = run_method(m, info, data, a, f"{name}-{m}")
-        res["runs"].append(rec)
-        log(f"[llm] {m}: " + (f"{rec['total_s']:.1f} s, peak {rec['peak_rss_mb']:.0f} MB" if rec["rc"] == 0
-                              else "FAILED " + rec.get("error", "")))
-    files = {r["method"]: r.pop("masks_file", None) for r in res["runs"]}
+    for rep in range(a.reps):   # interleaved, the order rotated each repetition
+        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            rec = run_method(m, info, data, a, f"{name}-{m}-r{rep}")
+            rec["rep"] = rep
+            if rep:
+                rec.pop("timeline", None)
+            res["runs"].append(rec)
+            log(f"[llm] rep {rep} {m}: " + (f"{rec['total_s']:.1f} s, peak {rec['peak_rss_mb']:.0f} MB"
+                                            if rec["rc"] == 0 else "FAILED " + rec.get("error", ""))
+                + f" (load {rec['load_before']:.1f})")
+    res["load_end"] = load_now()
+    files = {r["method"]: r.pop("masks_file", None) for r in res["runs"] if r.get("rep") == 0}
+    for r in res["runs"]:
+        r.pop("masks_file", None)
     res["agreement"] = {f"ours~{o}": _same(files["ours"], files[o]) for o in ("ours-lean", "before", "gps")
                         if files.get("ours") and files.get(o)}
-    by = {r["method"]: r for r in res["runs"] if r["rc"] == 0}
+    by = {}
+    for m in methods:   # the median run of each method (by total time)
+        ok = sorted((r for r in res["runs"] if r["method"] == m and r["rc"] == 0), key=lambda r: r["total_s"])
+        if ok:
+            by[m] = ok[len(ok) // 2]
+    res["medians"] = {m: {k: r[k] for k in ("total_s", "cpu_s", "pass_s", "peak_rss_mb")} for m, r in by.items()}
     targets = []
     if "plain" in by:
         for m in ("ours", "ours-lean"):

@@ -152,3 +152,27 @@ def test_conv_windows_auto_pad_lower():
     want, m = windows(x, (2, 3), (2, 2), (1, 2), (1, 2, 0, 1))
     assert n * 2 == m
     np.testing.assert_allclose(got, want)
+
+
+def test_conv_windows_match_sliding_windows_on_random_convs():
+    """The per-axis window sums equal the sliding-window reference on random 1-D/2-D/3-D convs: kernels, strides,
+    dilations and asymmetric pads, with taps that read only padding."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(400):
+        nd = int(rng.integers(1, 4))
+        kernel = [int(v) for v in rng.integers(1, 5, nd)]
+        strides = [int(v) for v in rng.integers(1, 4, nd)]
+        dilations = [int(v) for v in rng.integers(1, 3, nd)]
+        pads = [int(v) for v in rng.integers(0, 4, 2 * nd)]
+        spatial = [int(v) for v in rng.integers(1, 10, nd)]
+        if any(sz + pads[i] + pads[i + nd] < (kernel[i] - 1) * dilations[i] + 1 for i, sz in enumerate(spatial)):
+            continue
+        x = rng.standard_normal((2, 3, *spatial)).astype(np.float32)
+        conv = {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads}
+        got, n = conv_window_sums(np.abs(x).sum(0), conv)
+        want, m = windows(x, kernel, strides, dilations, pads)
+        assert n * 2 == m, conv
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str((conv, spatial)))
+        checked += 1
+    assert checked > 200

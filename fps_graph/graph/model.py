@@ -84,6 +84,9 @@ class OnnxModel:
         """The value of a constant tensor as a NumPy array (reads external data on demand)."""
         if name in self.initializers:
             try:
+                mapped = _mapped(self.initializers[name], self.base_dir)
+                if mapped is not None:
+                    return mapped
                 return numpy_helper.to_array(self.initializers[name], base_dir=str(self.base_dir))
             except (OSError, ValueError) as exc:
                 raise ModelError(f"{self.path}: cannot read initializer {name!r}: {exc}") from exc
@@ -122,6 +125,35 @@ class OnnxModel:
 
 def _is_external(t: onnx.TensorProto) -> bool:
     return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+
+
+# element types whose external bytes are plain little-endian NumPy values (no packing, no string)
+_MAPPABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+             onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+             onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64}
+
+
+def _mapped(t: onnx.TensorProto, base_dir: Path) -> np.ndarray | None:
+    """An external tensor as a read-only memory map of its file (no copy: the pages come from the page cache, where
+    ONNX Runtime's own read of the file left them), or None where the bytes need decoding (then read normally).
+
+    Scoring a 1.1B decoder read its 4.1 GB of weights again through onnx's loader, which copies them into the proto
+    and again into an array (issue 19); a map touches only the rows being scored, and a block's pages are dropped
+    when the map goes.
+    """
+    if not _is_external(t) or t.data_type not in _MAPPABLE or np.little_endian is False:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in t.dims)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    offset = int(info.get("offset", 0) or 0)
+    if "length" in info and int(info["length"]) != nbytes:
+        return None
+    path = base_dir / info["location"]
+    if nbytes == 0 or offset + nbytes > path.stat().st_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

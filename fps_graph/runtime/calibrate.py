@@ -52,7 +52,7 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
             st.add_count(layer.node, np.zeros(layer.feature_shape) if layer.op == "ConvTranspose" else 0)
             continue
         for kind in kinds:
-            m = maps[kind].astype(np.float64)
+            m = maps[kind]   # float32; the window sums add it up in float64 (stats.conv_window_sums)
             if m.shape[0] != layer.feature_shape[0]:
                 raise DataError(f"layer {layer.node}: input has {m.shape[0]} channels, weight expects "
                                     f"{layer.feature_shape[0]}")

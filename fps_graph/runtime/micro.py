@@ -97,7 +97,7 @@ class MicroBatcher:
 
     def size(self, batch: dict[str, np.ndarray], n: int) -> int:
         """Samples per slice for this batch (n: run it whole)."""
-        if not self.active:
+        if not self.active or n <= 1:   # one sample cannot be sliced: no estimate needed
             return n
         if self.micro_batch is not None:
             return min(n, int(self.micro_batch))
