@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from fps_graph.graph.apply import apply_delta
+
 
 @click.command()
 @click.argument("model", type=click.Path())
@@ -15,8 +17,6 @@ import click
 def apply(model: str, delta: str, output: str, no_check: bool, force: bool, quiet: bool) -> None:
     """Patch the initializers of MODEL (an ONNX file, or an ONNX Runtime GenAI folder) with the fine-tuned values in
     DELTA (from `fps-graph train`)."""
-    from fps_graph.graph.apply import apply_delta
-
     report = apply_delta(model, delta, output, force=force, check=not no_check)
     if quiet:
         return

@@ -1,6 +1,7 @@
 """`fps-graph`: the click app. Thin: parses options, calls the library, prints; errors become one stderr line."""
 from __future__ import annotations
 
+import importlib
 import sys
 import traceback
 
@@ -10,12 +11,17 @@ from fps_graph import FpsGraphError, __version__
 from fps_graph.errors import RuntimeFailure
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(__version__, prog_name="fps-graph")
-@click.option("--debug", is_flag=True, help="On an error, print the traceback with its chain of causes after the "
-                                            "one-line message (for bug reports).")
-def cli(debug: bool) -> None:
-    """Forward-only parameter selection (FPS) for sparse fine-tuning, on ONNX graphs."""
+# The subcommands, loaded only when one is run or asked for help: `fps-graph --help` lists them from here and
+# imports no onnx, onnxruntime or numpy (start-up under a second; tests/test_startup.py). Each command module imports
+# what it needs at its top.
+COMMANDS: dict[str, tuple[str, str, str]] = {   # name -> (module, attribute, one line for `fps-graph --help`)
+    "inspect": ("fps_graph_cli.inspect_cmd", "inspect", "List the layers of MODEL that selection scores."),
+    "select": ("fps_graph_cli.select_cmd", "select", "Select the weights of MODEL to fine-tune from calibration DATA."),
+    "train": ("fps_graph_cli.train_cmd", "train", "Fine-tune the selected weights (PyTorch)."),
+    "apply": ("fps_graph_cli.apply_cmd", "apply", "Write the fine-tuned values back into the ONNX model."),
+    "export": ("fps_graph_cli.export_cmd", "export", "Export a PyTorch model to ONNX with its weight names."),
+}
+NEEDS_TORCH = {"train"}   # stand-ins that say what to install where torch is missing
 
 
 def _needs_torch(name: str) -> click.Command:
@@ -30,28 +36,45 @@ def _needs_torch(name: str) -> click.Command:
     return stub
 
 
-def _register() -> None:
-    """Add the subcommands (once): imported inside ``entry`` so that Ctrl-C while they load is caught there too.
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported when used (click's documented lazy-loading pattern).
 
-    An ImportError here is a bug and surfaces as one (a command never vanishes); only a missing torch, the optional
-    extra, turns ``train`` into a stub that says what to install.
+    An ImportError while loading one is a bug and surfaces as one (a command never vanishes); only a missing torch,
+    the optional extra, turns ``train`` into a stub that says what to install.
     """
-    if cli.commands:
-        return
-    from fps_graph_cli import apply_cmd, export_cmd, inspect_cmd, select_cmd
 
-    cli.add_command(inspect_cmd.inspect)
-    cli.add_command(select_cmd.select)
-    cli.add_command(export_cmd.export)
-    try:
-        from fps_graph_cli import train_cmd
-    except ModuleNotFoundError as exc:
-        if exc.name != "torch":
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if name in NEEDS_TORCH and exc.name == "torch":
+                return _needs_torch(name)
             raise
-        cli.add_command(_needs_torch("train"))
-    else:
-        cli.add_command(train_cmd.train)
-    cli.add_command(apply_cmd.apply)
+        return getattr(loaded, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="fps-graph")
+@click.option("--debug", is_flag=True, help="On an error, print the traceback with its chain of causes after the "
+                                            "one-line message (for bug reports).")
+def cli(debug: bool) -> None:
+    """Forward-only parameter selection (FPS) for sparse fine-tuning, on ONNX graphs."""
+
+
+def all_commands() -> dict[str, click.Command]:
+    """Every subcommand, loaded (for tests and tools that walk the options)."""
+    ctx = click.Context(cli)
+    return {name: cli.get_command(ctx, name) for name in cli.list_commands(ctx)}
 
 
 def _debug_requested(argv: list[str]) -> bool:
@@ -76,7 +99,6 @@ def entry(argv: list[str] | None = None) -> int:
     debug = _debug_requested(args)
     failure: BaseException | None = None
     try:
-        _register()
         rv = cli.main(args=args, prog_name="fps-graph", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
