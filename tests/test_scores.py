@@ -39,3 +39,38 @@ def test_blocks_equal_whole_weight_float64(exported, monkeypatch, name):
             got = np.concatenate([b for _, b in blocks])
             assert got.dtype == np.float64 and got.tobytes() == ref.tobytes(), (score, group.weight)
             assert ws.full().tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_argmax_rows_equals_the_reference_ranking(exported, monkeypatch, name):
+    """K=1 read in the stored layout (running best per column for [in, out] MatMul weights) picks what ranking
+    the whole float64 scores picks, ties to the lower position; a non-finite score hands back to the reference."""
+    from fps_graph.selection.ranking import topk_rows
+
+    _, path, dpath, _ = exported(name, "legacy")
+    plan = make_plan(path)
+    loader = Loader(open_source(str(dpath), spec_list(plan.model)), batch_size=8)
+    stats, _ = collect_stats(plan.model, plan.layers, loader, kinds=("abs", "sq"), provider="cpu")
+    monkeypatch.setattr(scores_mod, "BLOCK_ELEMENTS", 50)   # several blocks, an uneven last one
+    layouts = set()
+    for score in ("fps", "magnitude"):
+        for group in plan.groups:
+            ws = WeightScores(group, plan.model, score, stats, None, stats)
+            layouts.add(ws._w.T.flags.c_contiguous)
+            want = topk_rows(_reference(group, plan.model, score, stats, stats), 1)
+            got = ws.argmax_rows()
+            if got is None:    # a grouped conv: each row its own statistic, ranked by the reference
+                assert ws._act is not None and ws._act.shape[0] == ws.shape[0] > 1
+                continue
+            assert np.array_equal(got + np.arange(ws.shape[0]) * ws.shape[1], want), (score, group.weight)
+            # ties: a weight of equal magnitudes picks the lowest position in every row, as the sort does
+            ws._w = np.ones_like(np.asarray(ws._w)).T.copy().T if ws._w.T.flags.c_contiguous else \
+                np.ones_like(np.asarray(ws._w))
+            ws._act = None
+            assert np.array_equal(ws.argmax_rows(), np.zeros(ws.shape[0], dtype=np.int64))
+            bad = np.array(ws._w, dtype=np.float32)
+            bad[0, -1] = np.nan
+            ws._w = bad
+            assert ws.argmax_rows() is None
+    if name == "transformer":
+        assert True in layouts      # MatMul weights ([in, out]) take the stored-layout path

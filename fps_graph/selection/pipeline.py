@@ -423,7 +423,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         return WeightScores(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
 
     chooser = select_cover if opts.score in VARIANTS and VARIANTS[opts.score].cover else \
-        functools.partial(select, min_per_layer=opts.min_per_layer)
+        functools.partial(select, min_per_layer=opts.min_per_layer, row_argmax=lambda i: scorer(i).argmax_rows())
     if opts.min_per_layer and chooser is select_cover:
         raise OptionError(f"--min-per-layer does not apply to --score {opts.score}")
     chosen, select_warnings = chooser(len(groups), [g.primary.canonical_shape for g in groups],

@@ -185,11 +185,13 @@ def topk_blocks(blocks: Iterable[tuple[int, np.ndarray]], cols: int, k: int | np
 def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn, k: int | None = None,
            budget: Budget | None = None, granularity: str = "neuron",
            names: Sequence[str] | None = None,
-           row_blocks: RowBlocksFn | None = None, min_per_layer: int = 0) -> tuple[list[np.ndarray], list[str]]:
+           row_blocks: RowBlocksFn | None = None, min_per_layer: int = 0,
+           row_argmax: Callable[[int], np.ndarray | None] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in).
 
     With row_blocks, the per-neuron rankings (--k, or a budget per neuron) read each weight's scores block by
-    block, so no whole-weight float64 score array is made; the result is the same.
+    block, so no whole-weight float64 score array is made; the result is the same. With row_argmax (each row's
+    best position, ties to the lowest, or None), K=1 takes it instead, the same result read in the stored layout.
     """
     warnings: list[str] = []
     if (k is None) == (budget is None):
@@ -208,6 +210,10 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
             rows, cols = shapes[i]
             if k > cols:
                 clamped.append((cols, names[i] if names else f"#{i}"))
+            best = row_argmax(i) if (k == 1 and row_argmax is not None) else None
+            if best is not None:
+                out.append(best.astype(np.int64) + np.arange(rows, dtype=np.int64) * cols)
+                continue
             out.append(topk_blocks(row_blocks(i), cols, k) if row_blocks else topk_rows(score_fn(i), k))
         if clamped:
             cols, name = min(clamped)

@@ -142,6 +142,43 @@ class WeightScores:
             np.multiply(out, act, out=out)
         return out
 
+    def argmax_rows(self) -> np.ndarray | None:
+        """Per output row, the position of its best score (ties: the lowest), or None where a score is not finite
+        (the caller then ranks by the sorted reference). The same float64 scores as ``rows``, but read in the
+        stored layout: a MatMul weight is stored [in, out], so its canonical rows are strided columns, and copying
+        them block by block cost as much as the scoring; here blocks of stored rows update a running best per
+        column instead (2x faster on a 2048 x 5632 weight; issue 19)."""
+        if self._full is not None or (self._act is not None and self._act.shape[0] != 1):
+            return None
+        act = None if self._act is None else self._act.reshape(-1)
+        stored = self._w.T
+        if not stored.flags.c_contiguous:     # canonical rows are contiguous: rank them block by block
+            out = []
+            for start, block in self.blocks():
+                best = block.argmax(axis=1)
+                if not np.all(np.isfinite(block[np.arange(block.shape[0]), best])):   # NaN/inf win argmax
+                    return None
+                out.append(best)
+            return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        cols = stored.shape[1]
+        best_val = np.full(cols, -1.0)
+        best_pos = np.zeros(cols, dtype=np.int64)
+        step = max(1, BLOCK_ELEMENTS // max(1, cols))
+        every = np.arange(cols)
+        for start in range(0, stored.shape[0], step):
+            block = stored[start:start + step].astype(np.float64)
+            np.abs(block, out=block)
+            if act is not None:
+                np.multiply(block, act[start:start + step, None], out=block)
+            pos = block.argmax(axis=0)
+            val = block[pos, every]
+            if not np.all(np.isfinite(val)):
+                return None
+            better = val > best_val        # strictly: an earlier block keeps a tie (the lower position)
+            best_val[better] = val[better]
+            best_pos[better] = pos[better] + start
+        return best_pos
+
     def blocks(self):
         """(first row, float64 scores) for consecutive blocks of rows covering the weight."""
         step = self.block_rows
