@@ -241,7 +241,7 @@ def input_shape(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
         return ()
     dims: list[int | str | None] = []
     for d in t.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
+        if d.HasField("dim_value") and d.dim_value > 0:   # paddle2onnx writes -1 for a dynamic batch: not fixed
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
