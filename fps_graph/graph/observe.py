@@ -54,9 +54,21 @@ def observer_key(layer: Layer) -> tuple[str, str, int, int, str]:
     if hasattr(layer, "observer_key"):          # recurrent layers (graph/recurrent.py)
         return layer.observer_key()
     if layer.op == "Conv":
+        if pointwise(layer.conv):   # every tap reads every position: per-channel sums, reduced in the graph
+            return (layer.activation, "features", 1, layer.feature_shape[0], layer.graph)
         return (layer.activation, "map", 0, 0, layer.graph)
     axis = -1 if layer.feature_axis in (-1, 1) else 0
     return (layer.activation, "features", axis, layer.feature_shape[0], layer.graph)
+
+
+def pointwise(conv: dict) -> bool:
+    """A 1x1 conv with stride 1 and no padding: its single tap reads every input position once, so its input
+    statistic is the per-channel sum over batch and positions, which the graph can reduce to [C] itself (no activation
+    map leaves the runtime, no window sums on the host: conv nets at batch 1 spent most of their overhead there)."""
+    n = len(conv["kernel"])
+    no_pad = conv.get("auto_pad", "NOTSET") in ("VALID", "SAME_UPPER", "SAME_LOWER") or \
+        not any(int(v) for v in conv.get("pads", [0] * 2 * n))
+    return all(int(k) == 1 for k in conv["kernel"]) and all(int(v) == 1 for v in conv["strides"]) and no_pad
 
 
 def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Observer]]:
@@ -121,6 +133,8 @@ def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str
         src = f"{base}_rows"
         nodes.append(helper.make_node("Reshape", [f32, shape_name], [src], name=f"{base}_reshape"))
         axes = [0]
+    elif obs.kind == "features" and obs.axis == 1:   # a pointwise conv's input: all axes but the channels
+        src, axes = f32, [0] + list(range(2, obs.rank))
     elif obs.kind == "features":
         src, axes = f32, [1]
     else:

@@ -36,8 +36,8 @@ class CalibrationInfo:
 def _accumulate_features(st: Stats, layers: list[Layer], kinds: tuple[str, ...],
                          sums: dict[str, np.ndarray], count: float) -> None:
     for layer in layers:
-        for kind in kinds:
-            st.add(layer.node, kind, sums[kind].astype(np.float64))
+        for kind in kinds:   # a pointwise conv's [C] sums take its [C, 1, 1] statistic shape
+            st.add(layer.node, kind, sums[kind].astype(np.float64).reshape(layer.feature_shape))
         st.add_count(layer.node, count)
 
 
@@ -71,6 +71,8 @@ def host_reduce(obs: Observer, raw: np.ndarray, kinds: tuple[str, ...]) -> tuple
         if obs.axis == -1:
             x = x.reshape(-1, obs.features)
             axis = 0
+        elif obs.axis == 1:   # a pointwise conv's input [N, C, *spatial]
+            axis = (0, *range(2, x.ndim))
         else:
             axis = 1
         shape_info = np.array(raw.size, dtype=np.int64)
@@ -113,8 +115,8 @@ class BatchStats:
         # end of the pass and every such activation stays alive until then (ResNet-50 b32: 2.8 GB against 0.7 GB
         # for plain inference; bench/README.md). Keep those graphs in NCHW.
         graph_inputs = {i.name for i in model.graph.input}
-        disabled = ("NchwcTransformer",) if any(o.kind == "map" and o.tensor not in graph_inputs
-                                                for o in self.observers) else ()
+        disabled = ("NchwcTransformer",) if any(o.tensor not in graph_inputs and any(
+            layer.op == "Conv" for layer in self.users[o.index]) for o in self.observers) else ()
         # the observed model is passed without a name, so create_session can free it before ORT loads the file
         self.session = create_session(augment(model.proto, self.observers, mode=reduce, stats=self.kinds),
                                       provider, base_dir=model.base_dir, external=model.has_external_data(),

@@ -35,6 +35,7 @@ ARENA_SLACK = 3.0          # resident bytes per estimated activation byte: ORT's
                            # keeps them, kernels add scratch; ViT-B/16, micro-batches of 8/16/32: 120/208/394 MB above
                            # the session's RSS against 39/68/127 MB estimated (bench.arena, issue 19)
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}   # ONNX Runtime aliases their output
+PLAIN_SLACK = 64 << 10     # bytes the observed graph may need beyond plain inference before a batch is sliced
 AUTO = "auto"              # --max-memory auto
 AUTO_SHARE = 0.25          # auto: activations (with slack) up to this share of the weight bytes ...
 AUTO_MIN_MB = 64           # ... or this many MB, whichever is more (small models keep whole batches)
@@ -170,8 +171,9 @@ def even_slices(n: int, most: int) -> int:
 
 
 def within_plain(observed: Footprint, plain: Footprint, n: int) -> int:
-    """The most samples whose observed run needs no more activation bytes than plain inference of n samples."""
-    return max(1, observed.samples_within(plain.fixed + plain.per_sample * n))
+    """The most samples whose observed run needs no more activation bytes than plain inference of n samples (a few
+    KB more, ``PLAIN_SLACK``, are noise: a toy model's batch is not sliced for its reducers' outputs)."""
+    return max(1, observed.samples_within(plain.fixed + plain.per_sample * n + PLAIN_SLACK))
 
 
 def auto_cap(weights: int) -> int:
