@@ -42,7 +42,7 @@ def _link(name: str) -> str:
 def _load_note(loads: list[float], cores: int | None) -> str:
     hi = max(loads) if loads else 0.0
     if cores and hi > cores:
-        return f"load {min(loads):.1f}-{hi:.1f} on {cores} cores: times from a busy machine"
+        return f"load {min(loads):.0f}-{hi:.0f} on {cores} cores: busy, times to be rerun"
     return f"load {hi:.1f}"
 
 
@@ -56,15 +56,13 @@ def vit_row() -> tuple[str, str, str] | None:
         return None
     med = lambda m, k: by[m][k]["median"]   # noqa: E731
     loads = [r["load_before"] for r in res["runs"]]
-    text = (f"default {med('ours', 'peak_rss_mb'):,.0f} MB ({med('ours', 'peak_rss_mb') / med('plain', 'peak_rss_mb'):.2f}x "
-            f"plain ORT inference, {med('plain', 'peak_rss_mb'):,.0f} MB); `--max-memory auto` "
-            f"{med('ours-lean', 'peak_rss_mb'):,.0f} MB; GPS-style {med('gps', 'peak_rss_mb'):,.0f} MB "
-            f"(**{med('gps', 'peak_rss_mb') / med('ours-lean', 'peak_rss_mb'):.1f}x** auto, "
-            f"{med('gps', 'peak_rss_mb') / med('ours', 'peak_rss_mb'):.1f}x default); time: auto "
-            f"{med('ours-lean', 'total_s') / med('plain', 'total_s'):.2f}x, default "
-            f"{med('ours', 'total_s') / med('plain', 'total_s'):.2f}x plain (wall), GPS-style "
-            f"{med('gps', 'total_s') / med('ours-lean', 'total_s'):.1f}x auto; one run, "
-            f"{res['settings']['reps']} interleaved repetitions, {_load_note(loads, res['machine'].get('cpu_count'))}")
+    text = (f"default {med('ours', 'peak_rss_mb'):,.0f} MB = {med('ours', 'peak_rss_mb') / med('plain', 'peak_rss_mb'):.2f}x "
+            f"plain ORT inference ({med('plain', 'peak_rss_mb'):,.0f} MB); `--max-memory auto` "
+            f"{med('ours-lean', 'peak_rss_mb'):,.0f} MB, GPS-style {med('gps', 'peak_rss_mb'):,.0f} MB = "
+            f"**{med('gps', 'peak_rss_mb') / med('ours-lean', 'peak_rss_mb'):.1f}x**; time vs plain: default "
+            f"{med('ours', 'total_s') / med('plain', 'total_s'):.2f}x, auto "
+            f"{med('ours-lean', 'total_s') / med('plain', 'total_s'):.2f}x "
+            f"({_load_note(loads, res['machine'].get('cpu_count'))})")
     return "selection memory and time, ViT-B/16, batch 32", text, _link(VIT)
 
 
@@ -95,8 +93,7 @@ def llm_row() -> tuple[str, str, str] | None:
     seqs, length = res["settings"]["sequences"], res["settings"]["length"]
     text = (f"select {med('ours', 'peak_rss_mb'):,.0f} MB = {med('ours', 'peak_rss_mb') / med('plain', 'peak_rss_mb'):.2f}x "
             f"plain ORT inference{gps}; time {med('ours', 'total_s') / med('plain', 'total_s'):.2f}x plain "
-            f"(pass {med('ours', 'pass_s') / med('plain', 'pass_s'):.2f}x); {len(by['ours'])} run(s) each, "
-            f"{_load_note(loads, cores)}")
+            f"(pass {med('ours', 'pass_s') / med('plain', 'pass_s'):.2f}x; {_load_note(loads, cores)})")
     return f"1.1B Llama decoder, {seqs} x {length} tokens", text, _link(LLM)
 
 
