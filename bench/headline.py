@@ -42,7 +42,8 @@ def _link(name: str) -> str:
 def _load_note(loads: list[float], cores: int | None) -> str:
     hi = max(loads) if loads else 0.0
     if cores and hi > cores:
-        return f"load {min(loads):.0f}-{hi:.0f} on {cores} cores: busy, times to be rerun"
+        span = f"{min(loads):.0f}" if round(min(loads)) == round(hi) else f"{min(loads):.0f}-{hi:.0f}"
+        return f"load {span} on {cores} cores: busy, times to be rerun"
     return f"load {hi:.1f}"
 
 
@@ -122,12 +123,12 @@ def pack_row() -> tuple[str, str, str] | None:
         if m == "bucketed" or not r.get("ok"):
             continue
         c = res["vs_exact"].get(m, {})
-        parts.append(f"`--pack {m.split('-', 1)[1]}` {r['tokens_per_s']['median'] / b['tokens_per_s']['median']:.1f}x "
-                     f"the tokens/s of exact equal-length batches"
-                     + (f", {100 * c['picks_differ'] / c['picks']:.0f}% of top-1 picks differ" if c else ""))
+        parts.append(f"`--pack {m.split('-', 1)[1]}` {r['tokens_per_s']['median'] / b['tokens_per_s']['median']:.1f}x"
+                     + (f" ({100 * c['picks_differ'] / c['picks']:.0f}% of top-1 picks differ)" if c else ""))
     loads = [r["load_before"][0] for r in res["runs"]]
     return (f"long documents ({res['docs']} docs of {res['doc_tokens']['min']}-{res['doc_tokens']['max']} tokens)",
-            "; ".join(parts) + f"; {_load_note(loads, res['meta']['machine'].get('cores'))}", _link(PACK))
+            "tokens/s against exact equal-length batches: " + ", ".join(parts)
+            + f"; {_load_note(loads, res['meta']['machine'].get('cores'))}", _link(PACK))
 
 
 def padding_row() -> tuple[str, str, str] | None:
@@ -166,6 +167,7 @@ def table(current: list[str]) -> tuple[list[str], list[str]]:
             made[gen.__name__] = row
     out: list[str] = []
     placed: set[str] = set()
+    after = 0                       # new rows go after the last generated row already in the table
     for line in rows:
         first = _cells(line)[0]
         owner = next((g for g, firsts in REPLACES.items() if any(first.startswith(f) for f in firsts)), None)
@@ -173,12 +175,11 @@ def table(current: list[str]) -> tuple[list[str], list[str]]:
             if owner not in placed:
                 out.append("| " + " | ".join(made[owner]) + " |")
                 placed.add(owner)
+                after = len(out)
             continue
         out.append(line)
-    for g, row in made.items():
-        if g not in placed:
-            out.append("| " + " | ".join(row) + " |")
-    return HEAD + out, missing
+    new = ["| " + " | ".join(row) + " |" for g, row in made.items() if g not in placed]
+    return HEAD + out[:after] + new + out[after:], missing
 
 
 def main(argv: list[str] | None = None) -> int:
