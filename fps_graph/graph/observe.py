@@ -82,7 +82,8 @@ def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Obser
             by_key[key] = Observer(tensor=key[0], kind=key[1], axis=key[2], features=key[3], index=len(by_key),
                                    graph=layer.graph, lead=layer.loops,
                                    channels=layer.feature_shape[0] if conv else 0,
-                                   rank=len(layer.op_shape) if conv else 0, state=key[5] if len(key) > 5 else ())
+                                   rank=len(layer.op_shape) if conv or key[1:3] == ("features", 1) else 0,
+                                   state=key[5] if len(key) > 5 else ())
         of_layer[layer.node] = by_key[key]
     return list(by_key.values()), of_layer
 
