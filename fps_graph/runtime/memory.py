@@ -33,7 +33,8 @@ KEEP_BYTES = 4096          # initializers up to this size keep their values (sha
 RUNTIME_MB = 150           # Python, NumPy, onnx and ONNX Runtime themselves plus a session's fixed buffers
 ARENA_SLACK = 3.0          # resident bytes per estimated activation byte: ORT's arena grows in rounded-up chunks and
                            # keeps them, kernels add scratch; ViT-B/16, micro-batches of 8/16/32: 120/208/394 MB above
-                           # the session's RSS against 39/68/127 MB estimated (bench/results/vit-b16_b32_n64_arena-micro-cpu.md)
+                           # the session's RSS against 39/68/127 MB estimated
+                           # (bench/results/vit-b16_b32_n64_arena-micro-cpu.md)
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}   # ONNX Runtime aliases their output
 PLAIN_SLACK = 64 << 10     # bytes the observed graph may need beyond plain inference before a batch is sliced
 AUTO = "auto"              # --max-memory auto
