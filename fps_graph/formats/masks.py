@@ -20,13 +20,24 @@ from fps_graph.errors import DataError
 from fps_graph.formats.io import decode_metadata, save_safetensors
 
 MASKS_FORMAT = "fps-graph-masks"
-MASKS_VERSION = "1"
+MASKS_VERSION = "2"            # 2: optional per-entry input scales (``<key>::input_scale``); 1 is read as well
+SCALE_SUFFIX = "::input_scale"
 
 
 def write_masks(path: str | os.PathLike, indices: dict[str, np.ndarray], tensors: dict[str, dict[str, Any]],
-                metadata: dict[str, Any], dense: bool = False) -> None:
-    """Write masks (sorted flat indices per key) with their metadata; path must be a fresh temp file."""
+                metadata: dict[str, Any], dense: bool = False,
+                scales: dict[str, np.ndarray] | None = None) -> None:
+    """Write masks (sorted flat indices per key) with their metadata; path must be a fresh temp file.
+
+    scales: per key, the activation statistic of each selected entry's input feature, aligned with the sorted
+    indices (in either layout: a dense mask's True entries in row-major order are the sorted indices); written as
+    float32 tensors ``<key>::input_scale``, which training turns into per-entry step sizes."""
     out: dict[str, np.ndarray] = {}
+    for key, sc in (scales or {}).items():
+        sc = np.asarray(sc, dtype=np.float32).reshape(-1)
+        if sc.size != np.asarray(indices[key]).size:
+            raise ValueError(f"{key}: {sc.size} input scales for {np.asarray(indices[key]).size} selected entries")
+        out[key + SCALE_SUFFIX] = sc
     for key in sorted(indices):
         idx = np.asarray(indices[key], dtype=np.int64)
         shape = tuple(tensors[key]["shape"])
@@ -68,9 +79,22 @@ def load_indices(path: str | os.PathLike) -> dict[str, np.ndarray]:
     arrays = load_file(str(path))
     out = {}
     for key, arr in arrays.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
         out[key] = np.flatnonzero(arr.reshape(-1)) if arr.dtype == bool else arr.astype(np.int64)
     del meta
     return out
+
+
+def load_input_scales(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Per key, the float32 input statistic of each selected entry (aligned with the sorted indices); empty for
+    masks written without statistics (random, magnitude) or before format version 2."""
+    from safetensors import safe_open
+
+    read_metadata(path)
+    with safe_open(str(path), framework="numpy") as f:
+        return {k[:-len(SCALE_SUFFIX)]: f.get_tensor(k).astype(np.float32) for k in f.keys()
+                if k.endswith(SCALE_SUFFIX)}
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -81,6 +105,8 @@ def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
     tensors = meta.get("tensors", {})
     out = {}
     for key, arr in load_file(str(path)).items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
         if arr.dtype == bool:
             out[key] = arr
             continue

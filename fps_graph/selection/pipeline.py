@@ -27,9 +27,11 @@ from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_sha
 from fps_graph.graph.names import NameInfo, resolve_names
 from fps_graph.graph.recurrent import zero_state_notes
 from fps_graph.graph.walk import branch_conditions
-from fps_graph.selection.positions import canonical_to_key
+from fps_graph.selection.positions import canonical_to_stored, stored_to_key
+from fps_graph.selection.step_scale import entry_scales
 from fps_graph.selection.copies import merge_copies
-from fps_graph.selection.scores import SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight
+from fps_graph.selection.scores import (SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight,
+                                       input_statistic)
 from fps_graph.selection.ranking import Budget, select
 from fps_graph.selection.stats import Stats, load_merged
 from fps_graph.selection.variants import VARIANTS, needs_anchor, select_cover
@@ -99,6 +101,7 @@ class SelectResult:
     calibration: CalibrationInfo | None
     warnings: list[str]
     summary: dict[str, Any]
+    scales: dict[str, np.ndarray] = field(default_factory=dict)   # per key: each selected entry's input statistic
 
 
 def spec_list(model: OnnxModel) -> list[InputSpec]:
@@ -329,21 +332,31 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
     return stats, calib, anchor
 
 
-def _to_keys(plan: Plan, chosen: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """Canonical positions -> sorted flat indices in each key tensor's own layout, and the per-key records."""
+def _to_keys(plan: Plan, chosen: list[np.ndarray], stats: Stats | None = None, stat: str | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Canonical positions -> sorted flat indices in each key tensor's own layout, the per-key records, and (with
+    statistics) each selected entry's input statistic aligned with the indices (selection/step_scale.py)."""
     indices: dict[str, np.ndarray] = {}
     tensors: dict[str, dict[str, Any]] = {}
+    scales: dict[str, np.ndarray] = {}
     for group, pos in zip(plan.groups, chosen):
         info = plan.names[group.weight]
-        key_pos = canonical_to_key(group.primary, pos, info.perm)   # O(selected): no full-size index arrays
+        pos = np.asarray(pos, dtype=np.int64).reshape(-1)
+        unsorted = stored_to_key(canonical_to_stored(group.primary, pos), group.primary.stored_shape, info.perm)
+        order = np.argsort(unsorted, kind="stable")          # O(selected): no full-size index arrays
+        key_pos = unsorted[order]
         indices[info.key] = key_pos
         rec = info.to_json()
+        if stats is not None and stat is not None:
+            entry, ref = entry_scales(input_statistic(group, stats, stat), group.primary.canonical_shape, pos)
+            scales[info.key] = entry[order]
+            rec["input_scale_ref"] = ref
         rec.update({"selected": int(key_pos.size), "total": int(group.size), "nodes": [l.node for l in group.layers],
                     "op": group.primary.op, "onnx_shape": list(group.primary.stored_shape)})
         if group.primary.node_op:
             rec["node_op"] = group.primary.node_op
         tensors[info.key] = rec
-    return indices, tensors
+    return indices, tensors, scales
 
 
 def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str | None, stats: Stats | None,
@@ -431,7 +444,9 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                                      budget=opts.budget, granularity=opts.granularity,
                                      names=[plan.names[g.weight].key for g in groups],
                                      row_blocks=lambda i: scorer(i).blocks())
-    indices, tensors = _to_keys(plan, chosen)
+    # the input statistic of each selected entry: training's per-entry step sizes (selection/step_scale.py)
+    with_scales = stats is not None and stat is not None and opts.score not in ("magnitude", "random")
+    indices, tensors, scales = _to_keys(plan, chosen, stats if with_scales else None, stat)
     inv = plan.inventory()
     if inv.warning():
         select_warnings.append(inv.warning())
@@ -443,6 +458,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     selected = int(sum(v.size for v in indices.values()))
     total = int(sum(g.size for g in groups))
     meta = _metadata(model_path, plan, opts, stat, stats, anchor, selected, total)
+    meta["input_scale"] = stat if scales else "none"
     summary = {
         "layers": len(plan.layers), "weights": len(groups), "selected": selected, "total": total,
         "fraction": selected / total if total else 0.0, "samples": stats.num_samples if stats else 0,
@@ -454,13 +470,13 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         "empty_tensors": len(empty),
         "weight_share": inv.share, "weight_values": inv.total_values,
     }
-    return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary)
+    return SelectResult(indices, tensors, meta, stats, calib, warnings + select_warnings, summary, scales)
 
 
 def write_result(result: SelectResult, out: str | Path, dense: bool = False, force: bool = False) -> None:
     """Write the masks file atomically."""
     with atomic_output(out, force) as tmp:
-        write_masks(tmp, result.indices, result.tensors, result.metadata, dense=dense)
+        write_masks(tmp, result.indices, result.tensors, result.metadata, dense=dense, scales=result.scales)
 
 
 def write_stats(stats: Stats, out: str | Path, force: bool = False) -> None:

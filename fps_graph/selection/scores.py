@@ -85,6 +85,12 @@ def _pooled_mean(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
     return np.sqrt(mean) if kind == "sq" else mean
 
 
+def input_statistic(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
+    """The activation statistic (mean-abs: E|x|; l2: rms) of each input connection of a weight, broadcastable to
+    its canonical [out, fan_in] layout (usually [1, fan_in]), pooled over the weight's consumers."""
+    return np.asarray(_pooled_mean(group, stats, stat), dtype=np.float64)
+
+
 BLOCK_ELEMENTS = 1 << 20   # scores are made 8 MB of float64 at a time (a block of whole output rows)
 
 

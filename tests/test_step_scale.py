@@ -1,0 +1,86 @@
+"""Per-entry input scales in the masks file (selection/step_scale.py, formats/masks.py v2): each selected entry's
+input statistic, checked against PyTorch forward hooks on the same data; and the step factors c = min(1, ref / s)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import hf_helpers as H  # noqa: E402
+
+from fps_graph.formats.masks import load_indices, load_input_scales, load_masks, read_metadata  # noqa: E402
+from fps_graph.selection.step_scale import step_factors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("step_scale")
+    folder = H.make_folder(root / "m")
+    onnx_path = H.export_onnx(folder, root / "m.onnx")
+    texts = H.cycle_text(24, seed=3)
+    npz = H.tokenize_npz(folder, texts, root / "c.npz")
+    return {"root": root, "folder": folder, "onnx": onnx_path, "npz": npz}
+
+
+def _hook_stats(folder: Path, npz: Path) -> dict[str, dict[str, np.ndarray]]:
+    """E|x| and rms of every block Linear's input over all positions of the (padded) arrays, as select sees them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    d = np.load(npz)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(d["input_ids"]), attention_mask=torch.from_numpy(d["attention_mask"]))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, xs in seen.items():
+        x = torch.cat([a.reshape(-1, a.shape[-1]) for a in xs]).double()
+        out[n + ".weight"] = {"mean-abs": x.abs().mean(0).numpy(), "l2": x.pow(2).mean(0).sqrt().numpy()}
+    return out
+
+
+@pytest.mark.parametrize("score,stat", [("fps", "mean-abs"), ("act-sample", "l2"), ("wanda", "l2")])
+def test_masks_carry_each_entrys_input_statistic(lm, score, stat):
+    masks = H.select_masks(lm["onnx"], lm["npz"], lm["root"] / f"{score}.safetensors", k=3,
+                           exclude=("lm_head*",), score=score)
+    ref = _hook_stats(lm["folder"], lm["npz"])
+    idx, scales, meta = load_indices(masks), load_input_scales(masks), read_metadata(masks)
+    assert meta["input_scale"] == stat and str(meta["format_version"]) == "2"
+    assert set(scales) == set(idx) == set(ref)
+    for key, i in idx.items():
+        x = ref[key][stat]
+        fan_in = x.size
+        assert scales[key].dtype == np.float32 and scales[key].shape == i.shape
+        np.testing.assert_allclose(scales[key], x[i % fan_in], rtol=2e-5, atol=1e-7)   # the entry's own column
+        assert meta["tensors"][key]["input_scale_ref"] == pytest.approx(float(np.median(x)), rel=2e-5)
+
+
+def test_scores_without_statistics_carry_none_and_dense_layout_agrees(lm):
+    from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
+
+    for score in ("random", "magnitude"):
+        m = lm["root"] / f"{score}.safetensors"
+        write_result(run_select(lm["onnx"], None, SelectOptions(k=2, exclude=("lm_head*",), score=score)), m,
+                     force=True)
+        assert load_input_scales(m) == {} and read_metadata(m)["input_scale"] == "none"
+    res = run_select(lm["onnx"], str(lm["npz"]), SelectOptions(k=2, exclude=("lm_head*",)))
+    write_result(res, lm["root"] / "sparse.safetensors", force=True)
+    write_result(res, lm["root"] / "dense.safetensors", dense=True, force=True)
+    a, b = load_input_scales(lm["root"] / "sparse.safetensors"), load_input_scales(lm["root"] / "dense.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    ia, dense = load_indices(lm["root"] / "sparse.safetensors"), load_masks(lm["root"] / "dense.safetensors")
+    assert set(dense) == set(ia)                   # the scale tensors are no masks
+    assert all(np.array_equal(np.flatnonzero(dense[k].reshape(-1)), ia[k]) for k in ia)
+
+
+def test_step_factors():
+    c = step_factors(np.array([0.5, 1.0, 4.0, 0.0, 100.0], dtype=np.float32), 1.0)
+    np.testing.assert_array_equal(c, np.array([1.0, 1.0, 0.25, 1.0, 0.01], dtype=np.float32))
+    assert c.dtype == np.float32
