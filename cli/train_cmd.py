@@ -12,8 +12,8 @@ from typing import Any, Callable
 import click
 
 from fps_graph.data.text import TextOptions
-from fps_graph.training.config import (DataConfig, ModelConfig, OptimConfig, Optimizer, RunConfig, TrainsConfig,
-                                       default_of, help_of)
+from fps_graph.training.config import (DataConfig, ModelConfig, OptimConfig, Optimizer, RunConfig, StepScale,
+                                       TrainsConfig, default_of, help_of)
 from fps_graph_cli.common import TORCH_INSTALL, parse_floats, parse_ints, require, tqdm_progress
 
 
@@ -53,6 +53,11 @@ def opt(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
 @opt(TrainsConfig, "train_norms", "--train-norms", is_flag=True)
 @opt(TrainsConfig, "train_embeddings", "--train-embeddings", is_flag=True)
 @opt(TrainsConfig, "train_full", "--train-full", multiple=True)
+@click.option("--step-scale", type=click.Choice([s.value for s in StepScale]), default=StepScale.INPUT.value,
+              show_default=True,
+              help="Per-entry step sizes: input slows each entry on an input larger than the layer's median by "
+                   "median/its scale, from the statistics the masks file records (FPS puts entries on outlier "
+                   "inputs; docs/quality.md); none: every entry at --lr.")
 @opt(DataConfig, "max_samples", "--max-samples", type=click.IntRange(min=1))
 @opt(DataConfig, "image_size", "--image-size", type=str)
 @opt(DataConfig, "mean", "--mean", type=str)

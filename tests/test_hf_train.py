@@ -372,7 +372,7 @@ def test_hf_grad_clip_bounds_the_step_and_optimizer_is_sgd(lm, cls, tmp_path, ca
         code, err = _cli([f"hf:{setup['folder']}", "--masks", str(setup["masks"]), "--data",
                           str(setup["root"] / data), "-o", str(out), "--epochs", "1", "--batch-size", "64", "--lr",
                           str(rate), "--warmup-epochs", "0", "--optimizer", "sgd", "--threads", "1", "--no-plot",
-                          "-q", "--task", task, *flags], capsys)
+                          "-q", "--task", task, "--step-scale", "none", *flags], capsys)   # the clip bounds theta
         assert code == 0, err
         return read_delta(out / "delta.safetensors")
 

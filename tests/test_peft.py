@@ -89,7 +89,7 @@ def test_shira_adapter_loads_with_identical_outputs(lm, tmp_path):
     assert np.isin(idx[key], flat).all() and len(np.unique(flat)) == flat.size == 96
     d = handle.deltas[key]
     pos = {int(f): i for i, f in enumerate(flat)}
-    assert torch.equal(values[[pos[int(f)] for f in d.index]], d.delta.detach())
+    assert torch.equal(values[[pos[int(f)] for f in d.index]], d.effective().detach())   # step * delta
     assert int((values != 0).sum()) == d.delta.numel()
     merged = loaded.merge_and_unload()
     torch.testing.assert_close(_logits(merged), want, rtol=1e-6, atol=1e-6)

@@ -84,3 +84,86 @@ def test_step_factors():
     c = step_factors(np.array([0.5, 1.0, 4.0, 0.0, 100.0], dtype=np.float32), 1.0)
     np.testing.assert_array_equal(c, np.array([1.0, 1.0, 0.25, 1.0, 0.01], dtype=np.float32))
     assert c.dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _lm_batch(folder: Path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = torch.tensor([e.ids[:10] for e in tok.encode_batch(H.cycle_text(4, seed=5, length=12))
+                        if len(e.ids) >= 10][:3])
+    return ids
+
+
+def test_attach_scales_each_entrys_step_by_its_input(lm):
+    """step = min(1, median/its statistic) from forward hooks; one AdamW step moves the effective delta by
+    step * lr * sign(gradient) (Adam's first update is lr * g / |g|), and by lr without step scaling."""
+    from transformers import AutoModelForCausalLM
+
+    from fps_graph.training import attach
+
+    masks = H.select_masks(lm["onnx"], lm["npz"], lm["root"] / "train_fps.safetensors", k=3, exclude=("lm_head*",))
+    ref = _hook_stats(lm["folder"], lm["npz"])
+    ids = _lm_batch(lm["folder"])
+    moved = {}
+    for mode in ("input", "none"):
+        model = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32)
+        handle = attach(model, masks, step_scale=mode)
+        idx = load_indices(masks)
+        for key, d in handle.deltas.items():
+            if mode == "none":
+                assert d.step is None
+                continue
+            x = ref[key]["mean-abs"]
+            want = np.minimum(1.0, np.median(x) / x[idx[key] % x.size])
+            np.testing.assert_allclose(d.step.numpy(), want, rtol=3e-5)
+        assert mode == "none" or any(float(d.step.min()) < 0.5 for d in handle.deltas.values())
+        opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {k: d.delta.grad.clone() for k, d in handle.deltas.items()}
+        opt.step()
+        moved[mode] = {k: (d.effective().detach().clone(), grads[k], d.step) for k, d in handle.deltas.items()}
+    for mode, per in moved.items():
+        for key, (eff, g, step) in per.items():
+            big = g.abs() > 1e-5                          # Adam's eps (1e-8) is negligible there
+            c = step if step is not None else torch.ones_like(eff)
+            torch.testing.assert_close(eff[big], -(1e-2 * c * torch.sign(g))[big], rtol=2e-3, atol=1e-9)
+
+
+def test_effective_delta_is_what_is_saved_merged_and_reloaded(lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fps_graph.formats.delta import read_delta
+    from fps_graph.training import attach, load_delta
+
+    masks = H.select_masks(lm["onnx"], lm["npz"], lm["root"] / "save_fps.safetensors", k=3, exclude=("lm_head*",))
+    model = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32).eval()
+    handle = attach(model, masks)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for d in handle.deltas.values():
+            d.delta.copy_(torch.randn(d.delta.shape, generator=g) * 0.1)
+    ids = _lm_batch(lm["folder"])
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32).eval()
+    params = dict(base.named_parameters())
+    for key, d in handle.deltas.items():                  # the weight the forward uses: W + step * delta
+        w = params[key].detach().reshape(-1).clone()
+        w[d.index] += d.step * d.delta.detach()
+        torch.testing.assert_close(getattr(handle._owners[key][0][0], handle._owners[key][0][1]).reshape(-1), w)
+    handle.save(tmp_path / "delta.safetensors")
+    df = read_delta(tmp_path / "delta.safetensors")
+    for key, d in handle.deltas.items():
+        np.testing.assert_array_equal(df.sparse[key].delta, d.effective().detach().numpy())
+    fresh = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32).eval()
+    loaded = load_delta(fresh, tmp_path / "delta.safetensors")
+    assert all(d.step is None for d in loaded.deltas.values())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+        handle.merge()
+        torch.testing.assert_close(model(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)

@@ -322,7 +322,13 @@ def _reference(setup, optimizer: str, lr: float, wd: float, clip: float | None, 
     x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
     handle = attach(model, setup["masks"], example_input=x[:1])
     params = handle.trainable_parameters()
-    start = {k: p.detach().clone() for k, p in handle.named_trainable().items()}
+
+    def values() -> dict[str, torch.Tensor]:   # what the weights change by: step * delta (the default step scale)
+        out = {f"{k}:delta": d.effective().detach().clone() for k, d in handle.deltas.items()}
+        out.update({k: p.detach().clone() for k, p in handle.full.items()})
+        return out
+
+    start = values()
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     extra = {"momentum": 0.9} if optimizer == "sgd" else {}
     opt = cls(params, lr=lr, weight_decay=wd, **extra)
@@ -337,7 +343,7 @@ def _reference(setup, optimizer: str, lr: float, wd: float, clip: float | None, 
             for p in params:
                 p.grad.mul_(clip / (norm + 1e-6))
         opt.step()
-    return {k: (p.detach() - start[k]).numpy() for k, p in handle.named_trainable().items()}, norms
+    return {k: (v - start[k]).numpy() for k, v in values().items()}, norms
 
 
 def _train_cli(setup, out: Path, *flags: str, epochs: int = 3, lr: float = 0.05) -> Path:
@@ -400,9 +406,11 @@ def test_grad_clip_bounds_the_step_of_every_trained_value(setup, tmp_path):
     """One SGD step (its momentum buffer starts as the gradient): the change of all trained values together has
     norm lr * clip when the gradient norm exceeds clip, and more without --grad-clip."""
     lr, clip = 0.05, 0.01
-    clipped = _trained(_train_cli(setup, tmp_path / "c", "--optimizer", "sgd", "--grad-clip", str(clip), epochs=1,
-                                  lr=lr))
-    free = _trained(_train_cli(setup, tmp_path / "f", "--optimizer", "sgd", epochs=1, lr=lr))
+    # --step-scale none: the clip bounds the trained parameters' step; with per-entry step sizes the delta file
+    # holds step * delta (the change to the weights), whose norm is smaller
+    clipped = _trained(_train_cli(setup, tmp_path / "c", "--optimizer", "sgd", "--grad-clip", str(clip),
+                                  "--step-scale", "none", epochs=1, lr=lr))
+    free = _trained(_train_cli(setup, tmp_path / "f", "--optimizer", "sgd", "--step-scale", "none", epochs=1, lr=lr))
     norm = lambda t: math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in t.values()))  # noqa: E731
     assert norm(clipped) == pytest.approx(lr * clip, rel=1e-4)
     assert norm(free) > 10 * lr * clip

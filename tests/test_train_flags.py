@@ -221,3 +221,27 @@ def test_task_is_checked_once_with_the_known_names(tok, tmp_path, capsys):
     run(tok, tmp_path / "x", "--task", "detection", capsys=capsys, code=2)
     err = capsys.readouterr().err
     assert "unknown --task 'detection' (use image-cls, causal-lm, seq-cls)" in err and not (tmp_path / "x").exists()
+
+
+def test_step_scale_sets_each_entrys_step(tok, tmp_path):
+    """One Adam step (update lr * g/|g|): with --step-scale input (default) each entry's change is lr * c, c =
+    min(1, ref / its input statistic) from the masks file; with none it is lr for every entry."""
+    from fps_graph.formats.masks import load_indices, load_input_scales, read_metadata
+
+    flags = ("--optimizer", "adam", "--batch-size", "40", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.01",
+             "--min-lr", "0.01", "--no-train-bias", "--no-train-head")
+    run(tok, tmp_path / "in", *flags)
+    run(tok, tmp_path / "none", *flags, "--step-scale", "none")
+    scales, meta, idx = load_input_scales(tok["masks"]), read_metadata(tok["masks"]), load_indices(tok["masks"])
+    assert scales                                              # the masks carry the statistics
+    slowed = 0
+    for key, e in read_delta(tmp_path / "in" / "delta.safetensors").sparse.items():
+        ref = meta["tensors"][key]["input_scale_ref"]
+        c = np.minimum(1.0, ref / scales[key].astype(np.float64))
+        free = read_delta(tmp_path / "none" / "delta.safetensors").sparse[key].delta
+        moved = np.abs(free) > 1e-3                            # entries whose gradient was not ~0
+        np.testing.assert_allclose(np.abs(free[moved]), 0.01, rtol=1e-3)
+        np.testing.assert_allclose(np.abs(e.delta[moved]), 0.01 * c[moved], rtol=1e-3)
+        slowed += int((c[moved] < 0.99).sum())
+        assert np.array_equal(e.indices, idx[key])
+    assert slowed > 0

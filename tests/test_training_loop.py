@@ -179,7 +179,8 @@ def test_cli_help_and_defaults_come_from_the_config_fields():
             owners[f.name] = cls
     checked = 0
     for p in train.params:
-        if p.name in ("model", "masks", "peft", "quiet", "help", "no_plot") or p.name in TextOptions.__annotations__:
+        if p.name in ("model", "masks", "peft", "quiet", "help", "no_plot", "step_scale") or \
+                p.name in TextOptions.__annotations__:
             continue
         cls = owners[p.name]
         assert p.help == help_of(cls, p.name), p.name

@@ -113,7 +113,7 @@ def shira_tensors(handle: Any, plan: ShiraPlan) -> dict[str, Any]:
             free[sel] = False
             extra = np.flatnonzero(free)[:pad]
         flat = np.concatenate([sel, extra])
-        values = np.concatenate([d.delta.detach().cpu().float().numpy(), np.zeros(pad, dtype=np.float32)])
+        values = np.concatenate([d.effective().detach().cpu().float().numpy(), np.zeros(pad, dtype=np.float32)])
         order = np.argsort(flat, kind="stable")          # row-major, as SHiRA's own masks come out
         flat, values = flat[order], values[order]
         base = f"base_model.model.{mod_name}"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
 
 from fps_graph.errors import ModelError, OptionError, RuntimeFailure
-from fps_graph.training.config import TrainsConfig
+from fps_graph.training.config import StepScale, TrainsConfig
 from fps_graph.training.full import is_norm
 from fps_graph.training.heads import HeadInfo
 from fps_graph.training.rundir import FILES, write_json
@@ -91,23 +91,33 @@ class SparseAdapter(Adapter):
         masks: a masks file, a MaskSet or {name: bool mask | flat indices}; None: no selected entries, only what
             trains in full (head, biases of ``bias_of`` layers...).
         trains: what trains in full beside the deltas.
+        step_scale: per-entry step sizes from the input statistics the masks file records (``input``, the
+            default: fps_graph/selection/step_scale.py) or none.
     """
 
     kind: ClassVar[str] = "sparse"
     masks: str | os.PathLike | MaskSet | Mapping[str, Any] | None = None
     trains: TrainsConfig = field(default_factory=TrainsConfig)
+    step_scale: StepScale = StepScale.INPUT
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "step_scale", StepScale(self.step_scale))
+        except ValueError as exc:
+            raise OptionError(f"--step-scale {self.step_scale!r}: use "
+                              f"{', '.join(s.value for s in StepScale)}") from exc
 
     def attach(self, model: "nn.Module", head: HeadInfo | None, seed: int = 0) -> SparseFineTune:
         t = self.trains
         masks = canonical_masks(model, self.masks) if self.masks is not None else None
         return attach(model, masks, head=head, train_bias=t.train_bias, train_head=t.train_head,
                       train_norms=t.train_norms, train_embeddings=t.train_embeddings, train_full=t.train_full,
-                      seed=seed)
+                      seed=seed, step_scale=self.step_scale)
 
     def describe(self) -> dict[str, Any]:
         m = self.masks
         return {"kind": self.kind, "masks": str(m) if isinstance(m, (str, os.PathLike)) else
-                (getattr(m, "source", "<dict>") if m is not None else None)}
+                (getattr(m, "source", "<dict>") if m is not None else None), "step_scale": self.step_scale.value}
 
 
 # --------------------------------------------------------------------------------------------------- full

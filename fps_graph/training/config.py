@@ -27,6 +27,15 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
 
 
+class StepScale(str, enum.Enum):
+    """Per-entry step sizes of sparse deltas (fps_graph.selection.step_scale): ``input`` scales each entry's step
+    by min(1, median input statistic / its input's statistic), as recorded in the masks file; ``none`` trains
+    every entry at the learning rate."""
+
+    INPUT = "input"
+    NONE = "none"
+
+
 def _opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
     """A dataclass field with its help text and CLI flag beside it."""
     meta = {"help": help, "flag": flag}
@@ -111,7 +120,8 @@ class OptimConfig:
 
     epochs: int = _opt(10, "Passes over the training data.", "--epochs")
     batch_size: int = _opt(32, "Samples per optimiser step.", "--batch-size")
-    lr: float = _opt(1e-3, "Peak learning rate.", "--lr")
+    lr: float = _opt(1e-2, "Peak learning rate (1e-2: the best or near it for sparse deltas with per-entry step "
+                           "sizes on the LM study, docs/quality.md).", "--lr")
     optimizer: Optimizer = _opt(Optimizer.ADAMW, "torch.optim's AdamW, Adam (L2 weight decay) or SGD with "
                                                  "momentum 0.9.", "--optimizer")
     weight_decay: float = _opt(0.0, "Weight decay (decoupled for AdamW); it reaches only the trained values.",

@@ -12,7 +12,7 @@ from fps_graph.data.text import TextOptions
 from fps_graph.formats.io import sha256_file
 from fps_graph.formats.masks import data_record
 from fps_graph.training.adapters import Adapter, SparseAdapter
-from fps_graph.training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainsConfig
+from fps_graph.training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StepScale, TrainsConfig
 from fps_graph.training.loop import Callbacks, TrainResult, fit
 from fps_graph.training.models import build_model, default_task, hf_folder, load_hf_model
 from fps_graph.training.rundir import check_output
@@ -61,7 +61,8 @@ def train_job(model: str, masks: Any, data: str, output: str | None = None, **op
 
     text = TextOptions(truncate=False, **take(TextOptions, ("truncate",)))
     job = dict(model=ModelConfig(model, **take(ModelConfig, ("model",))),
-               adapter=SparseAdapter(masks, TrainsConfig(**take(TrainsConfig))),
+               adapter=SparseAdapter(masks, TrainsConfig(**take(TrainsConfig)),
+                                     step_scale=options.pop("step_scale", StepScale.INPUT)),
                data=DataConfig(data=data, text=text, **take(DataConfig, ("data", "text"))),
                optim=OptimConfig(**take(OptimConfig)), run=RunConfig(output=output, **take(RunConfig, ("output",))))
     if options:

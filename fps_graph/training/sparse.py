@@ -27,9 +27,11 @@ from torch.nn.utils import parametrize
 from fps_graph import __version__
 from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
 from fps_graph.formats.io import atomic_output, save_safetensors, sha256_file
-from fps_graph.formats.masks import load_indices, read_metadata
+from fps_graph.formats.masks import load_indices, load_input_scales, read_metadata
 from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.graph.names import looks_generated
+from fps_graph.selection.step_scale import step_factors
+from fps_graph.training.config import StepScale
 from fps_graph.training.full import check_globs, is_norm, trained_in_full
 from fps_graph.training.heads import (HeadInfo, find_head, get_module, is_transformers, replace_head,
                                       setup_head, transformers_head)
@@ -52,6 +54,7 @@ class MaskSet:
     source: str = "<dict>"
     sha256: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)   # per key: each entry's input statistic (select)
 
 
 def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> MaskSet:
@@ -63,8 +66,10 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
         indices = load_indices(masks)
         tensors = meta.get("tensors") or {}
         shapes = {k: tuple(int(d) for d in tensors[k]["shape"]) if k in tensors else None for k in indices}
+        # file indices are sorted and unique, so the per-entry scales stay aligned with them
         return MaskSet({k: np.unique(v) for k, v in indices.items()}, shapes,
-                       {k: tensors.get(k, {}) for k in indices}, str(masks), sha256_file(masks), meta)
+                       {k: tensors.get(k, {}) for k in indices}, str(masks), sha256_file(masks), meta,
+                       load_input_scales(masks))
     if not isinstance(masks, Mapping):
         raise DataError(f"masks must be a masks file or a dict of arrays, not {type(masks).__name__}")
     indices, shapes = {}, {}
@@ -95,25 +100,31 @@ def canonical_masks(model: nn.Module, masks: str | os.PathLike | Mapping[str, An
         keys.setdefault(alias.get(key, key), []).append(key)
     if all(len(v) == 1 and v[0] == k for k, v in keys.items()):
         return ms
-    indices, shapes, info = {}, {}, {}
+    indices, shapes, info, scales = {}, {}, {}, {}
     for canon, group in keys.items():
-        indices[canon] = np.unique(np.concatenate([ms.indices[k] for k in group]))
+        indices[canon], first = np.unique(np.concatenate([ms.indices[k] for k in group]), return_index=True)
+        if all(k in ms.scales for k in group):     # a united entry keeps the statistic of its first occurrence
+            scales[canon] = np.concatenate([ms.scales[k] for k in group])[first]
         shapes[canon] = next((ms.shapes[k] for k in group if ms.shapes.get(k) is not None), None)
         # keep the ONNX record of the key `select` wrote (apply finds the stored copy through it)
         info[canon] = ms.info.get(group[0], {}) if len(group) == 1 else \
             next((ms.info[k] for k in group if ms.info.get(k)), {})
-    return MaskSet(indices, shapes, info, ms.source, ms.sha256, ms.metadata)
+    return MaskSet(indices, shapes, info, ms.source, ms.sha256, ms.metadata, scales)
 
 
 # ---------------------------------------------------------------------------------------- parametrization
 
 
 class SparseDelta(nn.Module):
-    """Parametrization W -> W + scatter(delta) over fixed flat indices (row-major, the weight's own layout)."""
+    """Parametrization W -> W + scatter(step * delta) over fixed flat indices (row-major, the weight's own layout).
 
-    def __init__(self, index: torch.Tensor, shape: Sequence[int]):
+    ``step`` (optional, per entry, fixed): the reparametrisation of fps_graph/selection/step_scale.py; the trained
+    parameter is ``delta``, the change to the weight is ``effective() = step * delta``."""
+
+    def __init__(self, index: torch.Tensor, shape: Sequence[int], step: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("index", index.to(torch.int64), persistent=False)
+        self.register_buffer("step", None if step is None else step.to(torch.float32).reshape(-1), persistent=False)
         self.delta = nn.Parameter(torch.zeros(index.numel(), dtype=torch.float32, device=index.device))
         self.shape = tuple(int(d) for d in shape)
         self.merged = False
@@ -127,12 +138,17 @@ class SparseDelta(nn.Module):
             self.rebuilder.note(out, lambda: self._materialise(weight), self.delta)
         return out
 
+    def effective(self) -> torch.Tensor:
+        """The change to the selected entries: step * delta (delta itself without a step)."""
+        return self.delta if self.step is None else self.delta * self.step
+
     def _materialise(self, weight: torch.Tensor) -> torch.Tensor:
         flat = weight.reshape(-1)
-        return flat.index_put((self.index,), self.delta.to(weight.dtype), accumulate=True).view(weight.shape)
+        return flat.index_put((self.index,), self.effective().to(weight.dtype), accumulate=True).view(weight.shape)
 
     def extra_repr(self) -> str:
-        return f"selected={self.index.numel()}, shape={list(self.shape)}, merged={self.merged}"
+        return (f"selected={self.index.numel()}, shape={list(self.shape)}, merged={self.merged}, "
+                f"step={'none' if self.step is None else 'per entry'}")
 
 
 # ------------------------------------------------------------------------------------------------ handle
@@ -237,7 +253,7 @@ class SparseFineTune:
             w = self._originals[key].data
             saved = w.reshape(-1).index_select(0, d.index).clone()
             self._saved_merge[key] = saved
-            w.put_(d.index, saved + d.delta.to(w.dtype))
+            w.put_(d.index, saved + d.effective().to(w.dtype))
             d.merged = True
         self.merged = True
 
@@ -282,7 +298,7 @@ class SparseFineTune:
         out: dict[str, torch.Tensor] = {}
         for key, d in self.deltas.items():
             out[f"{key}:indices"] = d.index.detach().cpu().to(torch.int32)
-            out[f"{key}:delta"] = d.delta.detach().cpu().float().clone()
+            out[f"{key}:delta"] = d.effective().detach().cpu().float().clone()   # what the weight changed by
             out[f"{key}:base"] = self._base_sparse[key].cpu().float().clone()
         for key, p in self.full.items():
             out[key] = p.detach().cpu().clone()
@@ -356,7 +372,8 @@ def _onnx_record(rec: dict[str, Any] | None) -> dict[str, Any]:
 def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | MaskSet | None = None, *,
            head: str | HeadInfo | None = "auto", num_classes: int | None = None, example_input: Any = None,
            train_bias: bool = True, train_head: bool = True, train_norms: bool = False,
-           train_embeddings: bool = False, train_full: Sequence[str] = (), seed: int = 0) -> SparseFineTune:
+           train_embeddings: bool = False, train_full: Sequence[str] = (), seed: int = 0,
+           step_scale: StepScale | str = StepScale.INPUT) -> SparseFineTune:
     """Make a model sparse-trainable: freeze every parameter, train a delta over each mask's selected entries.
 
     masks: a masks file (``fps-graph select``), or {name: bool mask | flat indices}; keys are parameter names.
@@ -367,8 +384,15 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     seeded Linear of this size when it differs. Trained in full (``full.trained_in_full``): head (train_head),
     biases of the masked layers (train_bias), normalisation layers (train_norms), position embeddings and class
     tokens (train_embeddings), and parameters matching any glob of train_full. A masked tensor that is also
-    trained in full gets no delta (recorded in `superseded`).
+    trained in full gets no delta (recorded in `superseded`). step_scale 'input' (default): where the masks file
+    records each entry's input statistic (``select`` with activation statistics), an entry's delta is
+    ``c * theta`` with ``c = min(1, median / its statistic)`` (fps_graph/selection/step_scale.py: with Adam no entry
+    then moves its output faster than one on a typical input); 'none', or masks without statistics: c = 1.
     """
+    try:
+        step_scale = StepScale(step_scale)
+    except ValueError as exc:
+        raise OptionError(f"step_scale {step_scale!r}: use {', '.join(s.value for s in StepScale)}") from exc
     if not isinstance(model, nn.Module):
         raise OptionError(f"attach needs a torch.nn.Module, not {type(model).__name__}")
     ms = load_mask_set(masks) if masks is not None else MaskSet({}, {}, source="<none>")
@@ -417,6 +441,7 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
 
     # deltas on the masked weights not trained in full (shared tensors: one delta for every owner)
     full_ids = {id(p) for p in handle.full.values()}
+    steps: list[torch.Tensor] = []
     for key in sorted(ms.indices, key=order.__getitem__):
         p = params[key]
         if id(p) in full_ids:
@@ -426,7 +451,12 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         for m, _ in owners:
             handle._own_order.setdefault(id(m), list(m._parameters) + list(m._buffers))
         idx = torch.as_tensor(ms.indices[key], dtype=torch.int64, device=p.device)
-        sd = SparseDelta(idx, p.shape)
+        step = None
+        ref = (ms.info.get(key) or {}).get("input_scale_ref")
+        if step_scale is StepScale.INPUT and key in ms.scales and ref:
+            step = torch.from_numpy(step_factors(ms.scales[key], float(ref))).to(p.device)
+            steps.append(step)
+        sd = SparseDelta(idx, p.shape, step)
         for module, attr in owners:
             if parametrize.is_parametrized(module, attr):
                 raise OptionError(f"{key} is parametrized already (attach called twice?)")
@@ -438,6 +468,11 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         handle._base_sparse[key] = p.detach().reshape(-1).index_select(0, idx).clone()
     if handle.superseded:
         handle.notes.append(f"trained in full instead of sparsely: {', '.join(handle.superseded)}")
+    if steps:
+        c = torch.cat(steps)
+        handle.notes.append(f"per-entry step sizes from the input scale (step_scale=input) on {len(steps)} of "
+                            f"{len(handle.deltas)} weights: median {float(c.median()):.3g}, "
+                            f"{float((c < 1).float().mean()) * 100:.0f}% of entries slowed")
     _install_state_dict_hooks(handle)
     if handle.deltas:   # W + scatter(delta) is rebuilt in the backward pass instead of saved (recompute.py)
         owners = list({id(m): m for key in handle.deltas for m, _ in handle._owners[key]}.values())
@@ -603,7 +638,7 @@ def _attach_exact(model: nn.Module, masks: MaskSet, full_names: Iterable[str]) -
     """attach() with exactly these tensors trained in full and nothing detected."""
     names = [glob.escape(n) for n in full_names]
     return attach(model, masks if masks.indices else None, head=None, train_bias=False, train_head=False,
-                  train_full=names)
+                  train_full=names, step_scale=StepScale.NONE)
 
 
 def save_delta(handle: SparseFineTune, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
