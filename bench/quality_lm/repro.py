@@ -10,7 +10,8 @@ tied embedding is not selected), by ``fps-graph select`` with statistics of the 
 ``c_i * theta_i`` with ``c_i = median_j E|x_j| / E|x_col(i)|``: candidate (a); the library's default step scale
 clips c at 1, which changes 2% of FPS's entries here), ``fps-cover`` (coverage rule, candidate (c)), ``act-sample``
 and ``random`` (other scores, candidate (d)), and the floors: the seq-cls head alone, or the pretrained model
-(causal-lm). Tasks, kept small for 2 shared cores: TREC (6 classes) from the first 320 training questions x 2
+(causal-lm). ``fps-lib``: the product's default after issue 16 (select writes each entry's input statistic into
+the masks file, ``attach`` applies ``c = min(1, median / statistic)``), run through the one training loop. Tasks, kept small for 2 shared cores: TREC (6 classes) from the first 320 training questions x 2
 epochs, batch 16 (40 AdamW steps, warm-up 0.3 epoch, cosine), scored on the 200 validation questions;
 tiny-shakespeare from 192 training chunks x 2 epochs, batch 16 (24 steps), scored by loss per token on 100
 validation chunks. Seeds: 0 everywhere, 1 for TREC at lr 1e-2. Every run in its own process, one thread.
@@ -32,10 +33,12 @@ from bench.quality_lm import assets
 
 WORK = assets.CACHE / "work"
 TREC_DIR, LM_DIR = WORK / "repro", WORK / "repro_lm"
-RUNS = (TREC_DIR / "runs1.jsonl", TREC_DIR / "runs_lm.jsonl")
+RUNS = (TREC_DIR / "runs1.jsonl", TREC_DIR / "runs_lm.jsonl", TREC_DIR / "runs_lib.jsonl")
 MODEL = "smollm2-135m"
 STEM = assets.RESULTS / "quality_lm_repro"
-LABEL = {"fps": "fps (plain)", "fps-scaled": "fps + input step scale", "fps-cover": "fps-cover", "random": "random",
+COLORS = {"fps": "tab:blue", "fps-scaled": "tab:orange", "fps-lib": "tab:green", "fps-cover": "tab:red",
+          "random": "tab:purple", "act-sample": "tab:brown", "head": "k", "none": "k"}
+LABEL = {"fps": "fps (plain)", "fps-scaled": "fps + input step scale", "fps-lib": "fps, library default (train)", "fps-cover": "fps-cover", "random": "random",
          "act-sample": "act-sample", "head": "head only", "none": "pretrained (no training)"}
 
 
@@ -63,7 +66,7 @@ def specs() -> list[dict[str, Any]]:
     d = assets.task_dir("trec")
     _select(onnx, TREC_DIR / "masks_fps.safetensors", "fps", TREC_DIR / "stats_trec.safetensors", d / "train.jsonl")
     for score, seed, name in (("random", 0, "random"), ("random", 1, "random_s1"), ("act-sample", 0, "act-sample"),
-                              ("fps-cover", 0, "fps-cover")):
+                              ("fps-cover", 0, "fps-cover"), ("fps", 0, "fps-lib")):
         _select(onnx, TREC_DIR / f"masks_{name}.safetensors", score, TREC_DIR / "stats_trec.safetensors", seed=seed)
     lm = assets.task_dir("shakespeare")
     for split, n in (("train", 192), ("val", 100)):
@@ -97,6 +100,7 @@ def specs() -> list[dict[str, Any]]:
                  t("head", 1e-3), t("fps-scaled", 3e-2), t("random", 3e-2)]
     trec_runs += [t(m, 1e-2, seed=1, masks="random_s1" if m == "random" else None)
                   for m in ("fps-scaled", "random", "fps", "fps-cover", "head")]
+    trec_runs += [t("fps-lib", lr, seed=seed) for seed, lr in ((0, 1e-2), (1, 1e-2), (0, 3e-2))]
     lm_runs = [s_("fps", 1e-2), s_("random", 1e-2), s_("fps-scaled", 1e-2), s_("none", 0.0), s_("fps", 1e-3),
                s_("random", 1e-3), s_("fps-scaled", 1e-3), s_("fps-cover", 1e-2)]
     return trec_runs + lm_runs
@@ -175,7 +179,7 @@ def _plot(doc: dict[str, Any]) -> None:
                 ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=LABEL[m])
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=2.2 if m.startswith("fps") else 1.2,
-                    ls=":" if m == "head" else "-", color="k" if m == "head" else None, label=LABEL[m])
+                    ls={"head": ":", "fps-lib": "--"}.get(m, "-"), color=COLORS[m], label=LABEL[m])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (AdamW)")
         ax.set_ylabel("validation accuracy %" if task == "trec" else "validation loss per token")
@@ -196,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = specs()
         trec = [x for x in lines if x["task"]["name"] == "trec"]
         lm = [x for x in lines if x["task"]["name"] != "trec"]
-        for group, out in ((trec, RUNS[0]), (lm, RUNS[1])):
+        lib = [x for x in trec if x["spec"]["method"] == "fps-lib"]
+        trec = [x for x in trec if x["spec"]["method"] != "fps-lib"]
+        for group, out in ((trec, RUNS[0]), (lm, RUNS[1]), (lib, RUNS[2])):
             f = out.with_suffix(".specs.jsonl")
             f.write_text("".join(json.dumps(x) + "\n" for x in group))
             subprocess.run([sys.executable, "-m", "bench.quality_lm.grid", str(f), str(out), "--jobs",
