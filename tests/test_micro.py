@@ -196,4 +196,8 @@ def test_cli_max_memory_same_masks(tmp_path):
     from safetensors.numpy import load_file
 
     ma, mb = load_file(str(a)), load_file(str(b))
-    assert ma.keys() == mb.keys() and all(ma[k].tobytes() == mb[k].tobytes() for k in ma)
+    assert ma.keys() == mb.keys()
+    scale = "::input_scale"   # each entry's input statistic: sums over micro-batches round differently
+    assert all(ma[k].tobytes() == mb[k].tobytes() for k in ma if not k.endswith(scale))   # the selection: bytes
+    for k in (k for k in ma if k.endswith(scale)):
+        np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5, err_msg=k)
