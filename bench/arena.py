@@ -44,10 +44,11 @@ if mode == "same":
 from fps_graph.graph.model import load_model
 from fps_graph.graph.layers import find_layers
 from fps_graph.runtime.calibrate import BatchStats
+from fps_graph.runtime.config import RuntimeConfig
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
 m = load_model(onnx_path)
 layers, _ = find_layers(m)
-step = BatchStats(m, layers, provider="cpu", threads=2, micro_batch=micro or None)
+step = BatchStats(m, layers, runtime=RuntimeConfig(provider="cpu", threads=2, micro_batch=micro or None))
 after_session = rss()
 x = np.load(data, mmap_mode="r")
 t = time.perf_counter()

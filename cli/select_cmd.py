@@ -8,6 +8,7 @@ from fps_graph.data.text import TextOptions
 from fps_graph.data.static import parse_static
 from fps_graph.errors import OptionError
 from fps_graph.formats.io import check_output_path
+from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES, RuntimeConfig
 from fps_graph.runtime.memory import AUTO
 from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
 from fps_graph.selection.scores import SCORES, STATS
@@ -89,17 +90,15 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
               help="Text: join the documents with the tokenizer's end-of-sequence token and cut them into rows of "
                    "exactly LENGTH tokens (the last partial row dropped, counted): full batches for long documents, "
                    "but windows, not documents (docs/text.md). Default: each document exactly, unpadded.")
-@click.option("--reduce", type=click.Choice(["graph", "host"]), default="graph", show_default=True,
-              help="graph: reduce activations inside ONNX Runtime; host: return them raw and reduce in NumPy.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
-              show_default=True, help="ONNX Runtime graph optimisation level.")
-@click.option("--threads", type=click.IntRange(min=0), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--reduce", type=click.Choice(REDUCE_MODES), default="graph", show_default=True,
+              help=RuntimeConfig.help("reduce"))
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help=RuntimeConfig.help("provider"))
+@click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
+              help=RuntimeConfig.help("opt_level"))
+@click.option("--threads", type=click.IntRange(min=0), default=None, help=RuntimeConfig.help("threads"))
 @click.option("--max-memory", "max_memory", type=MemoryBudget(), default=None, metavar="MB|auto",
-              help="Keep peak memory near MB: each batch runs in micro-batches sized from the model's activation "
-                   "bytes per sample (same statistics, summed). auto: close to the floor (weights + runtime + one "
-                   "micro-batch whose activations stay under a quarter of the weights). Default: micro-batches only "
-                   "where the observed graph would need more than plain inference of the same batch.")
+              help=RuntimeConfig.help("max_memory_mb"))
 @click.option("--dense", is_flag=True, help="Write bool masks of each tensor's shape instead of indices.")
 @click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
               help="Also save the raw statistics (sums and counts) here.")
@@ -140,8 +139,9 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
     opts = SelectOptions(
         score=score, stat=stat, k=k if (k is not None or budget is not None) else 1,
         budget=parse_budget(budget) if budget is not None else None, granularity=granularity,
-        include=include, exclude=exclude, seed=seed, eps=eps, reduce=reduce, provider=provider,
-        opt_level=opt_level, threads=threads or None, max_memory_mb=max_memory, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
+        include=include, exclude=exclude, seed=seed, eps=eps, batch_size=batch_size, max_samples=max_samples,
+        shuffle=shuffle, runtime=RuntimeConfig(reduce=reduce, provider=provider, opt_level=opt_level, threads=threads,
+                                               max_memory_mb=max_memory),
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=_text_options(tokenizer, text_field, max_length, no_truncate, pack),

@@ -198,7 +198,7 @@ def diagnose_seed(setup: Any, pts: list[Point], methods: list[str]) -> dict[str,
     (relative to GPS), input-feature coverage and neuron coverage."""
     from fps_graph.formats.masks import load_indices
     from fps_graph.selection.pipeline import make_plan
-    from fps_graph.selection.stats import load_merged
+    from fps_graph.formats.stats import load_merged
 
     plan = make_plan(setup.sel.onnx)
     stats = load_merged([str(setup.sel.stats)])

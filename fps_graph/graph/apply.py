@@ -30,8 +30,8 @@ from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.formats.io import check_output_path, sha256_file
 from fps_graph.graph.model import SHAPE_ERRORS, OnnxModel
 from fps_graph.graph.names import folded_from, resolve_names
+from fps_graph.graph.plan import make_plan
 from fps_graph.graph.walk import local_name, model_scopes, node_reads, scope_of_key
-from fps_graph.selection.pipeline import make_plan
 
 META_FINETUNED = "fps_graph.finetuned"
 log = logging.getLogger(__name__)

@@ -1,12 +1,11 @@
 """The `select` job end to end: model -> layers -> statistics -> scores -> masks (and the `inspect` view)."""
 from __future__ import annotations
 
-import fnmatch
 import functools
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,50 +13,41 @@ import numpy as np
 
 from fps_graph import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
+from fps_graph.runtime.config import RuntimeConfig
+from fps_graph.runtime.ray import collect_stats_ray   # imports Ray itself only when called
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
 from fps_graph.data.static import WithStatic, load_static, with_static_hint
 from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
-from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest, primary_storage
-from fps_graph.graph.layers import Layer, Skipped, find_layers
+from fps_graph.graph.inventory import name_the_rest, primary_storage
+from fps_graph.graph.layers import Layer, Skipped
 from fps_graph.formats.masks import write_masks
-from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
-from fps_graph.graph.names import NameInfo, resolve_names
+from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape
+from fps_graph.graph.plan import Plan, make_plan
 from fps_graph.graph.recurrent import zero_state_notes
 from fps_graph.graph.walk import branch_conditions
 from fps_graph.selection.positions import canonical_to_stored, stored_to_key
 from fps_graph.selection.step_scale import entry_scales
-from fps_graph.selection.copies import merge_copies
-from fps_graph.selection.scores import (SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight,
-                                       input_statistic)
+from fps_graph.selection.scores import SCORES, STATS, WeightScores, default_stat, input_statistic
 from fps_graph.selection.ranking import Budget, select
-from fps_graph.selection.stats import Stats, load_merged
+from fps_graph.formats.stats import Stats, load_merged
 from fps_graph.selection.variants import VARIANTS, needs_anchor, select_cover
 
 ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
 
 
-@dataclass
-class Plan:
-    """A loaded model, its scored layers grouped by weight, names, and what was skipped."""
-
-    model: OnnxModel
-    layers: list[Layer]
-    groups: list[WeightGroup]
-    names: dict[str, NameInfo]
-    skipped: list[Skipped]
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)   # label -> Source.record() of the data read
-
-    def inventory(self) -> Inventory:
-        """The share of the model's weight values scored now, and what is not (graph/inventory.py)."""
-        return inventory(self.model, self.layers, self.skipped)
-
+_RUNTIME_SHORTHANDS = ("reduce", "provider", "opt_level", "threads", "max_memory_mb", "micro_batch")
 
 @dataclass
 class SelectOptions:
-    """Every knob of `fps-graph select` (see the CLI help for each)."""
+    """Every knob of `fps-graph select` (see the CLI help for each).
+
+    How ONNX Runtime runs is one ``RuntimeConfig`` (``runtime``), handed whole to calibration and to Ray workers;
+    ``reduce=``, ``provider=``, ``opt_level=``, ``threads=``, ``max_memory_mb=`` and ``micro_batch=`` are
+    shorthands that build it (not together with ``runtime=``).
+    """
 
     score: str = "fps"
     stat: str | None = None
@@ -68,13 +58,6 @@ class SelectOptions:
     exclude: Sequence[str] = ()
     seed: int = 0
     eps: float = 1e-6
-    reduce: str = "graph"
-    provider: str = "auto"
-    opt_level: str = "all"
-    threads: int | None = None
-    max_memory_mb: float | str | None = None   # MB or "auto": micro-batches within this budget (runtime.memory);
-                                               # None: never above plain inference of the same batch
-    micro_batch: int | None = None       # or in micro-batches of this many samples (library only)
     batch_size: int = 32
     max_samples: int | None = None
     shuffle: bool = False
@@ -88,6 +71,24 @@ class SelectOptions:
     shard_size: int = DEFAULT_SHARD_SIZE   # samples per shard: --ray's unit of work and of the exact float64 sum
     cluster: ClusterOptions | None = None  # calibrate on Ray workers (runtime.ray) instead of in this process
     min_per_layer: int = 0          # network budget: every scored tensor keeps at least this many (selection/floor.py)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)   # how ONNX Runtime runs (runtime/config.py)
+    reduce: InitVar[str | None] = None          # shorthands for runtime=RuntimeConfig(...)
+    provider: InitVar[str | None] = None
+    opt_level: InitVar[str | None] = None
+    threads: InitVar[int | None] = None
+    max_memory_mb: InitVar[float | str | None] = None
+    micro_batch: InitVar[int | None] = None
+
+    def __post_init__(self, *shorthands: Any) -> None:
+        given = {name: v for name, v in zip(_RUNTIME_SHORTHANDS, shorthands) if v is not None}
+        if given:
+            if self.runtime != RuntimeConfig():
+                raise OptionError(f"give runtime=RuntimeConfig(...) or {', '.join(given)}, not both")
+            self.runtime = RuntimeConfig(**given)
+
+
+for _name in _RUNTIME_SHORTHANDS:   # InitVar defaults would stay as class attributes; read opts.runtime instead
+    delattr(SelectOptions, _name)
 
 
 @dataclass
@@ -119,30 +120,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         return load_file(path)
     except Exception as exc:
         raise DataError(f"cannot read state dict {path}: {exc}") from exc
-
-
-def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
-
-
-def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-              state_dict: dict[str, np.ndarray] | None = None) -> Plan:
-    """Load a model and find, filter and name its scored layers."""
-    model = load_model(model_path)
-    layers, skipped = find_layers(model)
-    names = resolve_names(model, layers, state_dict)
-    kept = []
-    for layer in layers:
-        ids = [names[layer.weight].key, layer.weight, layer.node]
-        if include and not _matches(include, ids):
-            skipped.append(layer_record(model, layer, "not matched by --include"))
-        elif exclude and _matches(exclude, ids):
-            skipped.append(layer_record(model, layer, "matched by --exclude"))
-        else:
-            kept.append(layer)
-    skipped.extend(name_the_rest(model, kept, skipped))     # every weight-like constant is scored or named
-    groups = merge_copies(group_by_weight(kept), names)    # a weight stored once per If branch: one entry
-    return Plan(model, kept, groups, {layer.weight: names[layer.weight] for layer in kept}, skipped)
 
 
 def describe(plan: Plan, run: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -260,19 +237,14 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
     cb = progress(len(loader), label) if progress else None
     per_shard = shard_batches(batch_size, opts.shard_size)
     if opts.cluster is not None:
-        from fps_graph.runtime.ray import collect_stats_ray   # the optional extra: without Ray, a one-line error
-
         return collect_stats_ray(plan.model, plan.layers, open_data, batch_groups(source, loader.order(), batch_size),
                                  static=static, shard_batches=per_shard, cluster=opts.cluster, label=label,
                                  data_key={"path": str(Path(data).resolve()), "record": plan.data[label]},
-                                 kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
-                                 threads=opts.threads, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb,
-                                 progress=cb)
+                                 kinds=kinds, runtime=opts.runtime, progress=cb)
     batches = WithStatic(loader, static) if static else loader
     try:
-        return collect_stats(plan.model, plan.layers, batches, kinds=kinds, reduce=opts.reduce,
-                             provider=opts.provider, opt_level=opts.opt_level, threads=opts.threads, progress=cb,
-                             shard_batches=per_shard, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb)
+        return collect_stats(plan.model, plan.layers, batches, kinds=kinds, runtime=opts.runtime, progress=cb,
+                             shard_batches=per_shard)
     except FpsGraphError as exc:
         if static and str(exc).startswith("ONNX Runtime failed"):
             raise with_static_hint(exc, static, batch_size) from exc
@@ -380,7 +352,7 @@ def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str
         # how the data was prepared (Source.record(): kind, inputs, size, mean, std, ...); `train` follows it
         "data": plan.data.get("calibration", {"kind": "none"}),
         "options": {"seed": opts.seed, "eps": opts.eps, "include": list(opts.include),
-                    "exclude": list(opts.exclude), "reduce": opts.reduce, "batch_size": opts.batch_size,
+                    "exclude": list(opts.exclude), "reduce": opts.runtime.reduce, "batch_size": opts.batch_size,
                     "max_samples": opts.max_samples, "shuffle": opts.shuffle},
     }
 

@@ -12,14 +12,14 @@ A weight read by several scored nodes (tied weights) pools the sums and counts o
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
 from fps_graph.errors import DataError, OptionError
-from fps_graph.graph.layers import Layer, apply_chain
+from fps_graph.graph.layers import apply_chain
 from fps_graph.graph.model import OnnxModel
-from fps_graph.selection.stats import Stats
+from fps_graph.graph.plan import WeightGroup
+from fps_graph.formats.stats import Stats
 from fps_graph.selection.variants import VARIANTS, variant_score
 
 SCORES = ("fps", "wanda", "magnitude", "random", "gd-fps") + tuple(VARIANTS)   # variants: selection/variants.py
@@ -31,32 +31,6 @@ def default_stat(score: str) -> str | None:
     if score in VARIANTS:
         return VARIANTS[score].stat
     return {"fps": "mean-abs", "wanda": "l2", "gd-fps": "mean-abs"}.get(score)
-
-
-@dataclass
-class WeightGroup:
-    """One stored weight and the scored nodes that read it (the first one defines the canonical layout)."""
-
-    weight: str
-    layers: list[Layer]
-
-    @property
-    def primary(self) -> Layer:
-        """The first consumer in graph order."""
-        return self.layers[0]
-
-    @property
-    def size(self) -> int:
-        """Number of elements."""
-        return int(np.prod(self.primary.stored_shape))
-
-
-def group_by_weight(layers: list[Layer]) -> list[WeightGroup]:
-    """Weights in order of first use, each with its consumers."""
-    groups: dict[str, WeightGroup] = {}
-    for layer in layers:
-        groups.setdefault(layer.weight, WeightGroup(layer.weight, [])).layers.append(layer)
-    return list(groups.values())
 
 
 def _pooled_mean(group: WeightGroup, stats: Stats, stat: str) -> np.ndarray:
