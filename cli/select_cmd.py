@@ -11,10 +11,24 @@ from fps_graph.formats.io import check_output_path
 from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES, RuntimeConfig
 from fps_graph.runtime.memory import AUTO
 from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
-from fps_graph.selection.scores import SCORES, STATS
+from fps_graph.selection.scores import STATS, registered, score_names
 from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
+
+
+def _score_help() -> str:
+    """--score's help, from the score registry (selection/scores/): each score's one-liner and what it needs."""
+    parts = []
+    for s in registered():
+        needs = "; needs --anchor" if s.anchor and "--anchor" not in s.help else ""
+        parts.append(f"{s.name}: {s.help}{needs}")
+    return "; ".join(parts) + ". Variants and evidence: docs/quality.md."
+
+
+def _with(prop: str) -> str:
+    """The registered scores with a property (anchor, seeded), for the help of the options they read."""
+    return ", ".join(s.name for s in registered() if getattr(s, prop))
 
 
 class MemoryBudget(click.ParamType):
@@ -51,12 +65,7 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
 @click.argument("model", type=click.Path())
 @click.argument("data", required=False)
 @click.option("-o", "--output", default="masks.safetensors", show_default=True, help="Masks file to write.")
-@click.option("--score", type=click.Choice(SCORES), default="fps", show_default=True,
-              help="fps: |W|*E|x|; wanda: |W|*sqrt(E x^2); magnitude; random (seeded); gd-fps: needs --anchor. "
-                   "Variants (docs/quality.md): fps-cover: FPS top-K, but no input taken by over 2x its share of a "
-                   "layer's neurons; fps-sample: K per neuron drawn in proportion to the FPS score (seeded); "
-                   "act-sample: drawn in proportion to the input's rms alone (seeded); "
-                   "gd-diff: |W|*|E_data|x|-E_anchor|x||, needs --anchor.")
+@click.option("--score", type=click.Choice(score_names()), default="fps", show_default=True, help=_score_help())
 @click.option("--stat", type=click.Choice(STATS), default=None, help="Activation statistic (default: the score's).")
 @click.option("--k", "k", type=int, default=None, help="Top-K input connections per output neuron [default: 1].")
 @click.option("--budget", default=None, help="Instead of --k: a fraction (0.005), percentage (0.5%) or count.")
@@ -66,12 +75,12 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
               help="With --granularity network: every scored tensor keeps at least its N best entries.")
 @click.option("--include", multiple=True, help="Only layers whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose name matches this glob (repeatable).")
-@click.option("--anchor", default=None, help="gd-fps, gd-diff: reference data (the pre-training domain).")
+@click.option("--anchor", default=None, help=f"{_with('anchor')}: reference data (the pre-training domain).")
 @click.option("--anchor-stats", multiple=True, type=click.Path(dir_okay=False),
-              help="gd-fps, gd-diff: saved anchor statistics.")
+              help=f"{_with('anchor')}: saved anchor statistics.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="gd-fps: added to the anchor statistic.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for --score random, fps-sample, act-sample and --shuffle.")
+              help=f"Seed for --score {_with('seeded')} and --shuffle.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
 @click.option("--shuffle", is_flag=True, help="Shuffle samples (seeded) before taking --max-samples.")

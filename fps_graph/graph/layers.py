@@ -119,7 +119,7 @@ class ConvTransposeLayer(Layer):
     (of group g) adds x[c, p] * W[c, o, tap] into output channel g * out/group + o for every tap. Its canonical
     [out_features, fan_in] view, in which the input connections of each output neuron are ranked like a Conv's,
     is [out, in/group * prod(kernel)]: row = output channel, columns = (input channel of its group, tap) in
-    row-major order. The per-input statistic is [in, *kernel] (selection.stats.conv_transpose_window_sums)."""
+    row-major order. The per-input statistic is [in, *kernel] (runtime/windows.py: conv_transpose_window_sums)."""
 
     @property
     def group(self) -> int:

@@ -30,10 +30,10 @@ from fps_graph.graph.recurrent import zero_state_notes
 from fps_graph.graph.walk import branch_conditions
 from fps_graph.selection.positions import canonical_to_stored, stored_to_key
 from fps_graph.selection.step_scale import entry_scales
-from fps_graph.selection.scores import SCORES, STATS, WeightScores, default_stat, input_statistic
+from fps_graph.selection.scores import STATS, WeightScores, default_stat, get_score, input_statistic
 from fps_graph.selection.ranking import Budget, select
 from fps_graph.formats.stats import Stats, load_merged
-from fps_graph.selection.variants import VARIANTS, needs_anchor, select_cover
+from fps_graph.selection.variants import select_cover
 
 ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
 
@@ -259,15 +259,14 @@ def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
 
 def _check_options(opts: SelectOptions) -> str | None:
     """Refuse contradictory options early; return the activation statistic the score uses."""
-    if opts.score not in SCORES:
-        raise OptionError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
+    score = get_score(opts.score)            # unknown: an OptionError listing the registered scores
     if opts.stat is not None and opts.stat not in STATS:
         raise OptionError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
-    if opts.score == "wanda" and opts.stat not in (None, "l2"):
-        raise OptionError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
-    if needs_anchor(opts.score) and not (opts.anchor or opts.anchor_stats_in):
-        raise OptionError(f"--score {opts.score} needs --anchor DATA (or --anchor-stats FILE)")
-    return opts.stat or default_stat(opts.score)
+    if score.own_stat and opts.stat not in (None, score.stat):
+        raise OptionError(f"--score {score.name} uses the {score.stat} statistic; drop --stat or use --score fps")
+    if score.anchor and not (opts.anchor or opts.anchor_stats_in):
+        raise OptionError(f"--score {score.name} needs --anchor DATA (or --anchor-stats FILE)")
+    return opts.stat or score.stat
 
 
 def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str | None, stats_out: bool,
@@ -281,7 +280,7 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
         raise OptionError(f"DATA ({data}) and --stats-in both given: the statistics would come from --stats-in "
                             "alone and DATA would be ignored; to merge several files repeat the flag (--stats-in A "
                             "--stats-in B), to collect new statistics drop --stats-in")
-    if opts.score == "gd-fps" and opts.anchor and opts.anchor_stats_in:
+    if get_score(opts.score).anchor and opts.anchor and opts.anchor_stats_in:
         raise OptionError("--anchor and --anchor-stats both given: use one (--anchor would be ignored)")
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
@@ -294,7 +293,7 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
             raise OptionError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
     anchor: Stats | None = None
-    if needs_anchor(opts.score):
+    if get_score(opts.score).anchor:
         if opts.anchor_stats_in:
             anchor = load_merged(list(opts.anchor_stats_in))
             _check_stats_file(anchor, plan, ", ".join(opts.anchor_stats_in))
@@ -399,7 +398,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                             + (f"; skipped {reasons}" if reasons else ""))
     warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
-    if stats is not None and opts.score not in ("magnitude", "random"):   # If branches the data never took
+    score = get_score(opts.score)
+    if stats is not None and score.needs_stats:   # If branches the data never took
         _drop_unreached(plan, stats, warnings)
         warnings.extend(zero_state_notes(plan.layers, stats, {w: n.key for w, n in plan.names.items()}))
     groups = plan.groups
@@ -407,7 +407,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     def scorer(i: int) -> WeightScores:
         return WeightScores(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
 
-    chooser = select_cover if opts.score in VARIANTS and VARIANTS[opts.score].cover else \
+    chooser = select_cover if score.cover else \
         functools.partial(select, min_per_layer=opts.min_per_layer, row_argmax=lambda i: scorer(i).argmax_rows())
     if opts.min_per_layer and chooser is select_cover:
         raise OptionError(f"--min-per-layer does not apply to --score {opts.score}")
