@@ -151,7 +151,8 @@ def run_plain(a) -> dict:
 
     import numpy as np
 
-    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.data.dispatch import open_source
+    from fps_graph.data.sources import InputSpec, Loader
     from fps_graph.runtime.session import _options
 
     so = _options(a.opt_level, a.threads)
@@ -218,7 +219,8 @@ def _write_masks(path: str, masks: dict) -> None:
 def _loader(a, model_name: str):
     """The same Loader over the same .npy as the ONNX methods (single input)."""
     from bench.models import SPECS
-    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.data.dispatch import open_source
+    from fps_graph.data.sources import InputSpec, Loader
     import numpy as np
 
     spec = InputSpec("input", (None, *SPECS[model_name].input_shape), np.dtype(np.float32))

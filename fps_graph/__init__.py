@@ -2,7 +2,7 @@
 
 Data flows one way: model -> augmented graph -> statistics -> scores -> masks -> training -> patched model.
 """
+from fps_graph._version import __version__
 from fps_graph.errors import DataError, FpsGraphError, ModelError, OptionError, RuntimeFailure
 
-__version__ = "0.1.0"
 __all__ = ["FpsGraphError", "DataError", "ModelError", "OptionError", "RuntimeFailure", "__version__"]

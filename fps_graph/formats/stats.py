@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 from fps_graph.errors import DataError, FpsGraphError
 from fps_graph.formats.io import save_safetensors
@@ -124,7 +125,6 @@ class Stats:
     @staticmethod
     def load(path: str | os.PathLike) -> "Stats":
         """Read a statistics file written by save()."""
-        from safetensors import safe_open
 
         if not os.path.isfile(path):
             raise DataError(f"statistics file not found: {path}")

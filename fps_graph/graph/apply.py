@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.data.hf_inputs import read_genai_config
 from fps_graph.data.text import resolve_model_path
 from fps_graph.formats.delta import DeltaFile, read_delta
@@ -374,7 +375,6 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
         for t in found:
             _refuse_quantized(model, mp, key, t)
     if external:
-        from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model.proto, str(model.base_dir))
     updated: dict[str, list[dict[str, Any]]] = {}

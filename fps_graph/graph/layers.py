@@ -8,6 +8,7 @@ kernels [in, out/groups, *k] to [out, in/groups * prod(k)], see ConvTransposeLay
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -429,7 +430,6 @@ def _scope_of(node: onnx.NodeProto) -> str:
 
 def eval_list(text: str) -> list[str]:
     """Parse a Python-literal list of strings as exporters write them in metadata."""
-    import ast
 
     value = ast.literal_eval(text)
     if not isinstance(value, list):

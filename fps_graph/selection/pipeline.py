@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
 from fps_graph.runtime.config import RuntimeConfig
 from fps_graph.runtime.ray import collect_stats_ray   # imports Ray itself only when called
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
 from fps_graph.data.static import WithStatic, load_static, with_static_hint
-from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
+from fps_graph.data.dispatch import open_source
+from fps_graph.data.sources import ImageOptions, InputSpec, Loader
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
@@ -32,6 +34,7 @@ from fps_graph.selection.positions import canonical_to_stored, stored_to_key
 from fps_graph.selection.step_scale import entry_scales
 from fps_graph.selection.scores import STATS, WeightScores, default_stat, get_score, input_statistic
 from fps_graph.selection.ranking import Budget, select
+from fps_graph.selection.reach import split_unreached
 from fps_graph.formats.stats import Stats, load_merged
 from fps_graph.selection.variants import select_cover
 
@@ -112,7 +115,6 @@ def spec_list(model: OnnxModel) -> list[InputSpec]:
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A safetensors state dict as NumPy arrays."""
-    from safetensors.numpy import load_file
 
     if not Path(path).is_file():
         raise DataError(f"state dict file not found: {path}")
@@ -366,8 +368,6 @@ UNREACHED_NAMED = 20    # weights named in the warning; the masks header's skipp
 
 def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     """Take weights no calibration data reached out of the plan, listed as skipped (selection.reach)."""
-    from fps_graph.selection.reach import split_unreached
-
     kept, dropped = split_unreached(plan.model, plan.groups, stats)
     if not dropped:
         return
