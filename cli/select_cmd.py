@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import click
 
-from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
-from fps_graph.data.text import TextOptions
+import fps_graph
+from fps_graph import ImageOptions, OptionError, RuntimeConfig, TextOptions
+from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from fps_graph.data.static import parse_static
-from fps_graph.errors import OptionError
-from fps_graph.formats.io import check_output_path
-from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES, RuntimeConfig
+from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES
+from fps_graph.selection.ranking import GRANULARITIES
 from fps_graph.runtime.memory import AUTO
-from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
 from fps_graph.selection.scores import STATS, registered, score_names
-from fps_graph.selection.ranking import GRANULARITIES, parse_budget
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
 
@@ -139,33 +137,23 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         raise OptionError("give either --k or --budget, not both")
     if not 0 < crop_pct <= 1:
         raise OptionError("--crop-pct must be in (0, 1]")
-    check_output_path(output, force)
-    if stats_out:
-        check_output_path(stats_out, force)
     size = parse_ints(image_size, "--image-size")
     if size is not None and len(size) == 1:
         size = (size[0], size[0])
-    opts = SelectOptions(
-        score=score, stat=stat, k=k if (k is not None or budget is not None) else 1,
-        budget=parse_budget(budget) if budget is not None else None, granularity=granularity,
-        include=include, exclude=exclude, seed=seed, eps=eps, batch_size=batch_size, max_samples=max_samples,
-        shuffle=shuffle, runtime=RuntimeConfig(reduce=reduce, provider=provider, opt_level=opt_level, threads=threads,
-                                               max_memory_mb=max_memory),
+    result = fps_graph.select(
+        model, data, score=score, stat=stat, k=k, budget=budget, granularity=granularity,
+        min_per_layer=min_per_layer, include=include, exclude=exclude, anchor=anchor, anchor_stats=anchor_stats,
+        stats_in=stats_in, seed=seed, eps=eps, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=_text_options(tokenizer, text_field, max_length, no_truncate, pack),
-        stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
-        static=parse_static(static),
-        min_per_layer=min_per_layer, shard_size=shard_size,
-        cluster=cluster_options(ray_address, workers, workdir, resume))
-    if budget is not None:
-        opts.k = None
-    result = run_select(model, data, opts, progress=None if quiet else tqdm_progress, stats_out=bool(stats_out))
+        static=parse_static(static), state_dict=state_dict,
+        runtime=RuntimeConfig(reduce=reduce, provider=provider, opt_level=opt_level, threads=threads,
+                              max_memory_mb=max_memory),
+        cluster=cluster_options(ray_address, workers, workdir, resume), shard_size=shard_size,
+        output=output, stats_out=stats_out, dense=dense, force=force, progress=None if quiet else tqdm_progress)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    if stats_out and result.stats is not None:
-        write_stats(result.stats, stats_out, force)
-    write_result(result, output, dense=dense, force=force)
     if not quiet:
         s = result.summary
         click.echo(
@@ -177,7 +165,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)
 
 
-def _data_summary(s: dict, result: SelectResult, score: str) -> str:
+def _data_summary(s: dict, result: fps_graph.Selection, score: str) -> str:
     """Where the statistics came from: a calibration run, saved statistics, or no data at all."""
     if result.calibration is not None:
         return f"{s['samples']} samples on {s['provider']} at {s['samples_per_s']:.1f} samples/s"
