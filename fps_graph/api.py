@@ -124,7 +124,8 @@ def select(model: str | os.PathLike, data: str | os.PathLike | None = None, *, s
     The same job, options and checks as ``fps-graph select`` (docs/select.md); nothing is printed.
 
     Args:
-        model (`str` or `PathLike`): an ONNX file, or a Hugging Face / Optimum export folder holding one.
+        model (`str` or `PathLike`): an ONNX file, or a folder holding one (a Hugging Face / Optimum export, an
+            ONNX Runtime GenAI folder).
         data (`str` or `PathLike`, *optional*): calibration data: an image folder, ``.npy``/``.npz``/
             ``.safetensors`` arrays, or text (``.txt``/``.jsonl``). Not needed by ``magnitude``/``random`` or with
             ``stats_in``.
@@ -243,9 +244,10 @@ def apply(model: str | os.PathLike, delta: str | os.PathLike, output: str | os.P
     started from, so a delta never lands on another model.
 
     Args:
-        model (`str` or `PathLike`): the base ONNX file.
+        model (`str` or `PathLike`): the base ONNX file, or an ONNX Runtime GenAI folder.
         delta (`str` or `PathLike`): ``delta.safetensors`` from training (``handle.save``, ``fps-graph train``).
-        output (`str` or `PathLike`): the ONNX file to write (external data goes to ``<output>.data``).
+        output (`str` or `PathLike`): the ONNX file to write (external data goes to ``<output>.data``); for a GenAI
+            folder, the folder to write (every file copied, the model patched).
         force (`bool`, defaults to False): overwrite an existing output.
         check (`bool`, defaults to True): require the base values training started from.
 

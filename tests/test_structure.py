@@ -46,6 +46,8 @@ PENDING = {
     "fn-import fps_graph.graph.observe -> fps_graph.graph.recurrent": "edge",
     "fn-import fps_graph.graph.recurrent -> fps_graph.graph.names": "edge",
     "fn-import fps_graph.graph.recurrent -> fps_graph.graph.observe": "edge",
+    "fn-import fps_graph.graph.layers -> fps_graph.graph.quantized": "edge",
+    "fn-import fps_graph.graph.quantized -> fps_graph.graph.recurrent": "edge",
     # training/: one loop replaces train.py/hf.py (owner: loop)
     "fn-import fps_graph.training.hf -> fps_graph.training.sparse": "loop",
     "fn-import fps_graph.training.hf -> fps_graph.data.text": "loop",
