@@ -30,6 +30,8 @@ FLAG_TESTS: dict[tuple[str, str], list[str]] = {
     ("", "--version"): [f"{HERE}::test_version"],
     ("inspect", "--json"): ["test_cli.py::test_inspect_json", "test_api.py::test_inspect_is_the_cli_view"],
     ("inspect", "--state-dict"): [f"{HERE}::test_state_dict_names_weights_by_value"],
+    ("inspect", "--masks"): ["test_unreached.py::test_untaken_branch_weights_are_named_everywhere",
+                             "test_unreached.py::test_inspect_masks_of_another_model_is_refused"],
     ("select", "--output"): ["test_cli.py::test_select_on_sample_images"],
     ("select", "--score"): ["test_cli.py::test_stats_out_then_stats_in_and_wanda", f"{HERE}::test_score_and_stat"],
     ("select", "--stat"): [f"{HERE}::test_score_and_stat"],

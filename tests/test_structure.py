@@ -48,25 +48,6 @@ PENDING = {
     "fn-import fps_graph.graph.recurrent -> fps_graph.graph.observe": "edge",
     "fn-import fps_graph.graph.layers -> fps_graph.graph.quantized": "edge",
     "fn-import fps_graph.graph.quantized -> fps_graph.graph.recurrent": "edge",
-    # training/: one loop replaces train.py/hf.py (owner: loop)
-    "fn-import fps_graph.training.hf -> fps_graph.training.sparse": "loop",
-    "fn-import fps_graph.training.hf -> fps_graph.data.text": "loop",
-    "fn-import fps_graph.training.hf -> fps_graph.formats.masks": "loop",
-    "fn-import fps_graph.training.hf -> fps_graph.training.train": "loop",
-    "fn-import fps_graph.training.hf -> fps_graph.integrations.peft": "loop",
-    "fn-import fps_graph.training.hf -> fps_graph.formats.io": "loop",
-    "fn-import fps_graph.training.sparse -> fps_graph": "loop",
-    "fn-import fps_graph.training.sparse -> fps_graph.training.hf": "loop",
-    "fn-import fps_graph.training.sparse -> fps_graph.training.recompute": "loop",
-    "fn-import fps_graph.training.sparse -> fps_graph.formats.io": "loop",
-    "fn-import fps_graph.training.sparse -> fps_graph.formats.masks": "loop",
-    "fn-import fps_graph.training.train -> fps_graph.training.sparse": "loop",
-    "fn-import fps_graph.training.train -> fps_graph.training.hf": "loop",
-    "fn-import fps_graph.training.train -> fps_graph.integrations.torch_export": "loop",
-    "fn-import fps_graph.training.train -> fps_graph.integrations.peft": "loop",
-    "fn-import fps_graph.training.train -> fps_graph": "loop",
-    "fn-import fps_graph.training.train -> sys": "loop",
-    "fn-import fps_graph.training.train -> safetensors.numpy": "loop",
 }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
 from fps_graph.formats.io import atomic_output, save_safetensors, sha256_file
 from fps_graph.formats.masks import load_indices, load_input_scales, read_metadata
