@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from fps_graph.formats.masks import load_indices, read_metadata
 from fps_graph.formats.stats import Stats
-from fps_graph_cli.main import _register, cli, entry
+from fps_graph_cli.main import all_commands, cli, entry
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -61,6 +61,8 @@ FLAG_TESTS: dict[tuple[str, str], list[str]] = {
     ("select", "--max-length"): ["test_text.py::test_metadata_records_the_tokenizer",
                                  "test_text.py::test_bad_text_inputs_one_line_exit_2_nothing_written"],
     ("select", "--no-truncate"): ["test_text.py::test_bad_text_inputs_one_line_exit_2_nothing_written"],
+    ("select", "--pack"): ["test_pack.py::test_pack_flag_writes_packed_rows",
+                           "test_pack.py::test_pack_bad_inputs_one_line_exit_2"],
     ("select", "--reduce"): [f"{HERE}::test_reduce_opt_level_and_threads"],
     ("select", "--provider"): ["test_robustness.py::test_cuda_requested_without_gpu_is_refused",
                                f"{HERE}::test_reduce_opt_level_and_threads"],
@@ -167,10 +169,9 @@ def _flag(param) -> str:
 
 def app_flags() -> set[tuple[str, str]]:
     """(command, flag) for every option of the app ("" for the group's own), help excluded."""
-    _register()
     out = {("", _flag(p)) for p in cli.params if _flag(p) and "--help" not in p.opts}
     out.add(("", "--version"))
-    for name, cmd in cli.commands.items():
+    for name, cmd in all_commands().items():
         for p in cmd.params:
             if getattr(p, "param_type_name", "") == "option" and "--help" not in p.opts:
                 out.add((name, _flag(p)))
@@ -201,8 +202,7 @@ def test_the_walk_sees_a_new_flag(monkeypatch):
     """A flag added to a command without a table entry is reported."""
     import click
 
-    _register()
-    cmd = cli.commands["inspect"]
+    cmd = all_commands()["inspect"]
     monkeypatch.setattr(cmd, "params", cmd.params + [click.Option(["--brand-new"], is_flag=True)])
     assert ("inspect", "--brand-new") in app_flags() - set(FLAG_TESTS)
 
