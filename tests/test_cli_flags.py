@@ -156,6 +156,7 @@ FLAG_TESTS.update({
     ("train", "--force"): [FLAGS + "test_no_plot_quiet_force_threads_device"],
     ("train", "--threads"): [FLAGS + "test_no_plot_quiet_force_threads_device"],
     ("train", "--device"): [FLAGS + "test_no_plot_quiet_force_threads_device"],
+    ("train", "--step-scale"): [FLAGS + "test_step_scale_sets_each_entrys_step"],
 })
 
 # flags whose effect test is still being written (none now); a flag in neither table fails the check

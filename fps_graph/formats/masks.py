@@ -89,8 +89,6 @@ def load_indices(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def load_input_scales(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Per key, the float32 input statistic of each selected entry (aligned with the sorted indices); empty for
     masks written without statistics (random, magnitude) or before format version 2."""
-    from safetensors import safe_open
-
     read_metadata(path)
     with safe_open(str(path), framework="numpy") as f:
         return {k[:-len(SCALE_SUFFIX)]: f.get_tensor(k).astype(np.float32) for k in f.keys()
