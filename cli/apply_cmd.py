@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-import fps_graph
+from fps_graph import apply as apply_delta   # the API; loaded here, when the command loads
 
 
 @click.command()
@@ -17,7 +17,7 @@ import fps_graph
 def apply(model: str, delta: str, output: str, no_check: bool, force: bool, quiet: bool) -> None:
     """Patch the initializers of MODEL (an ONNX file, or an ONNX Runtime GenAI folder) with the fine-tuned values in
     DELTA (from `fps-graph train`)."""
-    report = fps_graph.apply(model, delta, output, force=force, check=not no_check)
+    report = apply_delta(model, delta, output, force=force, check=not no_check)
     if quiet:
         return
     for n in report["notes"]:

@@ -5,7 +5,7 @@ import json
 
 import click
 
-import fps_graph
+from fps_graph import inspect as inspect_model   # the API; loaded here, when the command loads
 
 
 @click.command()
@@ -18,7 +18,7 @@ import fps_graph
 def inspect(model: str, as_json: bool, state_dict: str | None, masks: str | None) -> None:
     """List the layers of MODEL (ONNX file or Hugging Face export folder) that selection scores
     (MatMul/Gemm/Conv/ConvTranspose/LSTM/GRU/RNN with constant weights)."""
-    view = fps_graph.inspect(model, state_dict=state_dict, masks=masks)
+    view = inspect_model(model, state_dict=state_dict, masks=masks)
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-import fps_graph
-from fps_graph import ImageOptions, OptionError, RuntimeConfig, TextOptions
+from fps_graph import ImageOptions, OptionError, RuntimeConfig, Selection, TextOptions
+from fps_graph import select as select_weights   # the API; loaded here, when the command loads
 from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from fps_graph.data.static import parse_static
 from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES
@@ -140,7 +140,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
     size = parse_ints(image_size, "--image-size")
     if size is not None and len(size) == 1:
         size = (size[0], size[0])
-    result = fps_graph.select(
+    result = select_weights(
         model, data, score=score, stat=stat, k=k, budget=budget, granularity=granularity,
         min_per_layer=min_per_layer, include=include, exclude=exclude, anchor=anchor, anchor_stats=anchor_stats,
         stats_in=stats_in, seed=seed, eps=eps, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
@@ -165,7 +165,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)
 
 
-def _data_summary(s: dict, result: fps_graph.Selection, score: str) -> str:
+def _data_summary(s: dict, result: Selection, score: str) -> str:
     """Where the statistics came from: a calibration run, saved statistics, or no data at all."""
     if result.calibration is not None:
         return f"{s['samples']} samples on {s['provider']} at {s['samples_per_s']:.1f} samples/s"
