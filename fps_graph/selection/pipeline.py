@@ -417,7 +417,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                                      names=[plan.names[g.weight].key for g in groups],
                                      row_blocks=lambda i: scorer(i).blocks())
     # the input statistic of each selected entry: training's per-entry step sizes (selection/step_scale.py)
-    with_scales = stats is not None and stat is not None and opts.score not in ("magnitude", "random")
+    with_scales = stats is not None and stat is not None and score.needs_stats
     indices, tensors, scales = _to_keys(plan, chosen, stats if with_scales else None, stat)
     inv = plan.inventory()
     if inv.warning():
