@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.meta import RunMeta
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODES = ("on", "off", "same")
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--name", default=None)
     a = p.parse_args(argv)
+    meta = RunMeta(threads=2, model=a.model)
     from bench.models import ensure_data, ensure_model, onnx_variant
 
     info = ensure_model(a.model)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
             print(rec, file=sys.stderr, flush=True)
     name = a.name or f"{a.model}_b{a.batch_size}_n{a.samples}_arena-cpu"
     res = {"name": name, "command": "python -m bench.arena " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "created": datetime.datetime.now().isoformat(timespec="seconds"), "model": a.model, "runs": runs}
+           "created": datetime.datetime.now().isoformat(timespec="seconds"), "model": a.model, "runs": runs, "meta": meta.finish()}
     out_dir = HERE / "results"
     (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1))
     label = {"on": "arena on (default, power-of-two extension)", "off": "arena off",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from bench.meta import RunMeta
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
@@ -432,7 +433,17 @@ def replot(json_path: Path, metric: str, title: str, ylabel: str) -> None:
     plot(agg, metric, methods, refs, Path(json_path).with_suffix(".png"), title, models=models, ylabel=ylabel)
 
 
+_META = RunMeta()   # this process: the study's runs happen between its import and the write
+
+
 def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically; a results document (a dict) gets this process's ``meta`` block (bench/meta.py), the
+    blocks of earlier processes that wrote it (runs merged from several invocations) kept in ``meta_previous``."""
+    if isinstance(obj, dict):
+        old = obj.get("meta")
+        if old:
+            obj["meta_previous"] = [*obj.get("meta_previous", []), old][-20:]
+        obj["meta"] = _META.finish()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
