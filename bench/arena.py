@@ -44,7 +44,7 @@ if mode == "same":
         ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
         ort.OrtArenaCfg({"arena_extend_strategy": 1}))   # 1 = kSameAsRequested
 from fps_graph.graph.model import load_model
-from fps_graph.graph.layers import find_layers
+from fps_graph.graph.discover import find_layers
 from fps_graph.runtime.calibrate import BatchStats
 from fps_graph.runtime.config import RuntimeConfig
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20

@@ -24,7 +24,7 @@ def build_session(onnx_path: str, mode: str, threads: int, arena: bool, pattern:
     import onnxruntime as ort
 
     from fps_graph.graph.observe import augment, plan_observers
-    from fps_graph.graph.layers import find_layers
+    from fps_graph.graph.discover import find_layers
     from fps_graph.graph.model import load_model
     from fps_graph.runtime.session import _options
 

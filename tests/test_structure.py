@@ -39,17 +39,9 @@ DEFERRED = {
     "fcntl": "POSIX only", "resource": "POSIX only",
 }
 
-# Known violations being removed by their owners (issue 17). The test fails when one is gone (delete its line then),
-# and on any violation not listed here.
-PENDING = {
-    # graph/: layers <-> recurrent <-> observe, recurrent -> names (owner: edge, graph/)
-    "fn-import fps_graph.graph.layers -> fps_graph.graph.recurrent": "edge",
-    "fn-import fps_graph.graph.observe -> fps_graph.graph.recurrent": "edge",
-    "fn-import fps_graph.graph.recurrent -> fps_graph.graph.names": "edge",
-    "fn-import fps_graph.graph.recurrent -> fps_graph.graph.observe": "edge",
-    "fn-import fps_graph.graph.layers -> fps_graph.graph.quantized": "edge",
-    "fn-import fps_graph.graph.quantized -> fps_graph.graph.recurrent": "edge",
-}
+# Known violations being removed by their owners (none now). The test fails when a listed one is gone (delete its
+# line then), and on any violation not listed here.
+PENDING: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

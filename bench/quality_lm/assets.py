@@ -49,6 +49,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from bench.meta import RunMeta
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -380,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in models + tasks:
         if m not in MODELS and m not in TASKS:
             ap.error(f"unknown model or task {m!r}")
+    meta = RunMeta(models=models, tasks=tasks)
     CACHE.mkdir(parents=True, exist_ok=True)
     manifest_path = CACHE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}, "tasks": {}}
@@ -391,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     repo_copy = {k: manifest[k] for k in ("models", "tasks")}
+    repo_copy["meta"] = meta.finish()          # bench/meta.py: commit, machine, load, time of this build
     (RESULTS / "quality_lm_assets.json").write_text(json.dumps(repo_copy, indent=1) + "\n")
     log(f"manifest: {manifest_path}")
     return 0

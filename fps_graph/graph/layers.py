@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from fps_graph._moved import moved
 from fps_graph.errors import ModelError
 from fps_graph.graph.dequant import QuantizedTensor, register_view
 from fps_graph.graph.model import OnnxModel
-from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes, model_scopes, node_names
+from fps_graph.graph.walk import BODY_OPS, LOOP_OPS, Scope, iter_nodes
 
 SCORED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 MAP_OPS = ("Conv", "ConvTranspose")        # observed as activation maps, windows taken on the host
@@ -453,67 +454,6 @@ def _body_refusal(scope: Scope, op: str, opset: int) -> str | None:
     return None
 
 
-def find_layers(model: OnnxModel) -> tuple[list[Layer], list[Skipped]]:
-    """All scored layers of the model, in graph order (bodies of If/Loop/Scan nodes right after their node), and
-    every candidate that was skipped (with reasons), including unscored constant tensors (see _unscored)."""
-    scopes = model_scopes(model)
-    opset = model.opset
-    layers: list[Layer] = []
-    skipped: list[Skipped] = []
-    for scope, node, local in iter_nodes(scopes):
-        name = scope.qualify(local)
-        op = node.op_type
-        if op in QUANTIZED_OPS and node.domain in QUANTIZED_OPS[op]:   # graph/quantized.py
-            from fps_graph.graph.quantized import dispatch_quantized
-
-            refusal = _body_refusal(scope, "Conv" if op == "ConvInteger" else op, opset)
-            found, why = dispatch_quantized(model, scope, node, name) if refusal is None else (
-                [], [Skipped(name, op, refusal)])
-            for layer in found:
-                layer.graph, layer.loops = scope.path, scope.loops
-            layers.extend(found)
-            skipped.extend(why)
-            continue
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if op in ("QLinearConv", "QLinearMatMul"):
-            skipped.append(Skipped(name, op, f"op {op} is not supported for scoring"))
-            continue
-        if op in ("LSTM", "GRU", "RNN"):              # graph/recurrent.py: W and R per direction, or reasons
-            from fps_graph.graph.recurrent import dispatch_recurrent
-
-            refusal = _body_refusal(scope, op, opset)
-            found, why = dispatch_recurrent(model, scope, node, name) if refusal is None else (
-                [], [Skipped(name, op, refusal)])
-            for layer in found:
-                layer.graph, layer.loops = scope.path, scope.loops
-            layers.extend(found)
-            skipped.extend(why)
-            continue
-        if op not in SCORED_OPS:
-            continue
-        refusal = _body_refusal(scope, op, opset)
-        layer = None
-        if refusal is not None:
-            skipped.append(Skipped(name, op, refusal))
-        else:
-            layer = _layer_of(model, scope, node, name, skipped)
-        if layer is not None:
-            layer.scope = _scope_of(node)
-            layer.graph = scope.path
-            layer.loops = scope.loops
-            layers.append(layer)
-    from fps_graph.graph.recurrent import scored_sources
-
-    scored = {layer.weight for layer in layers} | scored_sources(model, layers)
-    for key in list(scored):                 # the stored constants behind derived and dequantized views
-        key = model.derived[key].source if key in model.derived else key
-        if key in model.quantized:
-            scored |= set(model.quantized[key].stored())
-    _name_unscored(model, scopes, scored, skipped)
-    return layers, skipped
-
-
 def _layer_of(model: OnnxModel, scope: Scope, node: onnx.NodeProto, name: str,
               skipped: list[Skipped]) -> Layer | None:
     """The Layer of one MatMul/Gemm/Conv node, or None (with the reason added to skipped)."""
@@ -681,3 +621,6 @@ def _make_layer(node: onnx.NodeProto, name: str, act: str, stored: str, chain: l
         skipped.append(Skipped(name, op, "output channels not divisible by group"))
         return None
     return Layer(feature_axis=1, conv=conv, **base)
+
+
+__getattr__ = moved(__name__, {"find_layers": "fps_graph.graph.discover:find_layers"})   # its home until 0.1

@@ -17,6 +17,7 @@ activations become outputs instead (the oracle and the fallback).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 from onnx import helper, numpy_helper
@@ -118,9 +119,7 @@ def _axes_node(name: str, axes: list[int], opset: int, op: str, inp: str, out: s
 def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str = ""
                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
     """Nodes, constants and outputs that reduce one observed tensor in the graph (outputs named + suffix)."""
-    if obs.state:
-        from fps_graph.graph.recurrent import state_reducer_nodes
-
+    if obs.state:   # what a recurrent weight multiplies (graph/recurrent.py), reduced per step
         return state_reducer_nodes(obs, stats, opset, suffix)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -415,3 +414,109 @@ def observer_parts(obs: Observer, results: dict[str, np.ndarray], kinds: tuple[s
     if not parts:
         parts.append(({k: _zero(obs, k) for k in kinds}, _zero(obs, "shape")))
     return parts
+
+
+# ----------------------------------------------------------------------------------------- state observers
+
+
+def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: str = ""
+                        ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
+    """Sums of |a| (and a^2) per feature of what a recurrent weight multiplies, and how many values went in.
+
+    ``obs.state`` is tagged. ``("h", initial_h, D, layout, reverse, sequence_lens, direction)``: a = h_(t-1) of one
+    direction; obs.tensor is Y ([T, D, B, H], or [B, T, D, H] with layout=1). ``("x", sequence_lens, layout)``:
+    a = x_t of the steps each sequence runs (t < len_b); obs.tensor is X [T, B, in]. With sequence_lens the steps
+    past a sequence's length are masked out (Where, so padding that holds NaN cannot leak), the forward direction's
+    states being initial_h and Y[0..len_b-2], the reverse's Y[1..len_b-1] and initial_h. The outputs are those of a
+    features observer (abs, sq: [F]; size: values counted * F), so counting, If branches and Loop bodies treat it
+    as one.
+    """
+    base = f"{PREFIX}_{obs.index}"
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    outs: list[onnx.ValueInfoProto] = []
+    big = np.iinfo(np.int64).max
+
+    def const(tag: str, value: Any, dtype: Any = np.int64) -> str:
+        n = f"{base}_{tag}"
+        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), n))
+        return n
+
+    def node(op: str, inputs: list[str], tag: str, **attrs: Any) -> str:
+        out = f"{base}_{tag}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def unsqueeze(src: str, axes: list[int], tag: str) -> str:
+        if opset >= 13:
+            return node("Unsqueeze", [src, const(f"{tag}_axes", axes)], tag)
+        return node("Unsqueeze", [src], tag, axes=axes)
+
+    def slice_node(tag: str, src: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        if opset < 10:
+            return node("Slice", [src], tag, starts=starts, ends=ends, axes=axes)
+        return node("Slice", [src, const(f"{tag}_starts", starts), const(f"{tag}_ends", ends),
+                              const(f"{tag}_axes", axes)], tag)
+
+    def step_masks(like: str, seq: str) -> tuple[str, str, str]:
+        """(steps [T, 1], lengths [1, B], lengths [B]) as int64, T read from the time axis 0 of ``like``."""
+        t = node("Gather", [node("Shape", [like], "shape"), const("t_axis", 0)], "t", axis=0)
+        steps = unsqueeze(node("Range", [const("zero", 0), t, const("one", 1)], "steps"), [1], "steps_col")
+        lens = node("Cast", [seq], "lens", to=onnx.TensorProto.INT64)
+        return steps, unsqueeze(lens, [0], "lens_row"), lens
+
+    srcs: list[tuple[str, str, list[int]]] = []     # (tensor, mask or "", axes summed)
+    if obs.state[0] == "x":
+        _, seq, _layout = obs.state
+        steps, lens_row, lens = step_masks(obs.tensor, seq)
+        srcs.append((obs.tensor, unsqueeze(node("Less", [steps, lens_row], "xvalid"), [2], "xmask"), [0, 1]))
+        count = lens
+    else:
+        _, init_h, _dirs, layout, reverse, seq, d = obs.state
+        t_axis, d_axis = (1, 2) if layout else (0, 1)
+        yd = slice_node("ydir", obs.tensor, [d], [d + 1], [d_axis])
+        h0 = slice_node("h0", init_h, [d], [d + 1], [1 if layout else 0]) if init_h else ""
+        if seq:     # layout 0 (dispatch_recurrent refuses sequence_lens with layout=1)
+            steps, lens_row, lens = step_masks(yd, seq)
+            if reverse:     # states Y[1 .. len-1]
+                valid = node("And", [node("Greater", [steps, const("zero_s", 0)], "after0"),
+                                     node("Less", [steps, lens_row], "inlen")], "yvalid")
+            else:           # states Y[0 .. len-2]
+                valid = node("Less", [steps, node("Sub", [lens_row, const("one_s", 1)], "lenm1")], "yvalid")
+            srcs.append((yd, unsqueeze(unsqueeze(valid, [1], "yvalid3"), [3], "ymask"), [0, 1, 2]))
+            if h0:          # one initial state per sequence that runs at all
+                started = node("Greater", [lens, const("zero_b", 0)], "started")
+                srcs.append((h0, unsqueeze(unsqueeze(started, [0], "started2"), [2], "h0mask"), [0, 1]))
+            count = lens
+        else:
+            srcs.append((slice_node("yprev", yd, [1] if reverse else [0], [big] if reverse else [-1], [t_axis]), "",
+                         [0, 1, 2]))
+            if h0:
+                srcs.append((h0, "", [0, 1]))
+            count = ""
+    zero = const("fzero", 0.0, np.float32) if any(m for _, m, _ in srcs) else ""
+    for what in stats:
+        partial = []
+        for j, (src, mask, axes) in enumerate(srcs):
+            f32 = node("Cast", [src], f"{what}_{j}_f32", to=onnx.TensorProto.FLOAT)
+            mapped = node("Abs", [f32], f"{what}_{j}_map") if what == "abs" else \
+                node("Mul", [f32, f32], f"{what}_{j}_map")
+            if mask:
+                mapped = node("Where", [mask, mapped, zero], f"{what}_{j}_kept")
+            red = f"{base}_{what}_{j}_sum"
+            nodes.append(_axes_node(red, axes, opset, "ReduceSum", mapped, red, inits))
+            partial.append(red)
+        out = obs.output(what) + suffix
+        if len(partial) == 1:
+            nodes.append(helper.make_node("Identity", partial, [out], name=f"{base}_{what}_total"))
+        else:
+            nodes.append(helper.make_node("Add", partial, [out], name=f"{base}_{what}_total"))
+        outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [obs.features] if suffix else None))
+    size = obs.output("size") + suffix
+    if count:       # steps run, summed over the batch, times the features
+        total = node("ReduceSum", [count], "steps_run", keepdims=0)
+        nodes.append(helper.make_node("Mul", [total, const("features", obs.features)], [size], name=f"{base}_size"))
+    else:
+        nodes.append(helper.make_node("Size", [yd], [size], name=f"{base}_size"))
+    outs.append(helper.make_tensor_value_info(size, onnx.TensorProto.INT64, [] if suffix else None))
+    return nodes, inits, outs

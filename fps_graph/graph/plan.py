@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest
-from fps_graph.graph.layers import Layer, Skipped, find_layers
+from fps_graph.graph.discover import find_layers
+from fps_graph.graph.layers import Layer, Skipped
 from fps_graph.graph.model import OnnxModel, load_model
 from fps_graph.graph.names import NameInfo, resolve_names
 

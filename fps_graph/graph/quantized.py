@@ -28,6 +28,7 @@ from fps_graph.graph.dequant import QuantizedTensor, register_view
 from fps_graph.graph.layers import (_FLOAT, QUANTIZED_OPS, Layer, Skipped, _attr, _make_layer, _plain_const,
                                     _scope_of, cast_scale_view, skipped_weight)
 from fps_graph.graph.model import OnnxModel
+from fps_graph.graph.recurrent import dispatch_recurrent
 from fps_graph.graph.walk import Scope
 
 
@@ -199,8 +200,6 @@ def _dynamic_lstm(model: OnnxModel, scope: Scope, node: onnx.NodeProto, name: st
                   ) -> tuple[list[Layer], list[Skipped]]:
     """DynamicQuantizeLSTM as the ONNX LSTM it computes: W/R ``[dirs, in, 4H]`` int8 dequantized and transposed
     to ``[dirs, 4H, in]``, then scored by graph/recurrent.py like an LSTM node (same outputs, same observers)."""
-    from fps_graph.graph.recurrent import dispatch_recurrent
-
     ins = list(node.input) + [""] * 12
     label = f"{node.domain}.{node.op_type}"
     views = []

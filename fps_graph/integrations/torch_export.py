@@ -20,7 +20,7 @@ import onnx
 
 from fps_graph.errors import ModelError, OptionError
 from fps_graph.formats.io import check_output_path
-from fps_graph.graph.layers import find_layers
+from fps_graph.graph.discover import find_layers
 from fps_graph.graph.model import load_model
 from fps_graph.graph.names import META_KEY, folded_from, resolve_names
 from fps_graph.training.models import build_model
