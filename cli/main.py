@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {   # name -> (module, attribute, on
     "train": ("fps_graph_cli.train_cmd", "train", "Fine-tune the selected weights (PyTorch)."),
     "apply": ("fps_graph_cli.apply_cmd", "apply", "Write the fine-tuned values back into the ONNX model."),
     "export": ("fps_graph_cli.export_cmd", "export", "Export a PyTorch model to ONNX with its weight names."),
+    "compare": ("fps_graph_cli.compare_cmd", "compare", "FPS vs random vs LoRA at the same count, on your model and "
+                                                          "data."),
 }
 NEEDS_TORCH = {"train"}   # stand-ins that say what to install where torch is missing
 

@@ -1,10 +1,12 @@
-"""Comparing ways of fine-tuning on one's own model and data: the statistics, run records and report the quality
-studies share (bench/quality, bench/quality_lm), and (landing next) ``fps-graph compare``.
+"""Comparing ways of fine-tuning on one's own model and data: ``fps-graph compare`` (``run_compare``), and the
+statistics, run records and report the quality studies share (bench/quality, bench/quality_lm).
 
+- ``run_compare(CompareConfig(...))``: the default selection vs random selection vs LoRA at the same trainable
+  count, learning rates swept and chosen on validation, several seeds; ``compare.{md,json,png}``.
 - ``paired`` / ``paired_seeds``: paired differences between two methods over the seeds (and budgets) both ran.
 - ``train_run``: one run through the training loop, scored on evaluation splits; ``report``: tables and plot.
 
-The names load on first use (PEP 562): the statistics and the report do not import torch.
+The names load on first use (PEP 562): reading ``CompareConfig`` (torch-free) does not import torch.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import importlib
 from typing import Any
 
 _WHERE = {
+    "fps_graph.compare.config": ("CompareConfig",),
+    "fps_graph.compare.job": ("CompareCallbacks", "CompareResult", "run_compare"),
     "fps_graph.compare.report": ("RunMeta", "report", "score"),
     "fps_graph.compare.runs": ("train_run",),
     "fps_graph.compare.stats": ("paired", "paired_seeds"),
