@@ -265,7 +265,6 @@ def run_compare(cfg: CompareConfig, callbacks: CompareCallbacks | None = None) -
     folder = hf_folder(cfg.model if cfg.model.startswith("hf:") else f"hf:{cfg.model}")
     task_name = cfg.task or default_task(folder)
     meta = RunMeta(threads=cfg.threads or torch.get_num_threads())
-    cb.on_stage(f"reading {cfg.train}, {cfg.val}" + (f", {cfg.test}" if cfg.test else "") + f" ({task_name})")
     data = _read_data(cfg, folder, task_name)
     split = "test" if cfg.test is not None else "val"
     methods = [("none" if m == "head" and task_name == "causal-lm" else m) for m in cfg.methods]
