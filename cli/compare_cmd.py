@@ -3,12 +3,14 @@ Hugging Face model and data. Thin: options are the fields of ``fps_graph.compare
 defaults from there); it prints progress, one line per finished run and the summary."""
 from __future__ import annotations
 
+import statistics
 from dataclasses import MISSING
 from typing import Any, Callable
 
 import click
 
 from fps_graph.compare.config import TASKS, CompareConfig
+from fps_graph.compare.report import budget_label
 from fps_graph.errors import OptionError
 from fps_graph.selection.ranking import parse_budget
 from fps_graph.training.config import default_of, help_of
@@ -80,17 +82,21 @@ def compare(model: str, methods: str, budgets: str, lrs: str, quiet: bool, **kw:
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     sec = next(iter(res.doc["experiments"].values()))
-    split = sec["split"]
+    mid = budget_label(res.doc["plan"]["sweep_budget"])
+    causal = any("ppl" in r["metrics"].get(sec["split"], {}) for r in sec["runs"])
+    what = f"{sec['split']} {'perplexity' if causal else 'accuracy %'}"
     for m, lr in res.lrs.items():
-        cells = [c for k, c in sec["cells"].items() if k == m or k.startswith(m + "@")]
-        vals = [v for c in cells for v in c["values"]]
-        mean = sum(vals) / len(vals) if vals else float("nan")
+        vals = (sec["cells"].get(f"{m}@{mid}") or sec["cells"].get(m) or {}).get("values", [])
+        if not vals:
+            continue
+        mean = statistics.fmean(vals)
+        sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
         d = sec["paired"].get(m, {}).get("random", {})
-        vs = f"; vs random {d['mean_pp']:+.2f}" + (f" ± {d['sem_pp']:.2f}" if d["n"] > 1 else " (1 seed)") \
-            if d.get("n") else ""
+        unit = " (loss per token x100, + = better)" if causal else " pp"
+        vs = (f"; vs random {d['mean_pp']:+.2f}" + (f" ± {d['sem_pp']:.2f}" if d["n"] > 1 else "") + unit
+              if d.get("n") else "")
         rate = f"lr {lr:g}" if lr is not None else "untrained"
-        click.echo(f"{m:>12}: {rate}; {split} {'perplexity' if 'ppl' in str(sec['runs'][0]['metrics']) else 'accuracy'}"
-                   f" {mean:.2f}{vs}", err=True)
+        click.echo(f"{m:>12}: {rate}; {what} {mean:.2f}{sd} ({len(vals)} seed(s)){vs}", err=True)
     click.echo(f"wrote {res.files['md']}, {res.files['json']}" + (f", {res.files['plot']}" if "plot" in res.files
                                                                    else ""), err=True)
 

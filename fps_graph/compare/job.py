@@ -338,10 +338,9 @@ def _header(cfg: CompareConfig, folder: Path, task: str, split: str, sel: _Selec
                "method alike; give --test for an unbiased number).") + " Score: accuracy (seq-cls) or perplexity "
             "(causal-lm, lower is better).",
             "",
-            f"Selections: `select --budget B --granularity layer` on the ONNX export of the blocks (the LM head and "
-            f"embeddings are not adapted by any method); LoRA (PEFT) on the same modules, rank matched per module "
+            "Selections: `select --budget B --granularity layer` on the ONNX export of the blocks (the LM head and "
+            "embeddings are not adapted by any method); LoRA (PEFT) on the same modules, rank matched per module "
             f"({lora}). Every method: epochs {cfg.epochs}, batch size {cfg.batch_size}, the default optimiser and "
             "schedule of `train`; what trains in full beside the adapter (seq-cls: the head) is the same for every "
-            f"method. Learning rates {', '.join(f'{x:g}' for x in cfg.lrs)} swept on seed 0; {cfg.seeds} seed(s) at each "
-            "method's best.",
-            ]
+            f"method. Learning rates {', '.join(f'{x:g}' for x in cfg.lrs)} swept on seed 0; {cfg.seeds} seed(s) at "
+            "each method's best."]
