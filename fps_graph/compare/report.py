@@ -248,14 +248,17 @@ def sections(runs: Sequence[dict[str, Any]], plan: dict[str, Any], split: str = 
                 if v:
                     sec["sweep"].setdefault(m, {})[f"{x:g}"] = None if v[0].get("diverged") else value(v[0], "val")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
-        lines += ["", "Cost per method (same runs; median seconds per step, peak RSS of training; under load):", "",
-                  "| method | trainable | s/step | peak RSS MB |", "| --- | --- | --- | --- |"]
+        lines += ["", "Cost per method (same runs; medians: seconds per training step, peak RSS of the training stretch "
+                  "and its increase over what the process held before it; see meta for the load):", "",
+                  "| method | trainable | s/step | peak RSS MB | increase MB |", "| --- | --- | --- | --- | --- |"]
         for m in methods:
             v = [r for r in main if r["method"] == m and r.get("seconds_per_step")]
             if v:
+                rise = [r["memory"]["peak_increase_mb"] for r in v if "peak_increase_mb" in r["memory"]]
+                up = f"{np.median(rise):.0f}" if rise else ""
                 lines.append(f"| {m} | {_count(v[0].get('trainable'))} | "
                              f"{np.median([r['seconds_per_step'] for r in v]):.2f} | "
-                             f"{np.median([r['memory']['peak_rss_mb'] for r in v]):.0f} |")
+                             f"{np.median([r['memory']['peak_rss_mb'] for r in v]):.0f} | {up} |")
         lines.append("")
         out[f"{model}/{task}"] = sec
     return out, lines
