@@ -9,6 +9,7 @@ touched: the graph and its speed stay as they were. External data stays external
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,7 +67,12 @@ def _old_shape(key: str, shape: tuple[int, ...], df: DeltaFile) -> tuple[int, ..
 
 
 def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str, list[Target]]:
-    """For every trained tensor, its stored copies in the graph (raises naming a tensor that has none)."""
+    """For every trained tensor, its stored copies in the graph (raises naming a tensor that has none).
+
+    A tensor is found under its key and under the other names of a tied tensor (the delta's ``aliases``): by the
+    masks' record, by the names resolved for the scored layers, by initializer name (in bodies too), as a folded
+    constant; then every other constant of the same values, in the key's layout or transposed (a tied LM head's
+    embedding table, a folded transposed copy), unless the graph names it as another tensor."""
     per_layer: dict[str, Any] = {}
     for layer in layers:
         if layer.weight not in per_layer:
@@ -74,9 +80,12 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
     folded = folded_from(model)
     in_bodies = body_constants(model)
     out: dict[str, list[Target]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for key in df.keys:
         rec = df.tensors.get(key, {})
         shape = _old_shape(key, tuple(int(d) for d in rec.get("shape", [])), df)
+        shapes[key] = shape
+        names = [key, *[a for a in rec.get("aliases", []) if a != key]]
         found: dict[str, Target] = {}
 
         def add(name: str, perm: list[int] | None, how: str) -> None:
@@ -97,13 +106,14 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
             else:
                 add(onnx_name, perm, "masks-record")
         for weight, info in per_layer.items():
-            if info.torch == key:
+            if info.torch in names:
                 add(weight, info.perm, f"graph ({info.how})")
-        add(key, None, "initializer-name")
-        for name in in_bodies.get(key, ()):      # stored inside If/Loop/Scan bodies under that name
-            add(name, None, "initializer-name (in a subgraph)")
+        for name in names:
+            add(name, None, "initializer-name")
+            for body_name in in_bodies.get(name, ()):      # stored inside If/Loop/Scan bodies under that name
+                add(body_name, None, "initializer-name (in a subgraph)")
         for name, sources in folded.items():
-            if sources == [key] and model.is_constant(name) and name not in found:
+            if len(sources) == 1 and sources[0] in names and model.is_constant(name) and name not in found:
                 stored = model.tensor_shape(name)
                 if stored == shape:
                     add(name, None, "folded-copy")
@@ -115,7 +125,54 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
                                 "from the network that was trained, without folding it into other constants (e.g. "
                                 "BatchNorm folded into a Conv by the legacy exporter)?")
         out[key] = list(found.values())
+    _value_copies(model, df, out, shapes, per_layer)
     return out
+
+
+def _value_copies(model: OnnxModel, df: DeltaFile, out: dict[str, list[Target]], shapes: dict[str, tuple[int, ...]],
+                  per_layer: dict[str, Any]) -> None:
+    """Add to each trained matrix every other constant that holds the same values, as stored or transposed (a
+    tied embedding table beside its LM-head copy, however the exporter named them). A constant the graph names as
+    another tensor (scored layers' names) or that another key claims is left alone; matrices whose entries are all
+    equal carry no identity and are not searched."""
+    claimed = {t.name for ts in out.values() for t in ts}
+    other_name = {w: info.torch for w, info in per_layer.items() if info.torch}
+    digests: dict[str, str] = {}
+
+    def digest(a: np.ndarray) -> str:
+        a = np.ascontiguousarray(a)
+        return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name in [*model.initializers, *model.constant_nodes]:
+        if name not in claimed and name not in model.derived:
+            by_shape.setdefault(tuple(model.tensor_shape(name)), []).append(name)
+    for key, targets in out.items():
+        shape = shapes[key]
+        rec = df.tensors.get(key, {})
+        names = {key, *rec.get("aliases", [])}
+        if len(shape) < 2 or not targets:
+            continue
+        first = targets[0]
+        ref = _key_view(model.tensor(first.name), first.perm)
+        if ref.size == 0 or np.all(ref.reshape(-1) == ref.reshape(-1)[0]):
+            continue
+        want = {digest(ref): None}
+        if ref.ndim == 2:
+            want[digest(ref.T)] = [1, 0]
+        for cand_shape in {shape, shape[::-1]} if len(shape) == 2 else {shape}:
+            for name in by_shape.get(cand_shape, []):
+                if name in claimed or (other_name.get(name) and other_name[name] not in names):
+                    continue
+                if name not in digests:
+                    value = model.tensor(name)
+                    if value.dtype != ref.dtype:
+                        continue
+                    digests[name] = digest(value)
+                if digests[name] in want:
+                    perm = want[digests[name]]
+                    targets.append(Target(name, perm, f"a copy of {first.name} by value"))
+                    claimed.add(name)
 
 
 def body_constants(model: OnnxModel) -> dict[str, list[str]]:
