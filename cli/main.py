@@ -88,6 +88,10 @@ def _debug_requested(argv: list[str]) -> bool:
     return False
 
 
+# click >= 8.2 raises this for a group called without arguments; older versions print the help and exit themselves
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -102,6 +106,9 @@ def entry(argv: list[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="fps-graph", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except _NO_ARGS as exc:    # `fps-graph` alone: the help, as click prints it (exit 2)
+        exc.show()
         code = exc.exit_code
     except click.exceptions.UsageError as exc:
         hint = f" (see fps-graph {exc.ctx.command_path.split(' ', 1)[1] if exc.ctx and ' ' in exc.ctx.command_path else ''} --help)"

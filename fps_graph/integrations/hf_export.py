@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fps_graph.errors import FpsGraphError
+from fps_graph.errors import DataError, ModelError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -88,14 +88,14 @@ class HfExportOptions:
         if self.task is not None and not isinstance(self.task, Task):
             object.__setattr__(self, "task", _task(self.task))
         if self.cache and self.task not in (None, Task.CAUSAL_LM):
-            raise FpsGraphError(f"a cache (--cache) exists for causal-lm exports only, not {self.task.value}")
+            raise OptionError(f"a cache (--cache) exists for causal-lm exports only, not {self.task.value}")
 
 
 def _task(value: str) -> Task:
     try:
         return Task(value)
     except ValueError:
-        raise FpsGraphError(f"unknown task {value!r} (use {', '.join(t.value for t in Task)})") from None
+        raise OptionError(f"unknown task {value!r} (use {', '.join(t.value for t in Task)})") from None
 
 
 def hf_source(spec: str) -> Path | None:
@@ -104,11 +104,11 @@ def hf_source(spec: str) -> Path | None:
         return None
     path = Path(spec[3:])
     if not path.is_dir():
-        raise FpsGraphError(f"Hugging Face model folder not found: {path}")
+        raise DataError(f"Hugging Face model folder not found: {path}")
     if not (path / "config.json").is_file():
-        raise FpsGraphError(f"{path} holds no config.json; export needs a folder written by save_pretrained")
+        raise DataError(f"{path} holds no config.json; export needs a folder written by save_pretrained")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise FpsGraphError(f"{path} holds no weights (*.safetensors); save the model with save_pretrained")
+        raise DataError(f"{path} holds no weights (*.safetensors); save the model with save_pretrained")
     return path
 
 
@@ -117,7 +117,7 @@ def default_task(folder: Path) -> Task:
     try:
         archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError) as exc:
-        raise FpsGraphError(f"cannot read {folder / 'config.json'}: {exc}") from exc
+        raise DataError(f"cannot read {folder / 'config.json'}: {exc}") from exc
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return Task.SEQ_CLS
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -161,7 +161,7 @@ def load_model(folder: Path, task: Task) -> Any:
             model, info = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
                                               attn_implementation="eager", output_loading_info=True)
     except Exception as exc:
-        raise FpsGraphError(f"cannot build a {task.value} model from {folder} with transformers ({cls.__name__}): "
+        raise ModelError(f"cannot build a {task.value} model from {folder} with transformers ({cls.__name__}): "
                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     missing = sorted(info.get("missing_keys") or [])
     model.fps_missing_keys = missing
@@ -294,7 +294,7 @@ def _export(model: Any, names: list[str], task: Task, cache: bool, path: Path, o
         with torch.no_grad(), _quiet():
             torch.onnx.export(model, example, str(path), **kwargs)
     except Exception as exc:
-        raise FpsGraphError(f"torch.onnx.export failed on {type(model).__name__}: {type(exc).__name__}: "
+        raise ModelError(f"torch.onnx.export failed on {type(model).__name__}: {type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:300]}") from exc
     return out_names
 
@@ -340,11 +340,11 @@ def _tokenizer_files(folder: Path, staged: Path) -> list[str]:
             with _quiet():
                 tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
         except Exception as exc:
-            raise FpsGraphError(f"{folder} has no tokenizer.json and transformers cannot make one "
+            raise DataError(f"{folder} has no tokenizer.json and transformers cannot make one "
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); `select` needs a "
                                 "tokenizer.json for text (export anyway with --no-tokenizer and feed arrays)") from exc
         if not getattr(tok, "is_fast", False):
-            raise FpsGraphError(f"{folder} has no tokenizer.json and its tokenizer has no fast version to write one")
+            raise DataError(f"{folder} has no tokenizer.json and its tokenizer has no fast version to write one")
         with tempfile.TemporaryDirectory(dir=staged) as tmp:
             tok.save_pretrained(tmp)
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -421,16 +421,16 @@ def export_hf(source: str | os.PathLike, output: str | os.PathLike,
     out = Path(output)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise FpsGraphError(f"output folder's parent does not exist: {parent}")
+        raise OptionError(f"output folder's parent does not exist: {parent}")
     if out.exists() and not out.is_dir():
-        raise FpsGraphError(f"output path is a file, not a folder: {out}")
+        raise OptionError(f"output path is a file, not a folder: {out}")
     if out.exists() and any(out.iterdir()) and not options.force:
-        raise FpsGraphError(f"output folder exists and is not empty: {out} (use --force to replace its files)")
+        raise OptionError(f"output folder exists and is not empty: {out} (use --force to replace its files)")
     task = options.task or default_task(folder)
     if options.cache and task != Task.CAUSAL_LM:
-        raise FpsGraphError(f"a cache (--cache) exists for causal-lm exports only; {folder} exports as {task.value}")
+        raise OptionError(f"a cache (--cache) exists for causal-lm exports only; {folder} exports as {task.value}")
     if out.resolve() == folder.resolve():
-        raise FpsGraphError(f"output {out} is the model folder itself; choose another -o")
+        raise OptionError(f"output {out} is the model folder itself; choose another -o")
     model = load_model(folder, task)
     names = _input_names(model, task)
     if options.cache:
@@ -443,7 +443,7 @@ def export_hf(source: str | os.PathLike, output: str | os.PathLike,
         rec = _record(onnx_path, model, task, folder)
         err = _check(wrapped, names, options.cache, onnx_path) if options.check else None
         if err is not None and not err <= TOLERANCE:
-            raise FpsGraphError(f"the exported model's outputs differ from PyTorch's by {err:.2e} (relative, more "
+            raise ModelError(f"the exported model's outputs differ from PyTorch's by {err:.2e} (relative, more "
                                 f"than {TOLERANCE:g}); nothing written (report this model's architecture)")
         copied = _tokenizer_files(folder, staged)
         _publish(staged, out)

@@ -234,8 +234,14 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     saved = workdir.open() if workdir else set()
     todo = [s for s in shards if s.id not in saved]
     t0 = time.perf_counter()
-    started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    try:
+        started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    except BaseException:
+        if workdir is not None:
+            workdir.close(discard=True)      # nothing ran: leave no job file or lock behind
+        raise
     connect_s = time.perf_counter() - t0
+    failed = True
     actors: list[Any] = []
     board = None
     infos: list[dict[str, Any]] = []
@@ -260,6 +266,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
                                                    kinds, cluster, total_samples, progress)
         finished = [ray.get(a.finish.remote(), timeout=30) for a in actors]
+        failed = False
     finally:
         for a in actors + ([board] if board is not None else []):
             try:
@@ -269,7 +276,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         if started:
             ray.shutdown()
         if workdir is not None:
-            workdir.close()
+            workdir.close(discard=failed)     # a run that saved shards keeps them (resume); else nothing stays
     providers = sorted({i["provider"] for i in infos}) or [provider]
     report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
               "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,

@@ -1,6 +1,7 @@
 """The `select` job end to end: model -> layers -> statistics -> scores -> masks (and the `inspect` view)."""
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import resource
@@ -125,12 +126,30 @@ def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
+def _check_patterns(include: Sequence[str], exclude: Sequence[str], ids: list[list[str]]) -> None:
+    """Refuse an include/exclude glob that matches no scored layer (a pattern must match a whole name: the
+    PyTorch name, the ONNX weight or the node), naming a near match or a pattern that would match."""
+    every = sorted({n for group in ids for n in group if n})
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pat in patterns:
+            if any(fnmatch.fnmatchcase(n, pat) for n in every):
+                continue
+            loose = f"*{pat.strip('*')}*"
+            hits = [n for n in every if fnmatch.fnmatchcase(n, loose)]
+            close = difflib.get_close_matches(pat, every, n=1, cutoff=0.5)
+            hint = (f"; did you mean {loose!r} (matches {hits[0]}{' ...' if len(hits) > 1 else ''})?" if hits
+                    else f"; did you mean {close[0]!r}?" if close else "")
+            raise OptionError(f"{flag} {pat!r} matches no scored layer: a pattern must match a whole name (PyTorch "
+                                f"name, ONNX weight or node; fps-graph inspect lists them){hint}")
+
+
 def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
               state_dict: dict[str, np.ndarray] | None = None) -> Plan:
     """Load a model and find, filter and name its scored layers."""
     model = load_model(model_path)
     layers, skipped = find_layers(model)
     names = resolve_names(model, layers, state_dict)
+    _check_patterns(include, exclude, [[names[layer.weight].key, layer.weight, layer.node] for layer in layers])
     kept = []
     for layer in layers:
         ids = [names[layer.weight].key, layer.weight, layer.node]
@@ -314,6 +333,8 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
+        if stats.data:            # the data record of the run that collected them (train follows it)
+            plan.data["calibration"] = dict(stats.data)
         need = {"mean-abs": "abs", "l2": "sq"}.get(stat or "")
         if need and need not in stats.kinds:
             raise DataError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
@@ -321,6 +342,7 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
         if data is None:
             raise OptionError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
+        stats.data = dict(plan.data.get("calibration", {}))     # kept in a --stats-out file (--stats-in reads it)
     anchor: Stats | None = None
     if needs_anchor(opts.score):
         if opts.anchor_stats_in:

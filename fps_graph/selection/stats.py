@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -159,6 +160,7 @@ class Stats:
     num_samples: int = 0
     model_sha256: str = ""
     kinds: tuple[str, ...] = ("abs",)
+    data: dict[str, Any] = field(default_factory=dict)   # how the data was prepared (Source.record()); saved too
 
     def add(self, node: str, kind: str, values: np.ndarray) -> None:
         """Add float64 sums for one layer and one statistic."""
@@ -209,7 +211,8 @@ class Stats:
             raise DataError("statistics files come from different models (sha256 differs)")
         out = Stats(num_samples=self.num_samples + other.num_samples,
                     model_sha256=self.model_sha256 or other.model_sha256,
-                    kinds=tuple(k for k in self.kinds if k in other.kinds))
+                    kinds=tuple(k for k in self.kinds if k in other.kinds),
+                    data=dict(self.data or other.data))   # shards of one run share their preparation
         for src in (self, other):
             for node, slot in src.sums.items():
                 for kind, arr in slot.items():
@@ -229,6 +232,8 @@ class Stats:
             tensors[f"{node}::count"] = np.array([count] if np.ndim(count) == 0 else count, dtype=np.float64)
         meta = {"format": STATS_FORMAT, "format_version": STATS_VERSION, "num_samples": str(self.num_samples),
                 "model_sha256": self.model_sha256, "kinds": json.dumps(list(self.kinds))}
+        if self.data:
+            meta["data"] = json.dumps(self.data, sort_keys=True)
         save_safetensors(tensors, path, meta)
 
     @staticmethod
@@ -244,7 +249,8 @@ class Stats:
                 if meta.get("format") != STATS_FORMAT:
                     raise DataError(f"{path} is not an fps-graph statistics file")
                 st = Stats(num_samples=int(meta["num_samples"]), model_sha256=meta.get("model_sha256", ""),
-                           kinds=tuple(json.loads(meta.get("kinds", '["abs"]'))))
+                           kinds=tuple(json.loads(meta.get("kinds", '["abs"]'))),
+                           data=json.loads(meta["data"]) if meta.get("data") else {})
                 for key in f.keys():
                     node, kind = key.rsplit("::", 1)
                     arr = f.get_tensor(key)
