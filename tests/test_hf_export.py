@@ -288,3 +288,23 @@ def test_causal_lm_masks_train_seq_cls_without_the_lm_head(folders, tmp_path, na
     assert set(handle.deltas) == set(load_indices(masks)) - {head_key}
     assert any(f"left out {head_key}: selected on the LM head" in n for n in handle.notes), handle.notes
     assert "score.weight" in handle.full
+
+
+def test_check_refuses_a_mismatch_and_no_check_skips_it(folders, tmp_path, monkeypatch, capsys):
+    """--check (default): an export whose ONNX Runtime outputs differ from PyTorch's is refused, nothing written;
+    --no-check does not run the comparison."""
+    import fps_graph.integrations.hf_export as hx
+
+    monkeypatch.setattr(hx, "_check", lambda *a: 0.5)
+    out = tmp_path / "o"
+    assert entry(["export", f"hf:{folders['qwen']}", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "differ from PyTorch's by 5.00e-01" in err and err.count("\n") == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+    def boom(*a):
+        raise AssertionError("--no-check ran the check")
+
+    monkeypatch.setattr(hx, "_check", boom)
+    assert entry(["export", f"hf:{folders['qwen']}", "-o", str(out), "--no-check"]) == 0
+    assert "ONNX Runtime ==" not in capsys.readouterr().err and (out / "model.onnx").is_file()
