@@ -197,3 +197,29 @@ def test_old_delta_keyed_by_the_lm_head_patches_every_copy(root, tmp_path):
     report = apply_delta(legacy, old, tmp_path / "t.onnx")
     assert sorted(u["initializer"] for u in report["updated"]["lm_head.weight"]) == sorted([copy, key])
     assert_exact(tmp_path / "t.onnx", tuned_model(folder, "causal-lm", run / "delta.safetensors"))
+
+
+def test_readme_llm_chain_verbatim(tmp_path, monkeypatch):
+    """The README's LLM lines, as written (export hf:llama/ -> select llama_onnx/ calib.txt -> train hf:llama/ ->
+    apply), on a tiny tied Llama saved as llama/: the patched ONNX gives the fine-tuned model's logits."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for ln in block.replace("\\\n", " ").splitlines()]
+    wanted = ("fps-graph export hf:llama/", "fps-graph select llama_onnx/", "fps-graph train hf:llama/",
+              "fps-graph apply llama_onnx/")
+    chain_lines = [next(ln for ln in lines if ln.startswith(w)) for w in wanted]
+    monkeypatch.chdir(tmp_path)
+    H.make_folder(tmp_path / "llama")
+    Path("calib.txt").write_text("\n".join(H.cycle_text(24, seed=4)) + "\n")
+    H.write_jsonl(Path("train.jsonl"), [{"text": t} for t in H.cycle_text(24, seed=5)])
+    H.write_jsonl(Path("val.jsonl"), [{"text": t} for t in H.cycle_text(8, seed=6)])
+    for line in chain_lines:
+        args = shlex.split(line)[1:]
+        if args[0] == "train":
+            args += ["--epochs", "2", "--lr", "3e-2", "--threads", "1", "-q", "--no-plot"]   # fast; same path
+        assert entry(args) == 0, line
+    tuned = tuned_model(tmp_path / "llama", "causal-lm", Path("llm_run/delta.safetensors"))
+    assert_exact(tmp_path / "llama_tuned.onnx", tuned)

@@ -308,3 +308,23 @@ def test_check_refuses_a_mismatch_and_no_check_skips_it(folders, tmp_path, monke
     monkeypatch.setattr(hx, "_check", boom)
     assert entry(["export", f"hf:{folders['qwen']}", "-o", str(out), "--no-check"]) == 0
     assert "ONNX Runtime ==" not in capsys.readouterr().err and (out / "model.onnx").is_file()
+
+
+def test_large_model_goes_to_external_data(folders, tmp_path, monkeypatch):
+    """Over the size limit (lowered here) the weights go to model.onnx.data beside model.onnx; select and ONNX
+    Runtime read it, and an export --force that is small again removes the stale data file."""
+    import fps_graph.integrations.hf_export as hx
+
+    monkeypatch.setattr(hx, "EXTERNAL_OVER", 1000)
+    out = tmp_path / "onnx"
+    report = export_hf(folders["llama"], out)
+    assert "model.onnx.data" in report["files"] and (out / "model.onnx.data").stat().st_size > 10_000
+    assert (out / "model.onnx").stat().st_size < 200_000
+    assert_matches(folders["llama"], out, "causal-lm")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(H.cycle_text(8)) + "\n")
+    assert entry(["select", str(out), str(calib), "-o", str(tmp_path / "m.safetensors")]) == 0
+    monkeypatch.setattr(hx, "EXTERNAL_OVER", 1_800_000_000)
+    export_hf(folders["llama"], out, HfExportOptions(force=True))
+    assert not (out / "model.onnx.data").exists()
+    assert_matches(folders["llama"], out, "causal-lm")

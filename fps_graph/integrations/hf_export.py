@@ -94,8 +94,8 @@ class HfExportOptions:
 def _task(value: str) -> Task:
     try:
         return Task(value)
-    except ValueError:
-        raise OptionError(f"unknown task {value!r} (use {', '.join(t.value for t in Task)})") from None
+    except ValueError as exc:
+        raise OptionError(f"unknown task {value!r} (use {', '.join(t.value for t in Task)})") from exc
 
 
 def hf_source(spec: str) -> Path | None:
