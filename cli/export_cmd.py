@@ -55,8 +55,9 @@ def export(ctx: click.Context, model: str, weights: str | None, input_shape: str
 
         report = export_hf(model[3:], output, HfExportOptions(task=task, cache=cache, opset=opset, check=check,
                                                               force=force))
-        if report["missing_keys"]:
-            click.echo(f"warning: {', '.join(report['missing_keys'][:4])}{' ...' if len(report['missing_keys']) > 4 else ''}"
+        missing = report["missing_keys"]
+        if missing:
+            click.echo(f"warning: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
                        f" not in {model[3:]}: initialised at random (seed 0) by transformers, as a new "
                        f"{report['task']} head; `train --task {report['task']}` trains its own", err=True)
         check_txt = f"; ONNX Runtime == PyTorch within {report['max_rel_error']:.1e}" if check else ""

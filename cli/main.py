@@ -19,7 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {   # name -> (module, attribute, on
     "select": ("fps_graph_cli.select_cmd", "select", "Select the weights of MODEL to fine-tune from calibration DATA."),
     "train": ("fps_graph_cli.train_cmd", "train", "Fine-tune the selected weights (PyTorch)."),
     "apply": ("fps_graph_cli.apply_cmd", "apply", "Write the fine-tuned values back into the ONNX model."),
-    "export": ("fps_graph_cli.export_cmd", "export", "Export a PyTorch factory or a Hugging Face folder (hf:DIR) to ONNX."),
+    "export": ("fps_graph_cli.export_cmd", "export",
+               "Export a PyTorch factory or a Hugging Face folder (hf:DIR) to ONNX."),
 }
 NEEDS_TORCH = {"train"}   # stand-ins that say what to install where torch is missing
 

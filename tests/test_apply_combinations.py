@@ -43,7 +43,8 @@ def chain(root: Path, folder: Path, name: str, task: str, data: str, export_task
     """export hf:DIR -> select (text) -> train hf:DIR --task -> returns (onnx folder, run folder)."""
     onnx = root / f"{name}_onnx"
     if not onnx.exists():
-        assert entry(["export", f"hf:{folder}", "-o", str(onnx)] + (["--task", export_task] if export_task else [])) == 0
+        task_args = ["--task", export_task] if export_task else []
+        assert entry(["export", f"hf:{folder}", "-o", str(onnx), *task_args]) == 0
     masks = root / f"{name}_masks.safetensors"
     if not masks.exists():
         assert entry(["select", str(onnx), str(root / (calib or data)), "--k", "2", "-o", str(masks)]) == 0
