@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import resource
 import socket
-import sys
 import time
 import uuid
 from types import ModuleType
@@ -36,6 +34,7 @@ from fps_graph.data.sources import Source
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel, load_model
 from fps_graph.graph.observe import plan_observers
+from fps_graph.runtime.memory import peak_rss_mb
 from fps_graph.runtime.calibrate import BatchStats, CalibrationInfo, Progress, check_finite
 from fps_graph.runtime.config import RuntimeConfig
 from fps_graph.runtime.shards import (JOB_FORMAT, JOB_VERSION, ClusterOptions, Shard, Workdir, order_digest,
@@ -58,10 +57,6 @@ def require_ray() -> ModuleType:
     except ImportError as exc:   # the optional extra
         raise RuntimeFailure("Ray is not installed: pip install 'fps-graph[ray]'") from exc
     return ray
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
 class ShardWorker:
@@ -122,7 +117,7 @@ class ShardWorker:
     def finish(self) -> dict[str, Any]:
         """What the worker measured: peak resident memory (MB), largest micro-batch (0: batches ran whole)."""
         micro = getattr(self.step, "micro", None)
-        return {"peak_rss_mb": _peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
+        return {"peak_rss_mb": peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
 
 
 class ProgressBoard:
