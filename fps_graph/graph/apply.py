@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.data.hf_inputs import read_genai_config
 from fps_graph.data.text import resolve_model_path
 from fps_graph.formats.delta import DeltaFile, read_delta
@@ -31,8 +32,8 @@ from fps_graph.errors import DataError, ModelError, OptionError
 from fps_graph.formats.io import check_output_path, sha256_file
 from fps_graph.graph.model import SHAPE_ERRORS, OnnxModel
 from fps_graph.graph.names import folded_from, resolve_names
+from fps_graph.graph.plan import make_plan
 from fps_graph.graph.walk import local_name, model_scopes, node_reads, scope_of_key
-from fps_graph.selection.pipeline import make_plan
 
 META_FINETUNED = "fps_graph.finetuned"
 log = logging.getLogger(__name__)
@@ -460,7 +461,6 @@ def apply_delta(model_path: str | os.PathLike, delta_path: str | os.PathLike, ou
         for t in found:
             _refuse_quantized(model, mp, key, t)
     if external:
-        from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model.proto, str(model.base_dir))
     updated: dict[str, list[dict[str, Any]]] = {}

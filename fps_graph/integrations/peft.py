@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import ModelError, OptionError, RuntimeFailure
+from fps_graph.formats.io import atomic_output
 from fps_graph.training.loop import Callbacks
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -149,8 +150,6 @@ def write_shira(handle: Any, folder: str | os.PathLike, plan: ShiraPlan | None =
     except ImportError as exc:
         raise RuntimeFailure("writing a PEFT adapter needs peft >= 0.16: pip install peft") from exc
     from safetensors.torch import save_file
-
-    from fps_graph.formats.io import atomic_output
 
     plan = plan or shira_plan(handle)
     if getattr(handle, "merged", False):

@@ -25,7 +25,7 @@ import numpy as np
 from fps_graph.errors import FpsGraphError, DataError, OptionError, RuntimeFailure
 from fps_graph.formats.io import atomic_output
 from fps_graph.graph.layers import Layer
-from fps_graph.selection.stats import Stats
+from fps_graph.formats.stats import Stats
 
 DEFAULT_SHARD_SIZE = 1024          # samples per shard (rounded up to whole batches)
 JOB_FORMAT = "fps-graph-shards"

@@ -24,7 +24,7 @@ from torch import nn
 from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.formats.delta import DeltaFile, FullEntry, SparseEntry, read_delta, write_delta
 from fps_graph.formats.io import atomic_output, save_safetensors, sha256_file
 from fps_graph.formats.masks import load_indices, load_input_scales, read_metadata
@@ -515,6 +515,13 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     # deltas on the masked weights not trained in full (shared tensors: one delta for every owner)
     full_ids = {id(p) for p in handle.full.values()}
     steps: list[torch.Tensor] = []
+    recorded = str((ms.metadata or {}).get("input_scale", "none"))
+    if step_scale is StepScale.INPUT and recorded != "none":
+        missing = sorted(k for k in ms.indices if ms.indices[k].size and k not in ms.scales)
+        if missing:
+            raise DataError(f"{ms.source}: the header says each entry's input scale ({recorded}) was recorded, but "
+                            f"the file holds none for {len(missing)} tensors ({', '.join(missing[:3])}): re-run "
+                            "`fps-graph select` to write them, or train with --step-scale none")
     for key in sorted(ms.indices, key=order.__getitem__):
         p = params[key]
         if id(p) in full_ids:
