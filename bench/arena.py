@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.meta import RunMeta
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODES = ("on", "off", "same")
@@ -44,10 +46,11 @@ if mode == "same":
 from fps_graph.graph.model import load_model
 from fps_graph.graph.layers import find_layers
 from fps_graph.runtime.calibrate import BatchStats
+from fps_graph.runtime.config import RuntimeConfig
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
 m = load_model(onnx_path)
 layers, _ = find_layers(m)
-step = BatchStats(m, layers, provider="cpu", threads=2, micro_batch=micro or None)
+step = BatchStats(m, layers, runtime=RuntimeConfig(provider="cpu", threads=2, micro_batch=micro or None))
 after_session = rss()
 x = np.load(data, mmap_mode="r")
 t = time.perf_counter()
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--name", default=None)
     a = p.parse_args(argv)
+    meta = RunMeta(threads=2, model=a.model)
     from bench.models import ensure_data, ensure_model, onnx_variant
 
     info = ensure_model(a.model)
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
             print(rec, file=sys.stderr, flush=True)
     name = a.name or f"{a.model}_b{a.batch_size}_n{a.samples}_arena-cpu"
     res = {"name": name, "command": "python -m bench.arena " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "created": datetime.datetime.now().isoformat(timespec="seconds"), "model": a.model, "runs": runs}
+           "created": datetime.datetime.now().isoformat(timespec="seconds"), "model": a.model, "runs": runs, "meta": meta.finish()}
     out_dir = HERE / "results"
     (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1))
     label = {"on": "arena on (default, power-of-two extension)", "off": "arena off",

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.meta import RunMeta
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -83,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    meta = RunMeta()
     hidden, layers, lines, reps = (256, 4, 32, 2) if args.quick else (512, 8, 128, 3)
     name = "control_flow-quick" if args.quick else "control_flow"
     with tempfile.TemporaryDirectory(prefix="fpsg_cf_") as tmp:
@@ -107,6 +110,7 @@ def main() -> None:
     }
     result["ratio_merged_over_unmerged"] = {k: result["median"]["merged"][k] / result["median"]["unmerged"][k]
                                             for k in ("seconds", "calibration_seconds", "peak_rss_mb")}
+    result["meta"] = meta.finish()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["median"]

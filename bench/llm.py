@@ -221,7 +221,8 @@ def _ours(a) -> dict:
 def _plain(a) -> dict:
     import onnxruntime as ort
 
-    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.data.dispatch import open_source
+    from fps_graph.data.sources import InputSpec, Loader
     from fps_graph.runtime.session import _options
 
     sess = ort.InferenceSession(a.onnx, _options("all", a.threads), providers=["CPUExecutionProvider"])

@@ -1,12 +1,20 @@
 """What every benchmark results file records about its run: git commit, machine, versions, threads, load.
 
+Two spellings of one record:
+
     from bench.meta import run_meta, load_now
     meta = run_meta(threads=2)           # at the start: commit, machine, versions, load
     ...
     meta["load_end"] = load_now()        # at the end
 
+    from bench.meta import RunMeta
+    meta = RunMeta(threads=2)            # at the start (the same record, plus the start time)
+    ...
+    res["meta"] = meta.finish()          # at the end: load_end, seconds, finished, under_load
+
 Versions are read in a child process, so the driver never imports torch (a child's ``ru_maxrss`` starts from its
-parent's RSS at fork).
+parent's RSS at fork). Timings taken while other jobs share the machine are "under load": the load averages before
+and after say so, and ``under_load`` flags a run whose 1-minute load exceeded half the cores.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +90,36 @@ def versions() -> dict:
         return {}
 
 
-def run_meta(threads: int, command: str | None = None) -> dict:
+def run_meta(threads: int | None = None, command: str | None = None) -> dict:
     """The record a results file starts with (add ``load_end`` when the run ends)."""
     return {"command": command if command is not None else " ".join([Path(sys.executable).name, *sys.argv]),
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git": git_commit(), "machine": machine(), "versions": versions(), "threads": threads,
             "load_start": load_now()}
+
+
+class RunMeta:
+    """``run_meta`` taken at the start of a run and completed by ``finish`` at its end.
+
+    Args:
+        threads (`int`, *optional*): the threads the benchmark asked for (ONNX Runtime / torch intra-op).
+        command (`str`, *optional*): how the run was started (default: this process's command line).
+        **extra: anything else worth keeping beside it (device, model), stored under ``"extra"``.
+    """
+
+    def __init__(self, threads: int | None = None, command: str | None = None, **extra):
+        self._t0 = time.perf_counter()
+        self.block = run_meta(threads, command)
+        self.extra = extra
+
+    def finish(self) -> dict:
+        """The record, with the load at the end, the run's duration and whether the machine was loaded."""
+        out = dict(self.block)
+        out["load_end"] = load_now()
+        out["seconds"] = round(time.perf_counter() - self._t0, 3)
+        out["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        peak = max(out["load_start"][:1] + out["load_end"][:1], default=0.0)
+        out["under_load"] = peak > 0.5 * cores     # more runnable work than half the cores: timings are noisy
+        out["extra"] = self.extra
+        return out

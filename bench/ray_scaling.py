@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.meta import RunMeta
 from bench.models import ROOT, ensure_data, ensure_model, onnx_variant
 from bench.selection import machine_info, versions
 
@@ -241,6 +242,7 @@ def plot(res: dict, path: Path) -> bool:
 
 
 def from_runs(args: argparse.Namespace, argv: list[str] | None) -> int:
+    meta = RunMeta(threads=2, model=args.model, note="summarized from an interrupted run's files")
     """Results from the per-run files of an interrupted run (no process-tree memory; process time from its log)."""
     import hashlib
     import re
@@ -279,6 +281,7 @@ def from_runs(args: argparse.Namespace, argv: list[str] | None) -> int:
            "note": "collected with --from-runs from an interrupted run: no process-tree memory sampling",
            "runs": runs}
     res["summary"] = summarize(runs)
+    res["meta"] = meta.finish()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(res))
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_runs:
         return from_runs(args, argv)
+    meta = RunMeta(threads=2, model=args.model)
     t0 = time.perf_counter()
     info = ensure_model(args.model)
     onnx_path = onnx_variant(info, "external") if args.model != "tiny" else info["onnx"]
@@ -338,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
            "masks_identical": ("byte-identical in every run" if len(shas) == 1 else f"{len(shas)} different files"),
            "runs": runs}
     res["summary"] = summarize(runs)
+    res["meta"] = meta.finish()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(res))

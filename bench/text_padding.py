@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from bench.meta import RunMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache" / "text"
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         (OUT / f"{a.name}.md").write_text(markdown(res))
         plot(res, OUT / f"{a.name}.png")
         return
+    meta = RunMeta(threads=a.threads)
     t0 = time.time()
     texts = corpus(a.samples)
     res = {"command": "python -m bench.text_padding " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -334,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     res["load_end"] = os.getloadavg()[0]
     res["bench_seconds"] = time.time() - t0
     OUT.mkdir(parents=True, exist_ok=True)
+    res["meta"] = meta.finish()
     (OUT / f"{a.name}.json").write_text(json.dumps(res, indent=1))
     (OUT / f"{a.name}.md").write_text(markdown(res))
     plot(res, OUT / f"{a.name}.png")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from bench.meta import RunMeta
 
 METHODS = ("fps", "fps-keep", "fps-ckpt", "lora", "full")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -203,6 +204,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
+    meta = RunMeta()
     t0 = time.perf_counter()
     base = [sys.executable, "-m", "bench.train_memory", "--seq", str(args.seq), "--batch", str(args.batch),
             "--steps", str(args.steps), "--rank", str(args.rank)] + (["--quick"] if args.quick else [])
@@ -219,11 +221,11 @@ def main() -> None:
         else:
             res["runs"].append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(json.dumps(res["runs"][-1]), file=sys.stderr, flush=True)
-        _write(res, t0)            # after every method: a cut-short run keeps what it measured
+        _write(res, t0, meta)      # after every method: a cut-short run keeps what it measured
     print(markdown(res))
 
 
-def _write(res: dict, t0: float) -> None:
+def _write(res: dict, t0: float, meta: RunMeta) -> None:
     """bench/results/<name>.{json,md,png} from the runs so far."""
     ok = [r for r in res["runs"] if "error" not in r]
     res["params"] = ok[0]["params"] if ok else 0
@@ -231,6 +233,7 @@ def _write(res: dict, t0: float) -> None:
     res["bench_seconds"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / res["name"]
+    res["meta"] = meta.finish()
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     if ok:

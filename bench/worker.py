@@ -43,6 +43,14 @@ def rss_mb() -> float:
 
 
 def maxrss_mb() -> float:
+    """This process image's peak RSS: VmHWM, which starts again at exec. ``ru_maxrss`` keeps the parent's peak
+    across fork + exec, so a driver that exported the model first inflated every child's figure (2,108 MB for a
+    ~550 MB select). Read here, not from fps_graph.runtime.memory, so the plain-inference worker imports no
+    fps_graph."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -151,7 +159,8 @@ def run_plain(a) -> dict:
 
     import numpy as np
 
-    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.data.dispatch import open_source
+    from fps_graph.data.sources import InputSpec, Loader
     from fps_graph.runtime.session import _options
 
     so = _options(a.opt_level, a.threads)
@@ -218,7 +227,8 @@ def _write_masks(path: str, masks: dict) -> None:
 def _loader(a, model_name: str):
     """The same Loader over the same .npy as the ONNX methods (single input)."""
     from bench.models import SPECS
-    from fps_graph.data.sources import InputSpec, Loader, open_source
+    from fps_graph.data.dispatch import open_source
+    from fps_graph.data.sources import InputSpec, Loader
     import numpy as np
 
     spec = InputSpec("input", (None, *SPECS[model_name].input_shape), np.dtype(np.float32))

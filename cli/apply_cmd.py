@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from fps_graph.graph.apply import apply_delta
+from fps_graph import apply as apply_delta   # the API; loaded here, when the command loads
 
 
 @click.command()

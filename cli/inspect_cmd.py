@@ -5,9 +5,7 @@ import json
 
 import click
 
-from fps_graph.data.text import resolve_model_path
-from fps_graph.formats.masks import read_metadata
-from fps_graph.selection.pipeline import describe, load_state_dict, make_plan
+from fps_graph import inspect as inspect_model   # the API; loaded here, when the command loads
 
 
 @click.command()
@@ -20,21 +18,19 @@ from fps_graph.selection.pipeline import describe, load_state_dict, make_plan
 def inspect(model: str, as_json: bool, state_dict: str | None, masks: str | None) -> None:
     """List the layers of MODEL (ONNX file or Hugging Face export folder) that selection scores
     (MatMul/Gemm/Conv/ConvTranspose/LSTM/GRU/RNN with constant weights)."""
-    sd = load_state_dict(state_dict) if state_dict else None
-    run = read_metadata(masks) if masks else None
-    view = describe(make_plan(resolve_model_path(model), state_dict=sd), run)
+    view = inspect_model(model, state_dict=state_dict, masks=masks)
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
     rows = [("node", "op", "weight (PyTorch name)", "shape", "input-feature layout", "params", "name from", "runs")
-            + (("selected",) if run else ())]
+            + (("selected",) if masks else ())]
     for l in view["layers"]:
         name = l["name"] if l["name"] == l["weight"] else f"{l['name']} <- {l['weight']}"
         if l["stored"] != l["weight"] and l["stored_dtype"] != "float32":      # a quantized weight
             name += f" <- {l['stored']} ({l['stored_dtype']})"
         rows.append((l["node"], l["op"], name, "x".join(map(str, l["weight_shape"])), l["input_axis"],
                      f"{l['params']:,}", l["name_source"], "if branch" if l["branches"] else "always")
-                    + ((f"{l['selected']:,}",) if run else ()))
+                    + ((f"{l['selected']:,}",) if masks else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -44,7 +40,7 @@ def inspect(model: str, as_json: bool, state_dict: str | None, masks: str | None
     click.echo(f"\n{len(view['layers'])} scored layers, {view['scored_params']:,} scored parameters; "
                f"{100 * w['share']:.1f}% of the model's {w['total_values']:,} weight values are scored")
     branched = sum(1 for l in view["layers"] if l["branches"])
-    if branched and not run:
+    if branched and not masks:
         click.echo(f"{branched} of them sit in If branches (runs: if branch): select scores them only when the "
                    "calibration data takes their branch, and lists them as skipped otherwise (inspect --masks FILE "
                    "shows what a run did)")

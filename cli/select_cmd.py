@@ -3,17 +3,30 @@ from __future__ import annotations
 
 import click
 
-from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
-from fps_graph.data.text import TextOptions
+from fps_graph import ImageOptions, OptionError, RuntimeConfig, Selection, TextOptions
+from fps_graph import select as select_weights   # the API; loaded here, when the command loads
+from fps_graph.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from fps_graph.data.static import parse_static
-from fps_graph.errors import OptionError
-from fps_graph.formats.io import check_output_path
+from fps_graph.runtime.config import OPT_LEVELS, PROVIDERS, REDUCE_MODES
+from fps_graph.selection.ranking import GRANULARITIES
 from fps_graph.runtime.memory import AUTO
-from fps_graph.selection.pipeline import SelectOptions, SelectResult, run_select, write_result, write_stats
-from fps_graph.selection.scores import SCORES, STATS
-from fps_graph.selection.ranking import GRANULARITIES, parse_budget
+from fps_graph.selection.scores import STATS, registered, score_names
 from fps_graph_cli.common import parse_floats, parse_ints, tqdm_progress
 from fps_graph_cli.scale_out import cluster_options, cluster_summary, scale_out_options
+
+
+def _score_help() -> str:
+    """--score's help, from the score registry (selection/scores/): each score's one-liner and what it needs."""
+    parts = []
+    for s in registered():
+        needs = "; needs --anchor" if s.anchor and "--anchor" not in s.help else ""
+        parts.append(f"{s.name}: {s.help}{needs}")
+    return "; ".join(parts) + ". Variants and evidence: docs/quality.md."
+
+
+def _with(prop: str) -> str:
+    """The registered scores with a property (anchor, seeded), for the help of the options they read."""
+    return ", ".join(s.name for s in registered() if getattr(s, prop))
 
 
 class MemoryBudget(click.ParamType):
@@ -50,12 +63,7 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
 @click.argument("model", type=click.Path())
 @click.argument("data", required=False)
 @click.option("-o", "--output", default="masks.safetensors", show_default=True, help="Masks file to write.")
-@click.option("--score", type=click.Choice(SCORES), default="fps", show_default=True,
-              help="fps: |W|*E|x|; wanda: |W|*sqrt(E x^2); magnitude; random (seeded); gd-fps: needs --anchor. "
-                   "Variants (docs/quality.md): fps-cover: FPS top-K, but no input taken by over 2x its share of a "
-                   "layer's neurons; fps-sample: K per neuron drawn in proportion to the FPS score (seeded); "
-                   "act-sample: drawn in proportion to the input's rms alone (seeded); "
-                   "gd-diff: |W|*|E_data|x|-E_anchor|x||, needs --anchor.")
+@click.option("--score", type=click.Choice(score_names()), default="fps", show_default=True, help=_score_help())
 @click.option("--stat", type=click.Choice(STATS), default=None, help="Activation statistic (default: the score's).")
 @click.option("--k", "k", type=int, default=None, help="Top-K input connections per output neuron [default: 1].")
 @click.option("--budget", default=None, help="Instead of --k: a fraction (0.005), percentage (0.5%) or count.")
@@ -65,12 +73,12 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
               help="With --granularity network: every scored tensor keeps at least its N best entries.")
 @click.option("--include", multiple=True, help="Only layers whose name matches this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose name matches this glob (repeatable).")
-@click.option("--anchor", default=None, help="gd-fps, gd-diff: reference data (the pre-training domain).")
+@click.option("--anchor", default=None, help=f"{_with('anchor')}: reference data (the pre-training domain).")
 @click.option("--anchor-stats", multiple=True, type=click.Path(dir_okay=False),
-              help="gd-fps, gd-diff: saved anchor statistics.")
+              help=f"{_with('anchor')}: saved anchor statistics.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="gd-fps: added to the anchor statistic.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for --score random, fps-sample, act-sample and --shuffle.")
+              help=f"Seed for --score {_with('seeded')} and --shuffle.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
 @click.option("--shuffle", is_flag=True, help="Shuffle samples (seeded) before taking --max-samples.")
@@ -89,17 +97,15 @@ def _text_options(tokenizer: str | None, text_field: str, max_length: int | None
               help="Text: join the documents with the tokenizer's end-of-sequence token and cut them into rows of "
                    "exactly LENGTH tokens (the last partial row dropped, counted): full batches for long documents, "
                    "but windows, not documents (docs/text.md). Default: each document exactly, unpadded.")
-@click.option("--reduce", type=click.Choice(["graph", "host"]), default="graph", show_default=True,
-              help="graph: reduce activations inside ONNX Runtime; host: return them raw and reduce in NumPy.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
-              show_default=True, help="ONNX Runtime graph optimisation level.")
-@click.option("--threads", type=click.IntRange(min=0), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--reduce", type=click.Choice(REDUCE_MODES), default="graph", show_default=True,
+              help=RuntimeConfig.help("reduce"))
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help=RuntimeConfig.help("provider"))
+@click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
+              help=RuntimeConfig.help("opt_level"))
+@click.option("--threads", type=click.IntRange(min=0), default=None, help=RuntimeConfig.help("threads"))
 @click.option("--max-memory", "max_memory", type=MemoryBudget(), default=None, metavar="MB|auto",
-              help="Keep peak memory near MB: each batch runs in micro-batches sized from the model's activation "
-                   "bytes per sample (same statistics, summed). auto: close to the floor (weights + runtime + one "
-                   "micro-batch whose activations stay under a quarter of the weights). Default: micro-batches only "
-                   "where the observed graph would need more than plain inference of the same batch.")
+              help=RuntimeConfig.help("max_memory_mb"))
 @click.option("--dense", is_flag=True, help="Write bool masks of each tensor's shape instead of indices.")
 @click.option("--stats-out", type=click.Path(dir_okay=False), default=None,
               help="Also save the raw statistics (sums and counts) here.")
@@ -131,32 +137,23 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
         raise OptionError("give either --k or --budget, not both")
     if not 0 < crop_pct <= 1:
         raise OptionError("--crop-pct must be in (0, 1]")
-    check_output_path(output, force)
-    if stats_out:
-        check_output_path(stats_out, force)
     size = parse_ints(image_size, "--image-size")
     if size is not None and len(size) == 1:
         size = (size[0], size[0])
-    opts = SelectOptions(
-        score=score, stat=stat, k=k if (k is not None or budget is not None) else 1,
-        budget=parse_budget(budget) if budget is not None else None, granularity=granularity,
-        include=include, exclude=exclude, seed=seed, eps=eps, reduce=reduce, provider=provider,
-        opt_level=opt_level, threads=threads or None, max_memory_mb=max_memory, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
+    result = select_weights(
+        model, data, score=score, stat=stat, k=k, budget=budget, granularity=granularity,
+        min_per_layer=min_per_layer, include=include, exclude=exclude, anchor=anchor, anchor_stats=anchor_stats,
+        stats_in=stats_in, seed=seed, eps=eps, batch_size=batch_size, max_samples=max_samples, shuffle=shuffle,
         image=ImageOptions(size=size, mean=parse_floats(mean, "--mean") or IMAGENET_MEAN,
                            std=parse_floats(std, "--std") or IMAGENET_STD, crop_pct=crop_pct),
         text=_text_options(tokenizer, text_field, max_length, no_truncate, pack),
-        stats_in=stats_in, anchor=anchor, anchor_stats_in=anchor_stats, state_dict=state_dict,
-        static=parse_static(static),
-        min_per_layer=min_per_layer, shard_size=shard_size,
-        cluster=cluster_options(ray_address, workers, workdir, resume))
-    if budget is not None:
-        opts.k = None
-    result = run_select(model, data, opts, progress=None if quiet else tqdm_progress, stats_out=bool(stats_out))
+        static=parse_static(static), state_dict=state_dict,
+        runtime=RuntimeConfig(reduce=reduce, provider=provider, opt_level=opt_level, threads=threads,
+                              max_memory_mb=max_memory),
+        cluster=cluster_options(ray_address, workers, workdir, resume), shard_size=shard_size,
+        output=output, stats_out=stats_out, dense=dense, force=force, progress=None if quiet else tqdm_progress)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    if stats_out and result.stats is not None:
-        write_stats(result.stats, stats_out, force)
-    write_result(result, output, dense=dense, force=force)
     if not quiet:
         s = result.summary
         click.echo(
@@ -168,7 +165,7 @@ def select(model: str, data: str | None, output: str, score: str, stat: str | No
             + cluster_summary(s.get("cluster")) + f" -> {output}", err=True)
 
 
-def _data_summary(s: dict, result: SelectResult, score: str) -> str:
+def _data_summary(s: dict, result: Selection, score: str) -> str:
     """Where the statistics came from: a calibration run, saved statistics, or no data at all."""
     if result.calibration is not None:
         return f"{s['samples']} samples on {s['provider']} at {s['samples_per_s']:.1f} samples/s"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from bench.meta import RunMeta
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
@@ -34,7 +35,7 @@ RESULTS = BENCH / "results"
 CACHE = BENCH / ".cache" / "quality"
 
 SELECT_METHODS = ("fps", "gd-fps", "wanda", "gps", "magnitude", "random")
-VARIANT_METHODS = ("fps-cover", "fps-sample", "act-sample", "gd-diff")   # fps_graph/selection/variants.py
+VARIANT_METHODS = ("fps-cover", "fps-sample", "act-sample", "gd-diff")   # fps_graph/selection/scores/
 ONNX_SCORES = ("fps", "gd-fps", "wanda", "magnitude", "random") + VARIANT_METHODS
 REFERENCES = ("none", "bias", "bias+head", "full")
 LABELS = {"fps": "FPS", "gd-fps": "GD-FPS", "wanda": "Wanda (l2)", "gps": "GPS (grad)", "magnitude": "magnitude",
@@ -158,13 +159,13 @@ class Selector:
     def onnx_masks(self, score: str, point: Point, seed: int = 0) -> Path:
         """fps-graph select through the product path (statistics from the saved files)."""
         from fps_graph.selection.pipeline import SelectOptions, run_select, write_result
-        from fps_graph.selection.variants import needs_anchor
+        from fps_graph.selection.scores import get_score
 
         out = self.workdir / f"masks_{score}_{_slug(point.label)}_s{seed}.safetensors"
         kw = point.select_kwargs()
         opts = SelectOptions(score=score, provider="cpu", threads=self.threads, seed=seed,
-                             stats_in=[str(self.stats)] if score not in ("magnitude", "random") else [],
-                             anchor_stats_in=[str(self.anchor_stats)] if needs_anchor(score) else [], **kw)
+                             stats_in=[str(self.stats)] if get_score(score).needs_stats else [],
+                             anchor_stats_in=[str(self.anchor_stats)] if get_score(score).anchor else [], **kw)
         res = run_select(self.onnx, None, opts)
         write_result(res, out, force=True)
         if self.template is None:
@@ -432,7 +433,17 @@ def replot(json_path: Path, metric: str, title: str, ylabel: str) -> None:
     plot(agg, metric, methods, refs, Path(json_path).with_suffix(".png"), title, models=models, ylabel=ylabel)
 
 
+_META = RunMeta()   # this process: the study's runs happen between its import and the write
+
+
 def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically; a results document (a dict) gets this process's ``meta`` block (bench/meta.py), the
+    blocks of earlier processes that wrote it (runs merged from several invocations) kept in ``meta_previous``."""
+    if isinstance(obj, dict):
+        old = obj.get("meta")
+        if old:
+            obj["meta_previous"] = [*obj.get("meta_previous", []), old][-20:]
+        obj["meta"] = _META.finish()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")

@@ -47,7 +47,7 @@ def onnx_scores(onnx_path: Path, stats_path: Path, score: str = "fps") -> dict[s
     """fps-graph's own scores per PyTorch key, canonical [out, fan_in] (the product's score_weight)."""
     from fps_graph.selection.pipeline import make_plan
     from fps_graph.selection.scores import default_stat, score_weight
-    from fps_graph.selection.stats import load_merged
+    from fps_graph.formats.stats import load_merged
 
     plan = make_plan(onnx_path)
     st = load_merged([str(stats_path)]) if default_stat(score) else None

@@ -38,7 +38,7 @@ import numpy as np
 from fps_graph.compare.stats import format_paired, paired, paired_seeds
 from bench.quality.common import (CACHE, LABELS, RESULTS, Point, Recipe, Selector, canonical_shape, check_geometry,
                                   clean_dir, env_info, gradient_scores, log, select_from_scores, train_run,
-                                  write_json, write_masks_like)
+                                  write_json, write_masks_like, VARIANT_METHODS)
 
 EXPERIMENTS = ("crepe-noise", "crepe-phone", "vit", "cnn")
 METHODS = ("fps", "random", "gps", "fps-cover", "fps-sample", "act-sample", "gd-diff")   # + magnitude: --methods
@@ -198,7 +198,7 @@ def diagnose_seed(setup: Any, pts: list[Point], methods: list[str]) -> dict[str,
     (relative to GPS), input-feature coverage and neuron coverage."""
     from fps_graph.formats.masks import load_indices
     from fps_graph.selection.pipeline import make_plan
-    from fps_graph.selection.stats import load_merged
+    from fps_graph.formats.stats import load_merged
 
     plan = make_plan(setup.sel.onnx)
     stats = load_merged([str(setup.sel.stats)])
@@ -524,9 +524,9 @@ def merge_seeds(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
 
 
 def _variant_help() -> dict[str, str]:
-    from fps_graph.selection.variants import VARIANTS
+    from fps_graph.selection.scores import get_score
 
-    return {k: v.help for k, v in VARIANTS.items()}
+    return {k: get_score(k).help for k in VARIANT_METHODS}
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file
 
+from fps_graph._moved import moved
 from fps_graph.errors import FpsGraphError, DataError, OptionError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fps_graph.data.text import TextOptions
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 ARRAY_EXTS = {".npy", ".npz", ".safetensors"}
@@ -123,7 +123,6 @@ def _open_arrays(path: Path, specs: list[InputSpec]) -> ArrayFile:
             z = np.load(path, allow_pickle=False)
             raw = {k: z[k] for k in z.files}
         else:
-            from safetensors.numpy import load_file
 
             raw = load_file(str(path))
     except FpsGraphError:
@@ -359,48 +358,6 @@ def list_files(root: Path, exts: set[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def open_source(path: str | os.PathLike, specs: list[InputSpec], image_opts: ImageOptions | None = None,
-                text_opts: "TextOptions | None" = None, model_path: str | os.PathLike | None = None) -> Source:
-    """A Source for a data folder or file, checked against the model inputs (text needs the model's path, where
-    its tokenizer lives, or text_opts.tokenizer)."""
-    from fps_graph.data.hf_inputs import takes_token_ids
-    from fps_graph.data.text import TextSource, is_text_path   # text imports this module
-
-    p = Path(path)
-    opts = image_opts or ImageOptions()
-    if not p.exists():
-        raise DataError(f"data path not found: {p}")
-    text = is_text_path(p)
-    if text and p.is_file() and not takes_token_ids(specs):
-        raise DataError(f"{p} is text, but the model takes no token ids (inputs: "
-                            f"{', '.join(f'{s.name} {s.dtype.name} {_fmt_shape(s.shape)}' for s in specs)})")
-    if text and takes_token_ids(specs):   # a folder of .txt notes beside images is not text data for an image model
-        if p.is_dir() and (list_files(p, ARRAY_EXTS) or list_files(p, IMAGE_EXTS)):
-            raise DataError(f"{p}: holds text files beside images or array files; point at one kind")
-        return TextSource(p, specs, model_path, text_opts)
-    if p.is_file():
-        ext = p.suffix.lower()
-        if ext in ARRAY_EXTS:
-            return ArraySource([p], specs)
-        if ext in IMAGE_EXTS:
-            return _image_source([p], specs, opts)
-        raise DataError(f"{p}: not a data file (expected an image, .npy/.npz/.safetensors or .txt/.jsonl)")
-    arrays = list_files(p, ARRAY_EXTS)
-    images = list_files(p, IMAGE_EXTS)
-    if arrays and images:
-        raise DataError(f"{p}: holds both images and array files; point at one kind")
-    if arrays:
-        return ArraySource(arrays, specs)
-    if images:
-        return _image_source(images, specs, opts)
-    if not any(p.iterdir()):
-        raise DataError(f"data folder is empty: {p}")
-    if text:
-        raise DataError(f"no data files (images or .npy/.npz/.safetensors) found in {p}; its .txt/.jsonl files "
-                            "are text, and this model takes no token ids")
-    raise DataError(f"no data files (images, .npy/.npz/.safetensors or .txt/.jsonl) found in {p}")
-
-
 def _image_source(files: list[Path], specs: list[InputSpec], opts: ImageOptions) -> ImageSource:
     if len(specs) != 1:
         raise DataError(f"images can feed only single-input models; this one has inputs {[s.name for s in specs]}"
@@ -449,3 +406,6 @@ class Loader:
         finally:
             feeder.shutdown(wait=False, cancel_futures=True)
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+__getattr__ = moved(__name__, {"open_source": "fps_graph.data.dispatch:open_source"})   # its home until 0.1

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from fps_graph.errors import DataError
-from fps_graph.formats.io import decode_metadata
+from fps_graph.formats.io import decode_metadata, save_safetensors
 
 DELTA_FORMAT = "fps-graph-delta"
 DELTA_VERSION = "1"
@@ -73,8 +75,6 @@ class DeltaFile:
 def write_delta(path: str | os.PathLike, sparse: dict[str, SparseEntry], full: dict[str, FullEntry],
                 tensors: dict[str, dict[str, Any]], head: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Write a delta file to path (a fresh temporary file; the caller renames it); equal inputs, equal bytes."""
-    from fps_graph.formats.io import save_safetensors
-
     out: dict[str, np.ndarray] = {}
     for key in sorted(sparse):
         e = sparse[key]
@@ -97,8 +97,6 @@ def write_delta(path: str | os.PathLike, sparse: dict[str, SparseEntry], full: d
 
 def read_delta(path: str | os.PathLike) -> DeltaFile:
     """Load and check a delta file."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     p = str(path)
     if not os.path.isfile(p):

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import hashlib
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from safetensors.numpy import save
 
 from fps_graph.errors import OptionError
 
@@ -62,10 +65,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     safetensors writes its metadata map in hash order; we re-serialise the JSON header with sorted keys (tensor
     offsets are relative to the data section, so the data bytes are kept as they are).
     """
-    import json
-    import struct
 
-    from safetensors.numpy import save
 
     raw = save(tensors, metadata=metadata)
     (n,) = struct.unpack("<Q", raw[:8])

@@ -15,6 +15,8 @@ import os
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from fps_graph.errors import DataError
 from fps_graph.formats.io import decode_metadata, save_safetensors
@@ -56,7 +58,6 @@ def write_masks(path: str | os.PathLike, indices: dict[str, np.ndarray], tensors
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The header metadata of a masks file, JSON values decoded."""
-    from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise DataError(f"masks file not found: {path}")
@@ -73,7 +74,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_indices(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Sorted int64 flat indices per key, from either layout."""
-    from safetensors.numpy import load_file
 
     meta = read_metadata(path)
     arrays = load_file(str(path))
@@ -89,8 +89,6 @@ def load_indices(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def load_input_scales(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Per key, the float32 input statistic of each selected entry (aligned with the sorted indices); empty for
     masks written without statistics (random, magnitude) or before format version 2."""
-    from safetensors import safe_open
-
     read_metadata(path)
     with safe_open(str(path), framework="numpy") as f:
         return {k[:-len(SCALE_SUFFIX)]: f.get_tensor(k).astype(np.float32) for k in f.keys()
@@ -99,7 +97,6 @@ def load_input_scales(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Dense bool masks (True = selected, trainable) of each key tensor's shape, from either layout."""
-    from safetensors.numpy import load_file
 
     meta = read_metadata(path)
     tensors = meta.get("tensors", {})

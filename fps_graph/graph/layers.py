@@ -8,6 +8,7 @@ kernels [in, out/groups, *k] to [out, in/groups * prod(k)], see ConvTransposeLay
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,7 @@ class ConvTransposeLayer(Layer):
     (of group g) adds x[c, p] * W[c, o, tap] into output channel g * out/group + o for every tap. Its canonical
     [out_features, fan_in] view, in which the input connections of each output neuron are ranked like a Conv's,
     is [out, in/group * prod(kernel)]: row = output channel, columns = (input channel of its group, tap) in
-    row-major order. The per-input statistic is [in, *kernel] (selection.stats.conv_transpose_window_sums)."""
+    row-major order. The per-input statistic is [in, *kernel] (runtime/windows.py: conv_transpose_window_sums)."""
 
     @property
     def group(self) -> int:
@@ -429,7 +430,6 @@ def _scope_of(node: onnx.NodeProto) -> str:
 
 def eval_list(text: str) -> list[str]:
     """Parse a Python-literal list of strings as exporters write them in metadata."""
-    import ast
 
     value = ast.literal_eval(text)
     if not isinstance(value, list):

@@ -200,7 +200,7 @@ def resolve_names(model: OnnxModel, layers: list[Layer],
         if info.how == "onnx-node":
             info.torch = None                           # made from the node's name (graph/recurrent.py)
         if info.key in used and _is_copy(model, weight, used[info.key], info, infos[used[info.key]]):
-            info.how = f"{info.how} (a copy of {used[info.key]})"    # one entry (selection.copies)
+            info.how = f"{info.how} (a copy of {used[info.key]})"    # one entry (graph/plan.py: merge_copies)
             infos[weight] = info
             continue
         if info.key in used:

@@ -6,7 +6,7 @@ can be freed at once and only per-feature sums leave the runtime per batch:
 * features observer (MatMul, Gemm): x -> Cast(float32) -> Reshape[-1, F] -> Abs / x*x -> ReduceSum over rows,
   plus Size(x) for the count;
 * map observer (Conv, ConvTranspose): x -> Cast(float32) -> Abs / x*x -> ReduceSum over the batch axis, plus Shape(x); the
-  exact im2col window sums are then taken on the host (see stats.conv_window_sums, conv_transpose_window_sums).
+  exact window sums are then taken on the host (see runtime/windows.py: conv_window_sums, conv_transpose_window_sums).
 
 ONNX Runtime must run the reducers as soon as their input exists (runtime._options sets the priority-based
 execution order); otherwise every observed activation lives until the end of the pass.

@@ -11,7 +11,7 @@ unselected positions (row-major): they change nothing, so the adapter's outputs 
 bit for bit (trained further with PEFT, the padding would train too). K-per-neuron top-K on a layer with
 ``out`` rows selects ``out * K``; with ``in == out`` (square projections) that is ``r = ceil(K / 2)``.
 Not representable (one-line error each): a delta on a Conv, Embedding or other non-Linear weight; a weight tied
-to another module (a tied LM head/input embedding: exclude ``lm_head`` from the selection); a layer too small
+to another module (a tied LM head/input embedding: exclude its mask key from the selection); a layer too small
 for the common ``r``; a tensor trained in full whose module is also adapted sparsely (a bias: ``--no-train-bias``)
 or that belongs to no submodule. Tensors trained in full go to ``modules_to_save`` (whole modules).
 """
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fps_graph.errors import ModelError, OptionError, RuntimeFailure
+from fps_graph.formats.io import atomic_output
 from fps_graph.training.loop import Callbacks
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,8 +61,10 @@ def shira_plan(handle: Any) -> ShiraPlan:
         owners = handle.owners(key)
         if len(owners) > 1:
             tied = ", ".join(f"{names[id(m)]}.{a}" for m, a in owners)
+            masks = getattr(handle, "masks", None)
+            selected_as = ((masks.info.get(key) or {}).get("mask_key") if masks is not None else None) or key
             raise ModelError(f"SHiRA cannot hold the delta on {key}: it is tied ({tied}) and SHiRA adapts one "
-                                "Linear module at a time; select without it (e.g. --exclude lm_head)")
+                                f"Linear module at a time; select without it (--exclude '{selected_as}')")
         module, attr = owners[0]
         if not isinstance(module, nn.Linear) or attr != "weight":
             raise ModelError(f"SHiRA cannot hold the delta on {key}: it adapts nn.Linear weights only, this is "
@@ -147,8 +150,6 @@ def write_shira(handle: Any, folder: str | os.PathLike, plan: ShiraPlan | None =
     except ImportError as exc:
         raise RuntimeFailure("writing a PEFT adapter needs peft >= 0.16: pip install peft") from exc
     from safetensors.torch import save_file
-
-    from fps_graph.formats.io import atomic_output
 
     plan = plan or shira_plan(handle)
     if getattr(handle, "merged", False):

@@ -4,19 +4,21 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from fps_graph.errors import DataError, OptionError, RuntimeFailure
+from fps_graph.errors import DataError, RuntimeFailure
 from fps_graph.graph.observe import Observer, augment, observer_parts, plan_observers
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.versions import ort_errors
-from fps_graph.runtime.micro import MicroBatcher, check_micro, merge_in_order
+from fps_graph.runtime.config import RuntimeConfig, runtime_of
+from fps_graph.runtime.micro import MicroBatcher, merge_in_order
 from fps_graph.runtime.session import create_session, ort_message
 from fps_graph.runtime.shards import sum_shard
-from fps_graph.selection.stats import Stats, conv_transpose_window_sums, conv_window_sums
+from fps_graph.formats.stats import Stats
+from fps_graph.runtime.windows import conv_transpose_window_sums, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
 
@@ -48,7 +50,7 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
         if batch == 0:   # an If branch not taken: no values (the map is empty)
             for kind in kinds:
                 st.add(layer.node, kind, np.zeros(layer.feature_shape, dtype=np.float64))
-            # ConvTranspose keeps one count per tap (selection.stats): zeros of that shape, so files stay checkable
+            # ConvTranspose keeps one count per tap (formats/stats.py): zeros of that shape, so files stay checkable
             st.add_count(layer.node, np.zeros(layer.feature_shape) if layer.op == "ConvTranspose" else 0)
             continue
         for kind in kinds:
@@ -96,14 +98,12 @@ class BatchStats:
     """
 
     def __init__(self, model: OnnxModel, layers: list[Layer], *, kinds: tuple[str, ...] = ("abs",),
-                 reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
-                 threads: int | None = None, micro_batch: int | None = None, max_memory_mb: float | str | None = None):
-        if reduce not in ("graph", "host"):
-            raise OptionError(f"unknown reduce mode {reduce!r} (use graph or host)")
-        check_micro(micro_batch, max_memory_mb)
+                 runtime: RuntimeConfig | None = None, **loose: Any):
+        runtime = runtime_of(runtime, loose, "BatchStats")   # loose knobs (reduce=...): the deprecated spelling
+        self.runtime = runtime
         self.layers = layers
         self.kinds = tuple(kinds)
-        self.reduce = reduce
+        self.reduce = reduce = runtime.reduce
         self.model_sha256 = model.sha256
         self.observers, of_layer = plan_observers(layers)
         self.users: dict[int, list[Layer]] = {}
@@ -119,14 +119,15 @@ class BatchStats:
             layer.op == "Conv" for layer in self.users[o.index]) for o in self.observers) else ()
         # the observed model is passed without a name, so create_session can free it before ORT loads the file
         self.session = create_session(augment(model.proto, self.observers, mode=reduce, stats=self.kinds),
-                                      provider, base_dir=model.base_dir, external=model.has_external_data(),
-                                      opt_level=opt_level, threads=threads, consume=True,
+                                      runtime.provider, base_dir=model.base_dir,
+                                      external=model.has_external_data(), opt_level=runtime.opt_level,
+                                      threads=runtime.threads, consume=True,
                                       disabled_optimizers=disabled)
         self.provider = self.session.provider
         self.feed_names = [i.name for i in self.session.session.get_inputs()]
         self.out_names = [o.name for o in self.session.session.get_outputs()]
         self.micro = MicroBatcher(model, self.observers, self.kinds, reduce, self.session.session.get_inputs(),
-                                  micro_batch, max_memory_mb)
+                                  runtime.micro_batch, runtime.max_memory_mb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Stats:
         """The float64 sums and counts of one batch (``num_samples`` = its first input's leading size)."""
@@ -167,17 +168,18 @@ def check_finite(partial: Stats, order: list[str], first_sample: int) -> None:
 
 
 def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[str, np.ndarray]], *,
-                  kinds: tuple[str, ...] = ("abs",), reduce: str = "graph", provider: str = "auto",
-                  opt_level: str = "all", threads: int | None = None,
+                  kinds: tuple[str, ...] = ("abs",), runtime: RuntimeConfig | None = None,
                   progress: Progress | None = None, shard_batches: int | None = None,
-                  micro_batch: int | None = None, max_memory_mb: float | str | None = None) -> tuple[Stats, CalibrationInfo]:
+                  **loose: Any) -> tuple[Stats, CalibrationInfo]:
     """Run every batch through the observed graph once and return float64 sums and counts per layer.
+
+    ``runtime`` says how ONNX Runtime runs (``RuntimeConfig``; the loose ``reduce=``, ``provider=``, ... keywords
+    still work for one release, with a DeprecationWarning).
 
     The batches are summed in shards of ``shard_batches`` (None: one shard), each from zero, and the shard sums
     are added in order: the grouping a distributed run uses too, so both give the same bytes (runtime.shards).
     """
-    step = BatchStats(model, layers, kinds=kinds, reduce=reduce, provider=provider, opt_level=opt_level,
-                      threads=threads, micro_batch=micro_batch, max_memory_mb=max_memory_mb)
+    step = BatchStats(model, layers, kinds=kinds, runtime=runtime_of(runtime, loose, "collect_stats"))
     st = Stats(model_sha256=model.sha256, kinds=tuple(kinds))
     start = time.perf_counter()
     feed = iter(batches)

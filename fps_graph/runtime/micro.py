@@ -21,7 +21,7 @@ from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.observe import Observer, augment
 from fps_graph.runtime.memory import (AUTO, ActivationEstimate, Footprint, _tensor_bytes, auto_cap,
                                      check_max_memory, even_slices, micro_batch_for, skeleton, within_plain)
-from fps_graph.selection.stats import Stats
+from fps_graph.formats.stats import Stats
 
 
 def check_micro(micro_batch: int | None, max_memory_mb: float | str | None) -> None:

@@ -20,40 +20,43 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import resource
 import socket
-import sys
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from fps_graph.errors import FpsGraphError, DataError, OptionError, RuntimeFailure
 
-try:
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-except ImportError as _exc:   # the optional extra
-    raise RuntimeFailure("Ray is not installed: pip install 'fps-graph[ray]'") from _exc
-
 from fps_graph.data.sources import Source
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel, load_model
 from fps_graph.graph.observe import plan_observers
+from fps_graph.runtime.memory import peak_rss_mb
 from fps_graph.runtime.calibrate import BatchStats, CalibrationInfo, Progress, check_finite
+from fps_graph.runtime.config import RuntimeConfig
 from fps_graph.runtime.shards import (JOB_FORMAT, JOB_VERSION, ClusterOptions, Shard, Workdir, order_digest,
                                       plan_shards, prefetched, sum_shard)
-from fps_graph.selection.stats import Stats
+from fps_graph.formats.stats import Stats
 
-__all__ = ["collect_stats_ray", "ShardWorker"]
+__all__ = ["collect_stats_ray", "ShardWorker", "require_ray"]
+
+if TYPE_CHECKING:
+    from ray.exceptions import RayError
 
 _POLL_S = 0.2
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+def require_ray() -> ModuleType:
+    """The ray module; a one-line RuntimeFailure where the optional extra is missing. Ray is imported here, by the
+    functions that use it, never at module level: it takes a second to import and most runs do not need it."""
+    try:
+        import ray
+    except ImportError as exc:   # the optional extra
+        raise RuntimeFailure("Ray is not installed: pip install 'fps-graph[ray]'") from exc
+    return ray
 
 
 class ShardWorker:
@@ -64,8 +67,8 @@ class ShardWorker:
     """
 
     def __init__(self, model_path: str, model_sha256: str, layers: list[Layer], open_data: Callable[[], Source],
-                 static: dict[str, np.ndarray], cwd: str, step_args: dict[str, Any], board: str,
-                 read_threads: int):
+                 static: dict[str, np.ndarray], cwd: str, kinds: tuple[str, ...], runtime: RuntimeConfig,
+                 board: str, read_threads: int):
         self.error: str | None = None
         self.error_type: type[FpsGraphError] = RuntimeFailure
         self.board = board           # the progress actor's name (a handle among the arguments defeats restarts)
@@ -81,7 +84,7 @@ class ShardWorker:
             if model.sha256 != model_sha256:
                 raise RuntimeFailure(f"{model_path} differs from the driver's copy (sha256); the model must be on "
                                     "storage every node sees under the same path")
-            self.step = BatchStats(model, layers, **step_args)
+            self.step = BatchStats(model, layers, kinds=kinds, runtime=runtime)
             del model
             self.source = open_data()
         except FpsGraphError as exc:   # reported by ready(), with its kind (DataError, ModelError, ...)
@@ -98,7 +101,7 @@ class ShardWorker:
             raise RuntimeFailure(self.error or "worker not started")
         step = self.step
         if self._progress is None:
-            self._progress = ray.get_actor(self.board)
+            self._progress = require_ray().get_actor(self.board)
         self._progress.started.remote(shard.id)
         counted: list[int] = []          # samples of each batch done so far
 
@@ -114,7 +117,7 @@ class ShardWorker:
     def finish(self) -> dict[str, Any]:
         """What the worker measured: peak resident memory (MB), largest micro-batch (0: batches ran whole)."""
         micro = getattr(self.step, "micro", None)
-        return {"peak_rss_mb": _peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
+        return {"peak_rss_mb": peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
 
 
 class ProgressBoard:
@@ -139,6 +142,7 @@ class ProgressBoard:
 
 def _connect(address: str | None) -> bool:
     """Join or start Ray; True when this call started it (and so must stop it)."""
+    ray = require_ray()
     if ray.is_initialized():
         return False
     try:
@@ -166,6 +170,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
     """(workers, CPUs per worker, GPUs per worker) from the cluster's resources."""
+    ray = require_ray()
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1.0)), int(res.get("GPU", 0))
     use_gpu = gpus >= 1 and provider != "cpu"
@@ -181,6 +186,8 @@ def _placement(workers: int | None, provider: str) -> tuple[int, float, int]:
 
 def _shard_error(exc: RayError, shard: Shard, cluster: ClusterOptions, workdir: Workdir | None) -> FpsGraphError:
     """One line for a shard that failed: the worker's own message for bad data, else what Ray reported."""
+    from ray.exceptions import RayActorError, RayTaskError
+
     if isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), FpsGraphError):
         return type(exc.cause)(str(exc.cause))   # the worker's own kind: DataError, ModelError, ...
     where = f"shard {shard.id} (samples {shard.start}..{shard.start + shard.samples - 1})"
@@ -198,9 +205,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
                       batches: list[np.ndarray], *, cluster: ClusterOptions, shard_batches: int,
                       static: dict[str, np.ndarray] | None = None, data_key: dict[str, Any] | None = None,
                       kinds: tuple[str, ...] = ("abs",),
-                      reduce: str = "graph", provider: str = "auto", opt_level: str = "all",
-                      threads: int | None = None, micro_batch: int | None = None,
-                      max_memory_mb: float | str | None = None, label: str = "calibration",
+                      runtime: RuntimeConfig = RuntimeConfig(), label: str = "calibration",
                       progress: Progress | None = None) -> tuple[Stats, CalibrationInfo]:
     """Sum the statistics of ``batches`` over Ray workers; the same sums as ``collect_stats`` with the same shards.
 
@@ -213,8 +218,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         shard_batches: batches per shard (``shards.shard_batches``; the local loop must use the same).
         static: inputs fed whole with every batch (``data.static``).
         data_key: what identifies the data (path, preparation), recorded in the work folder's job file.
-        kinds, reduce, provider, opt_level, threads, micro_batch, max_memory_mb: as for ``collect_stats``; threads
-            defaults to the worker's share of CPUs.
+        kinds, runtime: as for ``collect_stats``; the config travels whole to every worker, its threads
+            defaulting to the worker's share of CPUs.
         label: job name inside the work folder ("calibration", "anchor").
         progress: called with the number of samples finished since the last call, summed over workers.
 
@@ -222,44 +227,54 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         The statistics and a ``CalibrationInfo`` whose ``cluster`` holds the run's report (workers, shards
         resumed and run again, start-up seconds, peak memory per worker).
     """
+    ray = require_ray()
+    from ray.exceptions import RayError
+
     shards = plan_shards(batches, shard_batches)
     static = dict(static or {})
     total_samples = sum(s.samples for s in shards)
     job = {"format": JOB_FORMAT, "version": JOB_VERSION, "model_sha256": model.sha256, "model": model.path.name,
-           "layers": [layer.node for layer in layers], "kinds": list(kinds), "reduce": reduce, "provider": provider,
-           "opt_level": opt_level, "micro_batch": micro_batch, "max_memory_mb": max_memory_mb,
+           "layers": [layer.node for layer in layers], "kinds": list(kinds), "reduce": runtime.reduce,
+           "provider": runtime.provider, "opt_level": runtime.opt_level, "micro_batch": runtime.micro_batch,
+           "max_memory_mb": runtime.max_memory_mb,
            "shards": len(shards), "samples": total_samples, "batches_sha256": order_digest(shards),
            "data": data_key or {}, "static_sha256": _digest(static)}
     workdir = Workdir(cluster.workdir, label, job, shards, cluster.resume) if cluster.workdir else None
     saved = workdir.open() if workdir else set()
     todo = [s for s in shards if s.id not in saved]
     t0 = time.perf_counter()
-    started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    try:
+        started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    except BaseException:
+        if workdir is not None:
+            workdir.close(discard=True)      # nothing ran: leave no job file or lock behind
+        raise
     connect_s = time.perf_counter() - t0
+    failed = True
     actors: list[Any] = []
     board = None
     infos: list[dict[str, Any]] = []
     n, cpu_share, gpu = 0, 0.0, 0
     try:
         if todo:
-            n, cpu_share, gpu = _placement(cluster.workers, provider)
+            n, cpu_share, gpu = _placement(cluster.workers, runtime.provider)
             n = max(1, min(n, len(todo)))
             board_name = f"fps-graph-progress-{uuid.uuid4().hex}"
             board = ray.remote(num_cpus=0)(ProgressBoard).options(name=board_name).remote()
             worker_cls = ray.remote(ShardWorker).options(num_cpus=cpu_share, num_gpus=gpu,
                                                          max_restarts=cluster.max_restarts,
                                                          max_task_retries=cluster.max_task_retries)
-            step_args = {"kinds": tuple(kinds), "reduce": reduce, "provider": provider, "opt_level": opt_level,
-                         "threads": threads or max(1, int(cpu_share)), "micro_batch": micro_batch,
-                         "max_memory_mb": max_memory_mb}
+            worker_runtime = runtime.replace(threads=runtime.threads or max(1, int(cpu_share)))
             actors = [worker_cls.remote(str(model.path.resolve()), model.sha256, layers, open_data, static,
-                                        os.getcwd(), step_args, board_name, max(1, int(cpu_share)))
+                                        os.getcwd(), tuple(kinds), worker_runtime, board_name,
+                                        max(1, int(cpu_share)))
                       for _ in range(n)]
             infos = _wait_ready(actors, cluster, cpu_share, gpu)
         startup = time.perf_counter() - t0
         stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
                                                    kinds, cluster, total_samples, progress)
         finished = [ray.get(a.finish.remote(), timeout=30) for a in actors]
+        failed = False
     finally:
         for a in actors + ([board] if board is not None else []):
             try:
@@ -269,8 +284,8 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         if started:
             ray.shutdown()
         if workdir is not None:
-            workdir.close()
-    providers = sorted({i["provider"] for i in infos}) or [provider]
+            workdir.close(discard=failed)     # a run that saved shards keeps them (resume); else nothing stays
+    providers = sorted({i["provider"] for i in infos}) or [runtime.provider]
     report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
               "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,
               "completion_order": order, "startup_seconds": startup, "ray_init_seconds": connect_s,
@@ -283,6 +298,9 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
 
 def _wait_ready(actors: list[Any], cluster: ClusterOptions, cpu_share: float, gpu: int) -> list[dict[str, Any]]:
     """Wait until every worker holds its session; refuse a worker that could not start."""
+    ray = require_ray()
+    from ray.exceptions import RayError
+
     refs = [a.ready.remote() for a in actors]
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=cluster.start_timeout)
     if len(done) < len(refs):
@@ -305,6 +323,9 @@ def _run_shards(actors: list[Any], board: Any, shards: list[Shard], todo: list[S
                 cluster: ClusterOptions, total_samples: int, progress: Progress | None
                 ) -> tuple[Stats, list[int], list[int], float]:
     """Hand shards to idle workers, save and add each result in shard order; (stats, finish order, re-run, s)."""
+    ray = require_ray()
+    from ray.exceptions import GetTimeoutError, RayError
+
     t0 = time.perf_counter()
     queue = list(todo)
     pending: dict[Any, tuple[Shard, Any]] = {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
 from fps_graph.errors import ModelError, OptionError, RuntimeFailure
 from fps_graph.graph.versions import ort_errors
@@ -173,7 +174,6 @@ def _try_cuda(source: str | bytes, so, disabled_optimizers: tuple[str, ...] = ()
 @functools.lru_cache(maxsize=None)
 def cuda_usable() -> bool:
     """True when a CUDA session can really be created (a one-node probe model; asked once per process)."""
-    from onnx import helper
 
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                           [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from fps_graph.errors import OptionError
-from fps_graph.selection.ranking import ScoreFn, _keys, network_threshold, topn_flat
+from fps_graph.selection.radix import ScoreFn, _keys, network_threshold, topn_flat
 
 __all__ = ["floor_counts", "select_network_floor"]
 

@@ -1,63 +1,55 @@
 """The `select` job end to end: model -> layers -> statistics -> scores -> masks (and the `inspect` view)."""
 from __future__ import annotations
 
-import fnmatch
 import functools
-import resource
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
+from fps_graph.runtime.config import RuntimeConfig
+from fps_graph.runtime.ray import collect_stats_ray   # imports Ray itself only when called
+from fps_graph.runtime.memory import peak_rss_mb
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
 from fps_graph.data.static import WithStatic, load_static, with_static_hint
-from fps_graph.data.sources import ImageOptions, InputSpec, Loader, open_source
+from fps_graph.data.dispatch import open_source
+from fps_graph.data.sources import ImageOptions, InputSpec, Loader
 from fps_graph.data.text import TextOptions, TextSource, resolve_model_path
 from fps_graph.errors import FpsGraphError, DataError, ModelError, OptionError
 from fps_graph.formats.io import atomic_output
-from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest, primary_storage
-from fps_graph.graph.layers import Layer, Skipped, find_layers
+from fps_graph.graph.inventory import name_the_rest, primary_storage
+from fps_graph.graph.layers import Layer, Skipped
 from fps_graph.formats.masks import write_masks
-from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape, load_model
-from fps_graph.graph.names import NameInfo, resolve_names
+from fps_graph.graph.model import OnnxModel, data_inputs, input_dtype, input_shape
+from fps_graph.graph.plan import Plan, make_plan
 from fps_graph.graph.recurrent import zero_state_notes
 from fps_graph.graph.walk import branch_conditions
 from fps_graph.selection.positions import canonical_to_stored, stored_to_key
 from fps_graph.selection.step_scale import entry_scales
-from fps_graph.selection.copies import merge_copies
-from fps_graph.selection.scores import (SCORES, STATS, WeightGroup, WeightScores, default_stat, group_by_weight,
-                                       input_statistic)
+from fps_graph.selection.scores import STATS, WeightScores, default_stat, get_score, input_statistic
 from fps_graph.selection.ranking import Budget, select
-from fps_graph.selection.stats import Stats, load_merged
-from fps_graph.selection.variants import VARIANTS, needs_anchor, select_cover
+from fps_graph.selection.reach import split_unreached
+from fps_graph.formats.stats import Stats, load_merged
+from fps_graph.selection.variants import select_cover
 
 ProgressFactory = Callable[[int, str], Progress]   # (total samples, label) -> per-batch callback
 
 
-@dataclass
-class Plan:
-    """A loaded model, its scored layers grouped by weight, names, and what was skipped."""
-
-    model: OnnxModel
-    layers: list[Layer]
-    groups: list[WeightGroup]
-    names: dict[str, NameInfo]
-    skipped: list[Skipped]
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)   # label -> Source.record() of the data read
-
-    def inventory(self) -> Inventory:
-        """The share of the model's weight values scored now, and what is not (graph/inventory.py)."""
-        return inventory(self.model, self.layers, self.skipped)
-
+_RUNTIME_SHORTHANDS = ("reduce", "provider", "opt_level", "threads", "max_memory_mb", "micro_batch")
 
 @dataclass
 class SelectOptions:
-    """Every knob of `fps-graph select` (see the CLI help for each)."""
+    """Every knob of `fps-graph select` (see the CLI help for each).
+
+    How ONNX Runtime runs is one ``RuntimeConfig`` (``runtime``), handed whole to calibration and to Ray workers;
+    ``reduce=``, ``provider=``, ``opt_level=``, ``threads=``, ``max_memory_mb=`` and ``micro_batch=`` are
+    shorthands that build it (not together with ``runtime=``).
+    """
 
     score: str = "fps"
     stat: str | None = None
@@ -68,13 +60,6 @@ class SelectOptions:
     exclude: Sequence[str] = ()
     seed: int = 0
     eps: float = 1e-6
-    reduce: str = "graph"
-    provider: str = "auto"
-    opt_level: str = "all"
-    threads: int | None = None
-    max_memory_mb: float | str | None = None   # MB or "auto": micro-batches within this budget (runtime.memory);
-                                               # None: never above plain inference of the same batch
-    micro_batch: int | None = None       # or in micro-batches of this many samples (library only)
     batch_size: int = 32
     max_samples: int | None = None
     shuffle: bool = False
@@ -88,6 +73,24 @@ class SelectOptions:
     shard_size: int = DEFAULT_SHARD_SIZE   # samples per shard: --ray's unit of work and of the exact float64 sum
     cluster: ClusterOptions | None = None  # calibrate on Ray workers (runtime.ray) instead of in this process
     min_per_layer: int = 0          # network budget: every scored tensor keeps at least this many (selection/floor.py)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)   # how ONNX Runtime runs (runtime/config.py)
+    reduce: InitVar[str | None] = None          # shorthands for runtime=RuntimeConfig(...)
+    provider: InitVar[str | None] = None
+    opt_level: InitVar[str | None] = None
+    threads: InitVar[int | None] = None
+    max_memory_mb: InitVar[float | str | None] = None
+    micro_batch: InitVar[int | None] = None
+
+    def __post_init__(self, *shorthands: Any) -> None:
+        given = {name: v for name, v in zip(_RUNTIME_SHORTHANDS, shorthands) if v is not None}
+        if given:
+            if self.runtime != RuntimeConfig():
+                raise OptionError(f"give runtime=RuntimeConfig(...) or {', '.join(given)}, not both")
+            self.runtime = RuntimeConfig(**given)
+
+
+for _name in _RUNTIME_SHORTHANDS:   # InitVar defaults would stay as class attributes; read opts.runtime instead
+    delattr(SelectOptions, _name)
 
 
 @dataclass
@@ -111,7 +114,6 @@ def spec_list(model: OnnxModel) -> list[InputSpec]:
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A safetensors state dict as NumPy arrays."""
-    from safetensors.numpy import load_file
 
     if not Path(path).is_file():
         raise DataError(f"state dict file not found: {path}")
@@ -119,30 +121,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         return load_file(path)
     except Exception as exc:
         raise DataError(f"cannot read state dict {path}: {exc}") from exc
-
-
-def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
-
-
-def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-              state_dict: dict[str, np.ndarray] | None = None) -> Plan:
-    """Load a model and find, filter and name its scored layers."""
-    model = load_model(model_path)
-    layers, skipped = find_layers(model)
-    names = resolve_names(model, layers, state_dict)
-    kept = []
-    for layer in layers:
-        ids = [names[layer.weight].key, layer.weight, layer.node]
-        if include and not _matches(include, ids):
-            skipped.append(layer_record(model, layer, "not matched by --include"))
-        elif exclude and _matches(exclude, ids):
-            skipped.append(layer_record(model, layer, "matched by --exclude"))
-        else:
-            kept.append(layer)
-    skipped.extend(name_the_rest(model, kept, skipped))     # every weight-like constant is scored or named
-    groups = merge_copies(group_by_weight(kept), names)    # a weight stored once per If branch: one entry
-    return Plan(model, kept, groups, {layer.weight: names[layer.weight] for layer in kept}, skipped)
 
 
 def describe(plan: Plan, run: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -260,19 +238,14 @@ def calibrate(plan: Plan, data: str, opts: SelectOptions, kinds: tuple[str, ...]
     cb = progress(len(loader), label) if progress else None
     per_shard = shard_batches(batch_size, opts.shard_size)
     if opts.cluster is not None:
-        from fps_graph.runtime.ray import collect_stats_ray   # the optional extra: without Ray, a one-line error
-
         return collect_stats_ray(plan.model, plan.layers, open_data, batch_groups(source, loader.order(), batch_size),
                                  static=static, shard_batches=per_shard, cluster=opts.cluster, label=label,
                                  data_key={"path": str(Path(data).resolve()), "record": plan.data[label]},
-                                 kinds=kinds, reduce=opts.reduce, provider=opts.provider, opt_level=opts.opt_level,
-                                 threads=opts.threads, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb,
-                                 progress=cb)
+                                 kinds=kinds, runtime=opts.runtime, progress=cb)
     batches = WithStatic(loader, static) if static else loader
     try:
-        return collect_stats(plan.model, plan.layers, batches, kinds=kinds, reduce=opts.reduce,
-                             provider=opts.provider, opt_level=opts.opt_level, threads=opts.threads, progress=cb,
-                             shard_batches=per_shard, micro_batch=opts.micro_batch, max_memory_mb=opts.max_memory_mb)
+        return collect_stats(plan.model, plan.layers, batches, kinds=kinds, runtime=opts.runtime, progress=cb,
+                             shard_batches=per_shard)
     except FpsGraphError as exc:
         if static and str(exc).startswith("ONNX Runtime failed"):
             raise with_static_hint(exc, static, batch_size) from exc
@@ -287,15 +260,14 @@ def _check_stats_file(st: Stats, plan: Plan, source: str) -> None:
 
 def _check_options(opts: SelectOptions) -> str | None:
     """Refuse contradictory options early; return the activation statistic the score uses."""
-    if opts.score not in SCORES:
-        raise OptionError(f"unknown --score {opts.score!r} (use {', '.join(SCORES)})")
+    score = get_score(opts.score)            # unknown: an OptionError listing the registered scores
     if opts.stat is not None and opts.stat not in STATS:
         raise OptionError(f"unknown --stat {opts.stat!r} (use {', '.join(STATS)})")
-    if opts.score == "wanda" and opts.stat not in (None, "l2"):
-        raise OptionError("--score wanda uses the l2 statistic; drop --stat or use --score fps")
-    if needs_anchor(opts.score) and not (opts.anchor or opts.anchor_stats_in):
-        raise OptionError(f"--score {opts.score} needs --anchor DATA (or --anchor-stats FILE)")
-    return opts.stat or default_stat(opts.score)
+    if score.own_stat and opts.stat not in (None, score.stat):
+        raise OptionError(f"--score {score.name} uses the {score.stat} statistic; drop --stat or use --score fps")
+    if score.anchor and not (opts.anchor or opts.anchor_stats_in):
+        raise OptionError(f"--score {score.name} needs --anchor DATA (or --anchor-stats FILE)")
+    return opts.stat or score.stat
 
 
 def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str | None, stats_out: bool,
@@ -309,11 +281,13 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
         raise OptionError(f"DATA ({data}) and --stats-in both given: the statistics would come from --stats-in "
                             "alone and DATA would be ignored; to merge several files repeat the flag (--stats-in A "
                             "--stats-in B), to collect new statistics drop --stats-in")
-    if opts.score == "gd-fps" and opts.anchor and opts.anchor_stats_in:
+    if get_score(opts.score).anchor and opts.anchor and opts.anchor_stats_in:
         raise OptionError("--anchor and --anchor-stats both given: use one (--anchor would be ignored)")
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
+        if stats.data:            # the data record of the run that collected them (train follows it)
+            plan.data["calibration"] = dict(stats.data)
         need = {"mean-abs": "abs", "l2": "sq"}.get(stat or "")
         if need and need not in stats.kinds:
             raise DataError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
@@ -321,8 +295,9 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
         if data is None:
             raise OptionError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
+        stats.data = dict(plan.data.get("calibration", {}))     # kept in a --stats-out file (--stats-in reads it)
     anchor: Stats | None = None
-    if needs_anchor(opts.score):
+    if get_score(opts.score).anchor:
         if opts.anchor_stats_in:
             anchor = load_merged(list(opts.anchor_stats_in))
             _check_stats_file(anchor, plan, ", ".join(opts.anchor_stats_in))
@@ -380,14 +355,11 @@ def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str
         # how the data was prepared (Source.record(): kind, inputs, size, mean, std, ...); `train` follows it
         "data": plan.data.get("calibration", {"kind": "none"}),
         "options": {"seed": opts.seed, "eps": opts.eps, "include": list(opts.include),
-                    "exclude": list(opts.exclude), "reduce": opts.reduce, "batch_size": opts.batch_size,
+                    "exclude": list(opts.exclude), "reduce": opts.runtime.reduce, "batch_size": opts.batch_size,
                     "max_samples": opts.max_samples, "shuffle": opts.shuffle},
     }
 
 
-def peak_rss_mb() -> float:
-    """High-water resident memory of this process, in MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
 UNREACHED_NAMED = 20    # weights named in the warning; the masks header's skipped list holds them all
@@ -395,8 +367,6 @@ UNREACHED_NAMED = 20    # weights named in the warning; the masks header's skipp
 
 def _drop_unreached(plan: Plan, stats: Stats, warnings: list[str]) -> None:
     """Take weights no calibration data reached out of the plan, listed as skipped (selection.reach)."""
-    from fps_graph.selection.reach import split_unreached
-
     kept, dropped = split_unreached(plan.model, plan.groups, stats)
     if not dropped:
         return
@@ -427,7 +397,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                             + (f"; skipped {reasons}" if reasons else ""))
     warnings: list[str] = [n for g in plan.groups for n in plan.names[g.weight].notes]
     stats, calib, anchor = _gather_stats(plan, data, opts, stat, stats_out, progress, warnings)
-    if stats is not None and opts.score not in ("magnitude", "random"):   # If branches the data never took
+    score = get_score(opts.score)
+    if stats is not None and score.needs_stats:   # If branches the data never took
         _drop_unreached(plan, stats, warnings)
         warnings.extend(zero_state_notes(plan.layers, stats, {w: n.key for w, n in plan.names.items()}))
     groups = plan.groups
@@ -435,7 +406,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
     def scorer(i: int) -> WeightScores:
         return WeightScores(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
 
-    chooser = select_cover if opts.score in VARIANTS and VARIANTS[opts.score].cover else \
+    chooser = select_cover if score.cover else \
         functools.partial(select, min_per_layer=opts.min_per_layer, row_argmax=lambda i: scorer(i).argmax_rows())
     if opts.min_per_layer and chooser is select_cover:
         raise OptionError(f"--min-per-layer does not apply to --score {opts.score}")
@@ -445,7 +416,7 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
                                      names=[plan.names[g.weight].key for g in groups],
                                      row_blocks=lambda i: scorer(i).blocks())
     # the input statistic of each selected entry: training's per-entry step sizes (selection/step_scale.py)
-    with_scales = stats is not None and stat is not None and opts.score not in ("magnitude", "random")
+    with_scales = stats is not None and stat is not None and score.needs_stats
     indices, tensors, scales = _to_keys(plan, chosen, stats if with_scales else None, stat)
     inv = plan.inventory()
     if inv.warning():

@@ -13,10 +13,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from fps_graph.errors import DataError, OptionError
+from fps_graph.errors import OptionError
+from fps_graph.selection.floor import select_network_floor
+from fps_graph.selection.radix import ScoreFn, select_network, topn_flat
 
 GRANULARITIES = ("neuron", "layer", "network")
-ScoreFn = Callable[[int], np.ndarray]   # weight position -> float64 [out, fan_in] scores
 RowBlocksFn = Callable[[int], Iterable[tuple[int, np.ndarray]]]   # weight position -> (first row, scores) blocks
 
 
@@ -99,14 +100,6 @@ def topk_rows(score: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     return np.flatnonzero(take)
 
 
-def topn_flat(score: np.ndarray, n: int) -> np.ndarray:
-    """Sorted flat canonical positions of the n best entries of a whole weight."""
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-score.reshape(-1), kind="stable")
-    return np.sort(order[:n])
-
-
 def apportion(total: int, sizes: Sequence[int]) -> list[int]:
     """Split total over parts in proportion to their sizes (largest remainder, ties to the earlier part)."""
     sizes = np.asarray(sizes, dtype=np.float64)
@@ -123,54 +116,6 @@ def per_row_counts(count: int, rows: int) -> np.ndarray:
     ks = np.full(rows, count // rows, dtype=np.int64)
     ks[: count % rows] += 1
     return ks
-
-
-def _keys(score: np.ndarray) -> np.ndarray:
-    """uint64 keys that sort like the float64 scores (all scores are >= 0; -0.0 folded onto 0.0)."""
-    s = np.ascontiguousarray(score, dtype=np.float64).reshape(-1) + 0.0
-    if np.any(s < 0) or np.any(np.isnan(s)):
-        raise DataError("scores must be finite and non-negative")
-    return s.view(np.uint64)
-
-
-def network_threshold(n_weights: int, score_fn: ScoreFn, budget: int) -> tuple[np.uint64, int]:
-    """The key of the budget-th best score over all weights, and how many keys equal to it are to be taken.
-
-    Radix select on 16-bit digits, most significant first: each pass histograms only the keys that share the
-    prefix found so far, so memory is that of one weight's scores.
-    """
-    prefix = np.uint64(0)
-    need = budget
-    for shift in (48, 32, 16, 0):
-        hist = np.zeros(1 << 16, dtype=np.int64)
-        high_mask = np.uint64(((1 << 64) - 1) ^ ((1 << (shift + 16)) - 1)) if shift < 48 else np.uint64(0)
-        for i in range(n_weights):
-            keys = _keys(score_fn(i))
-            if shift < 48:
-                keys = keys[(keys & high_mask) == prefix]
-            digits = ((keys >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
-            hist += np.bincount(digits, minlength=1 << 16)
-        above = np.cumsum(hist[::-1])          # above[j] = number of keys with digit >= 65535 - j
-        j = int(np.searchsorted(above, need))  # first digit (from the top) where the count reaches need
-        digit = (1 << 16) - 1 - j
-        more = int(above[j - 1]) if j > 0 else 0
-        need -= more
-        prefix = prefix | (np.uint64(digit) << np.uint64(shift))
-    return prefix, need
-
-
-def select_network(n_weights: int, score_fn: ScoreFn, budget: int) -> list[np.ndarray]:
-    """Sorted flat canonical positions per weight of the global top-budget scores."""
-    thr, ties = network_threshold(n_weights, score_fn, budget)
-    out = []
-    for i in range(n_weights):
-        keys = _keys(score_fn(i))
-        above = np.flatnonzero(keys > thr)
-        equal = np.flatnonzero(keys == thr)
-        take = equal[:ties]
-        ties -= len(take)
-        out.append(np.sort(np.concatenate([above, take])).astype(np.int64))
-    return out
 
 
 def topk_blocks(blocks: Iterable[tuple[int, np.ndarray]], cols: int, k: int | np.ndarray) -> np.ndarray:
@@ -224,7 +169,6 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
     total = budget.resolve(int(sum(sizes)))
     if granularity == "network":
         if min_per_layer:   # every weight keeps its own best min_per_layer entries (selection/floor.py)
-            from fps_graph.selection.floor import select_network_floor
 
             return select_network_floor(n_weights, sizes, score_fn, total, min_per_layer), warnings
         return select_network(n_weights, score_fn, total), warnings

@@ -10,8 +10,8 @@ from fps_graph.graph.inventory import layer_record
 from fps_graph.graph.layers import Skipped
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.walk import branch_conditions
-from fps_graph.selection.scores import WeightGroup
-from fps_graph.selection.stats import Stats
+from fps_graph.graph.plan import WeightGroup
+from fps_graph.formats.stats import Stats
 
 
 def split_unreached(model: OnnxModel, groups: list[WeightGroup], stats: Stats

@@ -10,6 +10,7 @@ for bit.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fps_graph import __version__
+from fps_graph._version import __version__
 from fps_graph.errors import DataError, OptionError, RuntimeFailure
 from fps_graph.training.adapters import Adapter, Attached
 from fps_graph.training.config import DataConfig, OptimConfig, RunConfig, settings
@@ -121,8 +122,6 @@ def resolve_device(name: str) -> str:
 def deterministic(mode: bool, warn_only: bool = False) -> None:
     """torch.use_deterministic_algorithms without its import of the compiler stack: in torch 2.13 it imports
     torch._inductor only to set a flag for compiled code (3-6 s on 2 busy cores; nothing here is compiled)."""
-    import sys
-
     setter = getattr(torch._C, "_set_deterministic_algorithms", None)
     if setter is None or "torch._inductor" in sys.modules:   # inductor loaded: keep its flag in step, at no cost
         torch.use_deterministic_algorithms(mode, warn_only=warn_only)

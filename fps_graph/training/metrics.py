@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +47,6 @@ class PeakMemory:
         peak = _status_mb("VmHWM")
         if peak is None:
             import resource
-            import sys
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
         out = {"peak_rss_mb": round(peak, 1), "rss_before_mb": round(self.before_mb or 0.0, 1),
@@ -77,8 +78,6 @@ class StepTimer:
         self.seconds: list[float] = []
 
     def now(self) -> float:
-        import time
-
         if self.cuda:
             import torch
 

@@ -1,0 +1,136 @@
+"""Exact window sums for Conv and ConvTranspose: each kernel tap's input summed over the positions it meets.
+
+The graph reduces a Conv input over the batch only (graph/observe.py: a [C, *spatial] map); the window sums
+that FPS needs per kernel tap are then taken here on the host, exactly (zero padding, stride, dilation, auto_pad).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from fps_graph.errors import DataError
+
+__all__ = ["conv_pads", "conv_window_sums", "conv_transpose_crop", "conv_transpose_window_sums"]
+
+
+def conv_pads(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(begin, end) zero padding per spatial axis, auto_pad resolved against the actual input size."""
+    auto = conv.get("auto_pad", "NOTSET")
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    n = len(spatial)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(n):
+            out = -(-spatial[i] // s[i])
+            total = max((out - 1) * s[i] + (k[i] - 1) * d[i] + 1 - spatial[i], 0)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return pads
+    if auto == "VALID":
+        return [(0, 0)] * n
+    p = conv["pads"]
+    return [(int(p[i]), int(p[i + n])) for i in range(n)]
+
+
+def conv_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, int]:
+    """Sum over output positions of each kernel tap's input, from the batch-summed map [C, *spatial].
+
+    Returns ([C, *kernel] sums, number of output positions). This equals summing torch.nn.functional.unfold's
+    columns over positions (zero padding included, stride and dilation respected). The positions a tap reads form
+    a grid, one strided range per axis (padding reads zeros and is left out), so the sum is taken one axis at a
+    time: kernel[0] / stride[0] passes over the map instead of one per tap (a batch of one image of a conv net
+    spent more time here than in ONNX Runtime; bench/README.md).
+    """
+    spatial = summed.shape[1:]
+    pads = conv_pads(conv, spatial)
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    outs = []
+    for i, size in enumerate(spatial):
+        o = (size + pads[i][0] + pads[i][1] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        if o <= 0:
+            raise DataError(f"conv input of spatial size {tuple(spatial)} is smaller than its kernel {tuple(k)}")
+        outs.append(o)
+    acc = summed
+    for i, size in enumerate(spatial):
+        axis = i + 1
+        taps = []
+        for t in range(k[i]):
+            first = t * d[i] - pads[i][0]                    # input index of output position 0 for this tap
+            lo = max(0, -(-(-first) // s[i])) if first < 0 else 0   # first output position inside the input
+            hi = min(outs[i] - 1, (size - 1 - first) // s[i])       # last one
+            sl = [slice(None)] * acc.ndim
+            if hi < lo:
+                shape = list(acc.shape)
+                shape[axis] = 1
+                taps.append(np.zeros(shape, dtype=np.float64))
+                continue
+            sl[axis] = slice(first + lo * s[i], first + hi * s[i] + 1, s[i])
+            taps.append(acc[tuple(sl)].sum(axis=axis, keepdims=True, dtype=np.float64))
+        acc = np.concatenate(taps, axis=axis)
+    return acc, int(np.prod(outs))
+
+
+def conv_transpose_crop(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first kept position, kept size) of a ConvTranspose output per spatial axis, in the coordinates of the full
+    output ``q = p * stride + tap * dilation`` (p an input position), as ONNX Runtime computes them: ``output_shape``
+    when given (explicit pads are then ignored), else ``auto_pad`` SAME_* (output = input * stride), VALID, or the
+    explicit ``pads``. A computed total pad is split as the ONNX spec says (ONNX Runtime 1.31 agrees; older releases
+    swapped the two): SAME_UPPER puts the odd one at the end, anything else at the beginning."""
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    adj = conv.get("output_padding") or [0] * len(spatial)
+    auto = conv.get("auto_pad", "NOTSET")
+    shape = list(conv.get("output_shape") or [])
+    n = len(spatial)
+    out = []
+    for i, size in enumerate(spatial):
+        full = (size - 1) * s[i] + adj[i] + (k[i] - 1) * d[i] + 1
+        if shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+            target = (shape[i] if len(shape) == n else shape[i + 2]) if shape else size * s[i]
+            total = max(0, full - target)
+            head = total // 2 if auto == "SAME_UPPER" else total - total // 2
+            size_out = target if shape else full - total
+        elif auto == "VALID":
+            head, size_out = 0, full
+        else:
+            head, tail = int(conv["pads"][i]), int(conv["pads"][i + n])
+            size_out = full - head - tail
+        if size_out <= 0:
+            raise DataError(f"ConvTranspose input of spatial size {tuple(spatial)} gives an empty output")
+        out.append((head, size_out))
+    return out
+
+
+def conv_transpose_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, np.ndarray]:
+    """ConvTranspose: for every (input channel, kernel tap), the sum of the batch-summed map over the input
+    positions whose product with that tap lands in a kept output position; and how many such positions each tap
+    has (per sample), shaped like the sums.
+
+    ConvTranspose adds x[c, p] * W[c, o, tap] into output position p * stride + tap * dilation - pad_begin: every
+    input position meets every tap, except the products that fall outside the output (cropped by pads, or beyond
+    an output_shape). Per axis the kept positions of one tap are an interval of p, so each tap's set is a box.
+    This is the adjoint of Conv's im2col: the (input, tap) pairs of the Conv that computes ConvTranspose's input
+    gradient, without the zeros that Conv view inserts between input positions (W never multiplies those).
+    """
+    spatial = summed.shape[1:]
+    crop = conv_transpose_crop(conv, tuple(spatial))
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    bounds = []            # per axis, per tap: [lo, hi) of input positions kept
+    for i, size in enumerate(spatial):
+        head, out = crop[i]
+        axis = []
+        for t in range(k[i]):
+            lo = max(0, -((t * d[i] - head) // s[i]))          # ceil((head - t*d) / s)
+            hi = min(size, (head + out - 1 - t * d[i]) // s[i] + 1)
+            axis.append((lo, max(lo, hi)))
+        bounds.append(axis)
+    result = np.zeros((summed.shape[0], *k), dtype=np.float64)
+    per_tap = np.zeros(tuple(k), dtype=np.float64)
+    sp_axes = tuple(range(1, 1 + len(spatial)))
+    for offs in itertools.product(*[range(kk) for kk in k]):
+        box = [bounds[i][t] for i, t in enumerate(offs)]
+        per_tap[offs] = float(np.prod([hi - lo for lo, hi in box]))
+        if per_tap[offs]:
+            sl = tuple(slice(lo, hi) for lo, hi in box)
+            result[(slice(None), *offs)] = summed[(slice(None), *sl)].sum(axis=sp_axes, dtype=np.float64)
+    return result, np.broadcast_to(per_tap, result.shape).copy()
