@@ -1,6 +1,7 @@
 """`select --ray`: the options that send calibration to Ray workers, and the summary line of such a run."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -33,7 +34,6 @@ def scale_out_options(command: Callable) -> Callable:
 
 def _check_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--ray takes a value; a model or data path given there (``--ray model.onnx data/``) is refused by name."""
-    from pathlib import Path
 
     if value is not None and value not in ("local", "auto") and Path(value).exists():
         raise click.BadParameter(f"{value!r} is a path, not a Ray address: write --ray local (a Ray for this run), "

@@ -214,15 +214,13 @@ def test_failed_start_leaves_nothing_and_the_same_command_works_after(ray_addres
                                                                       capsys):
     """`--ray auto` with no cluster: one line, no job.json or .lock left in the work folder (which did not exist
     before), so the same command with a cluster up runs (it used to refuse: 'already holds shards')."""
-    import fps_graph.runtime.ray as fr
-
     def no_cluster(**kw):
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
 
     workdir = tmp_path / "work"
     with monkeypatch.context() as m:
-        m.setattr(fr.ray, "is_initialized", lambda: False)
-        m.setattr(fr.ray, "init", no_cluster)
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "init", no_cluster)
         code, out, _ = select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "cannot start or join Ray at auto" in err, err
@@ -230,8 +228,8 @@ def test_failed_start_leaves_nothing_and_the_same_command_works_after(ray_addres
     # a work folder that existed (empty) stays, empty
     workdir.mkdir()
     with monkeypatch.context() as m:
-        m.setattr(fr.ray, "is_initialized", lambda: False)
-        m.setattr(fr.ray, "init", no_cluster)
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "init", no_cluster)
         assert select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))[0] == 2
     assert workdir.is_dir() and not any(workdir.rglob("*"))
     code, out, stats = select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))   # Ray is up now

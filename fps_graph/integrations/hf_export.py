@@ -32,6 +32,7 @@ task model's names by the model's ``base_model_prefix`` (``bert.encoder.layer.0.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -44,8 +45,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from fps_graph.errors import DataError, ModelError, OptionError
+from fps_graph.graph.names import META_KEY
+from fps_graph.integrations.torch_export import weight_map
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -185,7 +189,6 @@ def canonical_names(model: Any) -> tuple[dict[str, "torch.Tensor"], dict[str, li
 
 
 def _input_names(model: Any, task: Task) -> list[str]:
-    import inspect
 
     params = inspect.signature(model.forward).parameters
     names = ["input_ids", "attention_mask"]
@@ -209,7 +212,6 @@ def _kv_shape(model: Any) -> tuple[int, int]:
 def _wrap(model: Any, task: Task, names: list[str], cache: bool) -> Any:
     """The model itself with a positional forward (inputs in `names` order, then the flat cache) returning plain
     tensors; its class is swapped for a subclass, so parameter names stay the model's own."""
-    import inspect
 
     base = type(model)
     n_layers = _layers(model) if cache else 0
@@ -356,10 +358,7 @@ def _tokenizer_files(folder: Path, staged: Path) -> list[str]:
 
 def _record(path: Path, model: Any, task: Task, source: Path) -> dict[str, Any]:
     """Write the weight map (checked by value) and the export record into the model; external data when large."""
-    import onnx
 
-    from fps_graph.graph.names import META_KEY
-    from fps_graph.integrations.torch_export import weight_map
 
     tensors, aliases = canonical_names(model)
     sd = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
