@@ -248,8 +248,8 @@ def sections(runs: Sequence[dict[str, Any]], plan: dict[str, Any], split: str = 
                 if v:
                     sec["sweep"].setdefault(m, {})[f"{x:g}"] = None if v[0].get("diverged") else value(v[0], "val")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
-        lines += ["", "Cost per method (same runs; medians: seconds per training step, peak RSS of the training stretch "
-                  "and its increase over what the process held before it; see meta for the load):", "",
+        lines += ["", "Cost per method (same runs; medians: seconds per training step, peak RSS of the training "
+                  "stretch and its increase over what the process held before it; see meta for the load):", "",
                   "| method | trainable | s/step | peak RSS MB | increase MB |", "| --- | --- | --- | --- | --- |"]
         for m in methods:
             v = [r for r in main if r["method"] == m and r.get("seconds_per_step")]
