@@ -6,7 +6,10 @@ metrics; seq-cls: a fresh head seeded by the run's seed) and AdamW with linear w
 (``OptimConfig``). Only the adapter differs:
 
 * ``sparse``: ``SparseAdapter`` with a masks file (the head trains in full for seq-cls; no biases, so that the
-  count equals LoRA's on the same modules). ``scale="input"`` reparametrises each delta as ``c_i * theta_i`` with
+  count equals LoRA's on the same modules), with the library's default step scale (``--step-scale input``: masks
+  that carry input statistics, e.g. fps and act-sample, scale each entry's step; random / magnitude / gps masks
+  carry none). ``scale="none"``: every entry at the learning rate (``--step-scale none``, the behaviour before
+  issue 16). ``scale="input"`` (repro.py's bench-side candidate, unclipped) reparametrises each delta as ``c_i * theta_i`` with
   ``c_i = median_j E|x_j| / E|x_col(i)|`` over the layer's input features (candidate (a) of issue 16: with Adam an
   entry then moves its output by about the same amount whatever its input's scale): ``InputScaledSparse``.
 * ``lora``: ``LoraAdapter`` (PEFT) on the blocks' Linear layers, rank per module; the seq-cls head as
@@ -28,6 +31,7 @@ import torch
 from fps_graph.data.text import TextOptions
 from fps_graph.training import (Adapter, DataConfig, DataContext, FullAdapter, LoraAdapter, OptimConfig, RunConfig,
                                 SparseAdapter, TrainsConfig, get_task)
+from fps_graph.training.config import StepScale
 from fps_graph.training.models import load_hf_model
 from fps_graph.training.sparse import SparseDelta
 from fps_graph.compare.runs import train_run
@@ -55,7 +59,8 @@ class Spec:
     lr: float = 1e-3
     seed: int = 0
     masks: str | None = None
-    scale: str | None = None  # sparse: None | "input"
+    scale: str | None = None  # sparse: None (the library's default step scale) | "none" (--step-scale none) |
+                              # "input" (the bench's own unclipped reparametrisation, repro.py; needs stats)
     stats: str | None = None  # sparse with scale: the stats file select wrote (--stats-out)
     lora_ranks: dict[str, int] = field(default_factory=dict)
     lora_alpha_ratio: float = 2.0
@@ -120,7 +125,9 @@ def adapter_for(spec: Spec, seq_cls: bool) -> Adapter:
     trains = TrainsConfig(train_bias=False, train_head=seq_cls)
     if spec.kind == "sparse":
         if spec.scale == "input":
-            return InputScaledSparse(spec.masks, trains, stats=str(spec.stats))
+            return InputScaledSparse(spec.masks, trains, stats=str(spec.stats), step_scale=StepScale.NONE)
+        if spec.scale == "none":
+            return SparseAdapter(spec.masks, trains, step_scale=StepScale.NONE)
         return SparseAdapter(spec.masks, trains)
     if spec.kind == "lora":
         ranks = spec.lora_ranks
@@ -147,7 +154,7 @@ def load_task_data(folder: Path, task: Task, test: bool = True) -> tuple[Any, An
 
 
 def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: bool = True,
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, evaluate_val: bool = True, with_val: bool = True) -> dict[str, Any]:
     """Train one spec on one task through ``fit`` (``fps_graph.compare.runs.train_run``); returns the record
     (metrics, counts, time, memory)."""
     t, model, cfg, (train, val, tst), _ = load_task_data(folder, task, test)
@@ -159,7 +166,8 @@ def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: 
     optim = OptimConfig(optimizer="adamw", lr=spec.lr, weight_decay=0.0, batch_size=task.batch_size,
                         epochs=task.epochs, warmup_epochs=0.3, min_lr=0.0)
     adapter = None if spec.kind == "none" else adapter_for(spec, task.kind == "seq-cls")
-    evals = {"val": val, **({"test": tst} if tst is not None else {})}
+    evals = {**({"val": val} if with_val else {}), **({"test": tst} if tst is not None else {})} \
+        if evaluate_val else {}
     rec.update(train_run(folder, t, train, evals, adapter, optim, run_cfg, data_config=cfg,
                          callbacks=[_Progress()] if progress else None,
                          trains=TrainsConfig(train_bias=False, train_head=True)))
