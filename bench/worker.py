@@ -43,6 +43,14 @@ def rss_mb() -> float:
 
 
 def maxrss_mb() -> float:
+    """This process image's peak RSS: VmHWM, which starts again at exec. ``ru_maxrss`` keeps the parent's peak
+    across fork + exec, so a driver that exported the model first inflated every child's figure (2,108 MB for a
+    ~550 MB select). Read here, not from fps_graph.runtime.memory, so the plain-inference worker imports no
+    fps_graph."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

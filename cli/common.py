@@ -8,10 +8,9 @@ import click
 
 from fps_graph.errors import RuntimeFailure
 
-# How to install what `train` and `export` need (also in docs/train_apply.md). torch first: a plain
-# `pip install fps-graph[torch]` on a machine without a GPU would pull the multi-GB CUDA wheels.
-TORCH_INSTALL = ("pip install torch --index-url https://download.pytorch.org/whl/cpu (or the CUDA build from "
-                 "pytorch.org), then pip install 'fps-graph[torch]'")
+# How to install what `train` and `export` need: the README's advice (torch first, so that pip does not pick a
+# torch build for you through the extra; the CPU build here, or the CUDA build from pytorch.org on a GPU machine).
+TORCH_INSTALL = "pip install torch==2.13.0, then pip install 'fps-graph[torch]'"
 
 
 def require(module: str, command: str, install: str) -> None:

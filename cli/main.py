@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {   # name -> (module, attribute, on
     "select": ("fps_graph_cli.select_cmd", "select", "Select the weights of MODEL to fine-tune from calibration DATA."),
     "train": ("fps_graph_cli.train_cmd", "train", "Fine-tune the selected weights (PyTorch)."),
     "apply": ("fps_graph_cli.apply_cmd", "apply", "Write the fine-tuned values back into the ONNX model."),
-    "export": ("fps_graph_cli.export_cmd", "export", "Export a PyTorch model to ONNX with its weight names."),
+    "export": ("fps_graph_cli.export_cmd", "export",
+               "Export a PyTorch factory or a Hugging Face folder (hf:DIR) to ONNX."),
+    "compare": ("fps_graph_cli.compare_cmd", "compare", "FPS vs random vs LoRA at the same count, on your model and "
+                                                          "data."),
 }
 NEEDS_TORCH = {"train"}   # stand-ins that say what to install where torch is missing
 
@@ -88,6 +91,10 @@ def _debug_requested(argv: list[str]) -> bool:
     return False
 
 
+# click >= 8.2 raises this for a group called without arguments; older versions print the help and exit themselves
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -102,6 +109,9 @@ def entry(argv: list[str] | None = None) -> int:
         rv = cli.main(args=args, prog_name="fps-graph", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except _NO_ARGS as exc:    # `fps-graph` alone: the help, as click prints it (exit 2)
+        exc.show()
         code = exc.exit_code
     except click.exceptions.UsageError as exc:
         hint = f" (see fps-graph {exc.ctx.command_path.split(' ', 1)[1] if exc.ctx and ' ' in exc.ctx.command_path else ''} --help)"

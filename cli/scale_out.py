@@ -1,6 +1,7 @@
 """`select --ray`: the options that send calibration to Ray workers, and the summary line of such a run."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -12,10 +13,10 @@ from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions
 def scale_out_options(command: Callable) -> Callable:
     """Add --ray, --workers, --workdir, --resume and --shard-size to a click command."""
     options = [
-        click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-                     help="Calibrate on Ray workers (pip install 'fps-graph[ray]'): no value starts a local Ray "
-                          "(or joins RAY_ADDRESS), 'auto' joins the running cluster, else a Ray address. Put it "
-                          "after MODEL DATA, or write --ray=ADDRESS. See docs/scale_out.md."),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS", callback=_check_address,
+                     help="Calibrate on Ray workers (pip install 'fps-graph[ray]'): 'local' starts a local Ray "
+                          "(or joins RAY_ADDRESS), 'auto' joins the running cluster, else a Ray address "
+                          "(HOST:6379, ray://HOST:10001). See docs/scale_out.md."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="With --ray: workers, one ONNX Runtime session each [default: one per GPU, else per CPU]."),
         click.option("--workdir", type=click.Path(file_okay=False), default=None,
@@ -31,6 +32,15 @@ def scale_out_options(command: Callable) -> Callable:
     return command
 
 
+def _check_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--ray takes a value; a model or data path given there (``--ray model.onnx data/``) is refused by name."""
+
+    if value is not None and value not in ("local", "auto") and Path(value).exists():
+        raise click.BadParameter(f"{value!r} is a path, not a Ray address: write --ray local (a Ray for this run), "
+                                 "--ray auto (the running cluster) or --ray HOST:PORT", ctx=ctx, param=param)
+    return value
+
+
 def cluster_options(ray_address: str | None, workers: int | None, workdir: str | None,
                     resume: str | None) -> ClusterOptions | None:
     """ClusterOptions from the CLI values, or None for a run in this process."""
@@ -41,7 +51,8 @@ def cluster_options(ray_address: str | None, workers: int | None, workdir: str |
         return None
     if workdir and resume:
         raise OptionError("give either --workdir (a new run) or --resume (continue one), not both")
-    return ClusterOptions(address=ray_address or None, workers=workers, workdir=resume or workdir,
+    return ClusterOptions(address=None if ray_address == "local" else ray_address, workers=workers,
+                          workdir=resume or workdir,
                           resume=bool(resume))
 
 

@@ -8,7 +8,7 @@ re-exported at the package face; import it from there (``import fps_graph``), de
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +46,8 @@ class Selection:
         stats (`Stats`, *optional*): the activation statistics, when they were collected or loaded.
         calibration (`CalibrationInfo`, *optional*): how the calibration ran (provider, seconds, samples, a Ray
             run's report); None when the statistics were loaded or the score reads none.
+        scales (`dict[str, np.ndarray]`): per name, each selected entry's input statistic aligned with ``indices``
+            (written as ``<name>::input_scale``; training's per-entry step sizes); empty for scores that read none.
     """
 
     indices: dict[str, np.ndarray]
@@ -55,6 +57,7 @@ class Selection:
     warnings: list[str]
     stats: Stats | None = None
     calibration: CalibrationInfo | None = None
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def selected(self) -> int:
@@ -92,7 +95,7 @@ class Selection:
 
     def _result(self) -> SelectResult:
         return SelectResult(self.indices, self.tensors, self.metadata, self.stats, self.calibration, self.warnings,
-                            self.summary)
+                            self.summary, self.scales)
 
 
 def _budget(budget: str | float | int | Budget | None) -> Budget | None:
@@ -184,7 +187,7 @@ def select(model: str | os.PathLike, data: str | os.PathLike | None = None, *, s
         opts.k = None
     res = run_select(model, None if data is None else str(data), opts, progress=progress,
                      stats_out=stats_out is not None)
-    sel = Selection(res.indices, res.tensors, res.metadata, res.summary, res.warnings, res.stats, res.calibration)
+    sel = Selection(res.indices, res.tensors, res.metadata, res.summary, res.warnings, res.stats, res.calibration, res.scales)
     if stats_out is not None and res.stats is not None:
         sel.save_stats(stats_out, force=force)
     if output is not None:

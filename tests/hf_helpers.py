@@ -138,3 +138,41 @@ def select_masks(onnx_path: Path, npz: Path, out: Path, k: int = 2, **kw) -> Pat
 
     write_result(run_select(onnx_path, str(npz), SelectOptions(k=k, **kw)), out, force=True)
     return out
+
+
+def make_qwen_folder(folder: Path, seed: int = 0) -> Path:
+    """save_pretrained of a seeded tiny Qwen2 causal LM with untied embeddings (q/k/v biases) plus tokenizer.json."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    model = _perturb(Qwen2ForCausalLM(cfg), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    write_tokenizer(folder)
+    return folder
+
+
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_bert_folder(folder: Path, kind: str = "seq-cls", seed: int = 0, num_labels: int = 3,
+                     tokenizer_json: bool = True) -> Path:
+    """save_pretrained of a seeded tiny BERT (BertForSequenceClassification, or the plain BertModel for kind
+    'base') with a WordPiece vocab.txt tokenizer (tokenizer.json removed when tokenizer_json is false)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(BERT_SPECIAL) + len(WORDS), hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64, num_labels=num_labels,
+                     type_vocab_size=2)
+    model = _perturb((BertForSequenceClassification if kind == "seq-cls" else BertModel)(cfg), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    (folder / "vocab.txt").write_text("\n".join(BERT_SPECIAL + WORDS) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=64).save_pretrained(str(folder))
+    if not tokenizer_json:
+        (folder / "tokenizer.json").unlink()
+    return folder

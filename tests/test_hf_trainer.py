@@ -62,7 +62,7 @@ def test_trainer_recipe_verbatim(lm, tmp_path, monkeypatch):
     in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(d.delta) for d in handle.deltas.values()} and not handle.full
     assert all(d.delta.dtype == torch.float32 for d in handle.deltas.values())
-    assert trainer.args.gradient_checkpointing and model.is_gradient_checkpointing and trainer.args.bf16
+    assert trainer.args.activation_checkpointing and model.is_gradient_checkpointing and trainer.args.bf16
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r] or \
         [trainer.state.log_history[-1]["train_loss"]]
     assert np.isfinite(losses).all()
@@ -71,7 +71,7 @@ def test_trainer_recipe_verbatim(lm, tmp_path, monkeypatch):
     base = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32).eval()
     before, after = base.state_dict(), model.state_dict()
     idx = load_indices(lm["masks"])
-    idx["model.embed_tokens.weight"] = idx["lm_head.weight"]          # tied: one tensor
+    idx["model.embed_tokens.weight"] = idx["lm_head.weight"]          # tied: one tensor under both names
     moved = 0
     for k, v in after.items():
         diff = np.flatnonzero((v != before[k]).reshape(-1).numpy())
@@ -146,3 +146,49 @@ def test_bf16_autocast_keeps_float32_deltas_and_only_selected_move(lm):
     for k, v in model.state_dict().items():
         diff = np.flatnonzero((v != before[k]).reshape(-1).numpy())
         assert np.isin(diff, idx.get(k, np.empty(0, dtype=np.int64))).all(), k
+
+
+@pytest.mark.parametrize("exporter", ["export-hf", "legacy-folded", "dynamo"])
+def test_trainer_recipe_through_apply_tied(lm, tmp_path, monkeypatch, exporter):
+    """The recipe on a Llama with tied embeddings, then `apply` on the model's ONNX export: ONNX Runtime gives the
+    fine-tuned model's logits (relative 1e-4). The tied matrix is keyed by the embedding's name (its alias
+    recorded) and every stored copy of it is patched: the Gather table and the LM head's (transposed) copy."""
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    from fps_graph.formats.delta import read_delta
+    from fps_graph.graph.apply import apply_delta
+    from fps_graph.integrations.hf_export import export_hf
+
+    if exporter == "export-hf":
+        export_hf(lm["folder"], tmp_path / "onnx")
+        onnx_path = tmp_path / "onnx" / "model.onnx"
+    else:
+        onnx_path = H.export_onnx(lm["folder"], tmp_path / "lm.onnx", dynamo=exporter == "dynamo")
+    npz = H.tokenize_npz(lm["folder"], lm["texts"][:16], tmp_path / "calib.npz")
+    H.select_masks(onnx_path, npz, tmp_path / "masks.safetensors", k=2)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns = {"MODEL_DIR": str(lm["folder"]), "texts": lm["texts"][:24]}
+    exec(compile(recipe(), "train_apply.md:trainer-recipe", "exec"), ns)
+    df = read_delta("out/delta.safetensors")
+    assert "lm_head.weight" not in df.keys and "model.embed_tokens.weight" in df.sparse
+    assert df.tensors["model.embed_tokens.weight"]["aliases"] == ["lm_head.weight"]
+    report = apply_delta(onnx_path, "out/delta.safetensors", "tuned.onnx")
+    emb = report["updated"]["model.embed_tokens.weight"]
+    proto = onnx.load(str(onnx_path))
+    stored = [t.name for t in proto.graph.initializer if sorted(t.dims) == sorted([H.VOCAB, 16])]
+    assert sorted(u["initializer"] for u in emb) == sorted(stored)      # every copy of the tied matrix
+    tuned = AutoModelForCausalLM.from_pretrained("out/model", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32).eval()
+    sess = ort.InferenceSession("tuned.onnx", providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for ids in (torch.tensor([[1, 5, 6, 7, 8, 9]]), torch.tensor([[1, 20, 21, 22, 23, 24, 25, 26]] * 3)):
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, np.int64)}
+        got = sess.run(None, {n: feeds[n] for n in names})[0]
+        with torch.no_grad():
+            want = tuned(input_ids=ids).logits.numpy()
+            old = base(input_ids=ids).logits.numpy()
+        assert np.abs(want - old).max() / np.abs(want).max() > 1e-3       # training changed the logits
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4

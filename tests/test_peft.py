@@ -35,7 +35,7 @@ def lm(tmp_path_factory):
     npz = H.tokenize_npz(folder, texts[:16], root / "calib.npz")
     tied = H.select_masks(onnx_path, npz, root / "masks.safetensors", k=2)
     untied = H.select_masks(onnx_path, npz, root / "masks_no_head.safetensors", k=2, exclude=["lm_head*"])
-    return {"root": root, "folder": folder, "tied": tied, "masks": untied}
+    return {"root": root, "folder": folder, "tied": tied, "masks": untied, "onnx": onnx_path, "npz": npz}
 
 
 def _model(folder: Path, kind: str = "causal-lm", **kw):
@@ -122,10 +122,19 @@ def test_seq_cls_head_goes_to_modules_to_save(tmp_path):
 
 def test_refusals_name_the_tensor(lm, tmp_path):
     # the tied LM head / input embedding is one tensor in two modules
+    # (keyed by the embedding's name, as every stage keys a tied tensor); the advice names the key `select` wrote,
+    # and select with that --exclude drops exactly the tied tensor, giving a selection SHiRA holds
+    import re
+
     handle = attach(_model(lm["folder"]), lm["tied"])
-    with pytest.raises(FpsGraphError, match=r"SHiRA cannot hold the delta on lm_head\.weight: it is "
-                                            r"tied .*--exclude lm_head"):
+    with pytest.raises(FpsGraphError, match=r"SHiRA cannot hold the delta on model\.embed_tokens\.weight: it is "
+                                            r"tied \(model\.embed_tokens\.weight, lm_head\.weight\) .*--exclude 'lm_head\.weight'"
+                       ) as err:
         shira_plan(handle)
+    pattern = re.search(r"--exclude '([^']+)'", str(err.value)).group(1)
+    again = H.select_masks(lm["onnx"], lm["npz"], tmp_path / "m.safetensors", k=2, exclude=[pattern])
+    assert set(load_indices(again)) == set(load_indices(lm["tied"])) - {"lm_head.weight"}
+    shira_plan(attach(_model(lm["folder"]), again))
     # a layer too small for the common r: gate_proj full rows force r = 8 > what k_proj (8x16) can hold
     idx = {"model.layers.0.mlp.gate_proj.weight": np.arange(32 * 12),
            "model.layers.0.self_attn.k_proj.weight": np.arange(4)}

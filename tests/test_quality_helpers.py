@@ -225,36 +225,6 @@ def test_study_row_spearman_matches_scipy_and_skips_constant_rows():
     assert row_spearman(a[:1], b) == pytest.approx(want, abs=1e-12)
 
 
-def test_study_paired_differences():
-    from bench.quality.study import paired
-
-    vals = {("a", "K=1"): [0.50, 0.60, 0.70], ("b", "K=1"): [0.40, 0.65, 0.60],
-            ("a", "4%"): [0.80, 0.80, 0.90], ("b", "4%"): [0.70, 0.80, 0.95]}
-    runs = [{"method": m, "point": p, "seed": s, "metrics": {"rpa": v}}
-            for (m, p), vs in vals.items() for s, v in enumerate(vs)]
-    d = 100 * (np.array(vals[("a", "K=1")] + vals[("a", "4%")]) - np.array(vals[("b", "K=1")] + vals[("b", "4%")]))
-    got = paired(runs, "a", "b", "rpa", ["K=1", "4%"])
-    assert got["n"] == 6 and got["mean_pp"] == pytest.approx(d.mean())
-    assert got["sem_pp"] == pytest.approx(d.std(ddof=1) / np.sqrt(6)) and got["share_ge"] == pytest.approx(4 / 6)
-    assert paired(runs, "a", "b", "rpa", ["K=1"])["n"] == 3 and paired(runs, "a", "c", "rpa", ["K=1"]) == {"n": 0}
-
-
-def test_study_paired_seeds_averages_points_within_a_seed():
-    from bench.quality.study import paired_seeds
-
-    vals = {("a", "K=1"): [0.50, 0.60, 0.70], ("b", "K=1"): [0.40, 0.65, 0.60],
-            ("a", "4%"): [0.80, 0.80, 0.90], ("b", "4%"): [0.70, 0.80, 0.95]}
-    runs = [{"method": m, "point": p, "seed": s, "metrics": {"rpa": v}}
-            for (m, p), vs in vals.items() for s, v in enumerate(vs)]
-    per_seed = 100 * ((np.array(vals[("a", "K=1")]) - vals[("b", "K=1")])
-                      + (np.array(vals[("a", "4%")]) - vals[("b", "4%")])) / 2
-    got = paired_seeds(runs, "a", "b", "rpa", ["K=1", "4%"])
-    assert got["n"] == 3 and got["mean_pp"] == pytest.approx(per_seed.mean())
-    assert got["sem_pp"] == pytest.approx(per_seed.std(ddof=1) / np.sqrt(3))
-    assert got["share_ge"] == pytest.approx(np.mean(per_seed >= 0))
-    assert paired_seeds(runs, "a", "c", "rpa", ["K=1"]) == {"n": 0}
-
-
 def test_phone_split_removes_low_fundamentals():
     from bench.quality import crepe as C
 

@@ -117,27 +117,27 @@ def test_resume_after_driver_kill(ray_address, tmp_path, local):
     before = _shard_files(workdir)
     assert 2 <= len(before) < 4
 
-    code, masks, stats = select(tmp_path, "resumed", "--ray", "--resume", str(workdir))
+    code, masks, stats = select(tmp_path, "resumed", "--ray", "local", "--resume", str(workdir))
     assert code == 0
     assert masks.read_bytes() == local[0] and stats.read_bytes() == local[1]
     after = _shard_files(workdir)
     assert len(after) == 4 and all(after[name] == before[name] for name in before)   # finished shards not re-run
 
     # everything saved: a second resume needs no worker and gives the same bytes
-    code, masks, stats = select(tmp_path, "again", "--ray", "--resume", str(workdir), "--workers", "3")
+    code, masks, stats = select(tmp_path, "again", "--ray", "local", "--resume", str(workdir), "--workers", "3")
     assert code == 0 and masks.read_bytes() == local[0] and stats.read_bytes() == local[1]
     assert _shard_files(workdir) == after
 
 
 def test_resume_refuses_another_job(ray_address, tmp_path, capsys):
     workdir = tmp_path / "work"
-    assert select(tmp_path, "a", "--ray", "--workdir", str(workdir), "--max-samples", "16")[0] == 0
+    assert select(tmp_path, "a", "--ray", "local", "--workdir", str(workdir), "--max-samples", "16")[0] == 0
     capsys.readouterr()
     cases = [
-        (["--ray", "--resume", str(workdir), "--max-samples", "24"], "the saved shards were made with batches_sha256"),
-        (["--ray", "--workdir", str(workdir), "--max-samples", "16"], f"work folder {workdir} already holds shards"),
-        (["--ray", "--resume", str(tmp_path / "empty")], f"nothing to resume in {tmp_path / 'empty'}"),
-        (["--ray", "--workdir", str(workdir), "--resume", str(workdir)], "give either --workdir"),
+        (["--ray", "local", "--resume", str(workdir), "--max-samples", "24"], "the saved shards were made with batches_sha256"),
+        (["--ray", "local", "--workdir", str(workdir), "--max-samples", "16"], f"work folder {workdir} already holds shards"),
+        (["--ray", "local", "--resume", str(tmp_path / "empty")], f"nothing to resume in {tmp_path / 'empty'}"),
+        (["--ray", "local", "--workdir", str(workdir), "--resume", str(workdir)], "give either --workdir"),
         (["--workers", "2"], "--workers only apply with --ray"),
     ]
     for args, message in cases:
@@ -203,8 +203,45 @@ def test_without_ray_one_line(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"
             "from fps_graph_cli.main import entry\n"
             "sys.exit(entry(sys.argv[1:]))")
-    p = subprocess.run([sys.executable, "-c", code, "select", str(SAMPLE), str(IMAGES), "-o", str(out), "--ray"],
+    p = subprocess.run([sys.executable, "-c", code, "select", str(SAMPLE), str(IMAGES), "-o", str(out), "--ray", "local"],
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr == "error: Ray is not installed: pip install 'fps-graph[ray]'\n"
     assert not out.exists()
+
+
+def test_failed_start_leaves_nothing_and_the_same_command_works_after(ray_address, tmp_path, local, monkeypatch,
+                                                                      capsys):
+    """`--ray auto` with no cluster: one line, no job.json or .lock left in the work folder (which did not exist
+    before), so the same command with a cluster up runs (it used to refuse: 'already holds shards')."""
+    def no_cluster(**kw):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    workdir = tmp_path / "work"
+    with monkeypatch.context() as m:
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "init", no_cluster)
+        code, out, _ = select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot start or join Ray at auto" in err, err
+    assert not out.exists() and not workdir.exists()
+    # a work folder that existed (empty) stays, empty
+    workdir.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "init", no_cluster)
+        assert select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))[0] == 2
+    assert workdir.is_dir() and not any(workdir.rglob("*"))
+    code, out, stats = select(tmp_path, "a", "--ray", "auto", "--workdir", str(workdir))   # Ray is up now
+    assert code == 0 and out.read_bytes() == local[0] and stats.read_bytes() == local[1]
+
+
+def test_ray_before_model_is_not_swallowed(tmp_path, capsys):
+    """--ray takes a value: `--ray MODEL DATA` names the mistake instead of taking MODEL as the address."""
+    out = tmp_path / "m.safetensors"
+    code = entry(["select", "--ray", str(SAMPLE), str(IMAGES), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a path, not a Ray address" in err and "--ray local" in err
+    assert not out.exists()
+    assert entry(["select", str(SAMPLE), str(IMAGES), "-o", str(out), "--ray"]) == 2
+    assert "requires an argument" in capsys.readouterr().err

@@ -167,3 +167,39 @@ def test_effective_delta_is_what_is_saved_merged_and_reloaded(lm, tmp_path):
         torch.testing.assert_close(fresh(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
         handle.merge()
         torch.testing.assert_close(model(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_and_public_api_write_the_scales_the_pipeline_does(lm, tmp_path):
+    """`fps-graph select` and `fps_graph.select(...).save` write the pipeline's bytes, input scales included (the
+    public API once dropped them, so `train` silently took plain steps)."""
+    import fps_graph
+    from fps_graph_cli.main import entry
+
+    ref = H.select_masks(lm["onnx"], lm["npz"], tmp_path / "ref.safetensors", k=3)
+    code = entry(["select", str(lm["onnx"]), str(lm["npz"]), "--k", "3", "-o", str(tmp_path / "cli.safetensors"),
+                  "-q"])
+    fps_graph.select(lm["onnx"], lm["npz"], k=3).save(tmp_path / "api.safetensors")
+    assert code == 0 and load_input_scales(tmp_path / "cli.safetensors")
+    assert (tmp_path / "cli.safetensors").read_bytes() == ref.read_bytes()
+    assert (tmp_path / "api.safetensors").read_bytes() == ref.read_bytes()
+
+
+def test_attach_refuses_a_file_whose_scales_are_missing(lm, tmp_path):
+    """A header that says input scales were recorded, with none in the file: training would silently take plain
+    steps, so attach refuses (step_scale='none' still trains it)."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from fps_graph.training import attach
+    from fps_graph.errors import DataError
+
+    masks = H.select_masks(lm["onnx"], lm["npz"], tmp_path / "m.safetensors", k=2, exclude=("lm_head*",))
+    from safetensors import safe_open
+    with safe_open(str(masks), "np") as f:
+        header = f.metadata()
+    kept = {k: v for k, v in load_file(str(masks)).items() if not k.endswith("::input_scale")}
+    save_file(kept, str(tmp_path / "stripped.safetensors"), metadata=header)
+    model = AutoModelForCausalLM.from_pretrained(str(lm["folder"]), dtype=torch.float32)
+    with pytest.raises(DataError, match="input scale"):
+        attach(model, tmp_path / "stripped.safetensors")
+    assert attach(model, tmp_path / "stripped.safetensors", step_scale="none").deltas

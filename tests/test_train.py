@@ -266,6 +266,14 @@ def test_masks_without_a_record_ask_for_the_image_size(conv_chain, tmp_path, cap
     stats, masks = tmp_path / "s.stats", tmp_path / "m.safetensors"
     assert entry(["select", str(conv_chain["onnx"]), str(SAMPLES / "images"), "-o", str(tmp_path / "x"),
                   "--stats-out", str(stats), "-q"]) == 0
+    # statistics files keep the data record now (--stats-in masks carry it); one written without it, as before:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(stats), framework="numpy") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "data"}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(arrays, str(stats), metadata=meta)
     assert entry(["select", str(conv_chain["onnx"]), "--stats-in", str(stats), "-o", str(masks), "-q"]) == 0
     capsys.readouterr()
     assert entry(["train", conv_chain["spec"], "--masks", str(masks), "--data", str(SAMPLES / "images"),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fps_graph.compare.stats import format_paired, paired, paired_seeds
 from bench.quality.common import (CACHE, LABELS, RESULTS, Point, Recipe, Selector, canonical_shape, check_geometry,
                                   clean_dir, env_info, gradient_scores, log, select_from_scores, train_run,
                                   write_json, write_masks_like, VARIANT_METHODS)
@@ -285,40 +285,6 @@ def _worker(args: tuple) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str, labels: list[str]) -> dict[str, Any]:
-    """Mean of (a - b) in percentage points over the (point, seed) pairs both ran, its standard error, share a >= b."""
-    idx = {(r["method"], r["point"], r["seed"]): r["metrics"][metric] for r in runs}
-    d = np.array([idx[(a, p, s)] - idx[(b, p, s)] for (m, p, s) in idx
-                  if m == a and p in labels and (b, p, s) in idx]) * 100
-    if d.size == 0:
-        return {"n": 0}
-    sem = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    return {"n": int(d.size), "mean_pp": float(d.mean()), "sem_pp": sem, "share_ge": float(np.mean(d >= 0))}
-
-
-def paired_seeds(runs: list[dict[str, Any]], a: str, b: str, metric: str, labels: list[str]) -> dict[str, Any]:
-    """Like `paired`, but each seed's mean over the points is one sample: the standard error is over seeds only,
-    since the points of one seed share the training split and are not independent."""
-    idx = {(r["method"], r["point"], r["seed"]): r["metrics"][metric] for r in runs}
-    seeds = sorted({s for (m, p, s) in idx if m == a})
-    per = [np.mean([idx[(a, p, s)] - idx[(b, p, s)] for p in labels if (a, p, s) in idx and (b, p, s) in idx])
-           for s in seeds if any((a, p, s) in idx and (b, p, s) in idx for p in labels)]
-    d = np.array(per) * 100
-    if d.size == 0:
-        return {"n": 0}
-    sem = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
-    return {"n": int(d.size), "mean_pp": float(d.mean()), "sem_pp": sem, "share_ge": float(np.mean(d >= 0))}
-
-
-def _cell(c: dict[str, Any]) -> str:
-    if not c.get("n"):
-        return ""
-    if c["n"] < 2:
-        return f"{c['mean_pp']:+.2f} (n=1)"
-    mark = "**" if abs(c["mean_pp"]) >= 2 * c["sem_pp"] else ""
-    return f"{mark}{c['mean_pp']:+.2f} ± {c['sem_pp']:.2f}{mark}"
-
-
 def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     """Paired differences of every method against fps and random, per experiment and granularity, and pooled."""
     out: dict[str, Any] = {}
@@ -353,7 +319,7 @@ def write_report(stem: Path, doc: dict[str, Any]) -> None:
             cells = [doc["paired"][e][base].get(m, {}).get("all", {}) for e in exps]
             ahead = sum(1 for c in cells if c.get("n") and c["mean_pp"] >= 2 * c["sem_pp"])
             behind = sum(1 for c in cells if c.get("n") and -c["mean_pp"] >= 2 * c["sem_pp"])
-            md.append(f"| {LABELS.get(m, m)} | " + " | ".join(_cell(c) for c in cells)
+            md.append(f"| {LABELS.get(m, m)} | " + " | ".join(format_paired(c) for c in cells)
                       + f" | {ahead} of {len(exps)} (behind: {behind}) |")
         md.append("")
     md += ["## Per-seed paired difference (difference to random | to FPS)", "",
@@ -361,8 +327,8 @@ def write_report(stem: Path, doc: dict[str, Any]) -> None:
            "stricter test, since a seed's points share its training split.", "",
            "| method | " + " | ".join(exps) + " |", "|" + " --- |" * (len(exps) + 1)]
     for m in methods:
-        cells = [f"{_cell(doc['paired'][e]['random'].get(m, {}).get('seeds', {})) or '-'} \\| "
-                 f"{_cell(doc['paired'][e]['fps'].get(m, {}).get('seeds', {})) or '-'}" for e in exps]
+        cells = [f"{format_paired(doc['paired'][e]['random'].get(m, {}).get('seeds', {})) or '-'} \\| "
+                 f"{format_paired(doc['paired'][e]['fps'].get(m, {}).get('seeds', {})) or '-'}" for e in exps]
         md.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     md.append("")
     md += ["## By granularity (difference to random | to FPS)", "",
@@ -374,7 +340,7 @@ def write_report(stem: Path, doc: dict[str, Any]) -> None:
             for g in ("K", "layer"):
                 r = doc["paired"][e]["random"].get(m, {}).get(g, {})
                 f = doc["paired"][e]["fps"].get(m, {}).get(g, {})
-                cells.append(f"{_cell(r) or '-'} \\| {_cell(f) or '-'}")
+                cells.append(f"{format_paired(r) or '-'} \\| {format_paired(f) or '-'}")
         md.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     md.append("")
     for e in exps:

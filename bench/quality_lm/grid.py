@@ -31,7 +31,8 @@ def _one(line: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.time()
     try:
-        rec = run(Path(line["model"]), Task(**line["task"]), Spec(**line["spec"]), test=line.get("test", True))
+        rec = run(Path(line["model"]), Task(**line["task"]), Spec(**line["spec"]), test=line.get("test", True),
+                  evaluate_val=line.get("evaluate", True), with_val=line.get("val", True))
     except Exception as exc:   # a failed run is recorded, not fatal to the grid
         rec = {"error": f"{type(exc).__name__}: {exc}"}
     rec["key"] = key(line)

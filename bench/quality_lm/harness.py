@@ -6,7 +6,10 @@ metrics; seq-cls: a fresh head seeded by the run's seed) and AdamW with linear w
 (``OptimConfig``). Only the adapter differs:
 
 * ``sparse``: ``SparseAdapter`` with a masks file (the head trains in full for seq-cls; no biases, so that the
-  count equals LoRA's on the same modules). ``scale="input"`` reparametrises each delta as ``c_i * theta_i`` with
+  count equals LoRA's on the same modules), with the library's default step scale (``--step-scale input``: masks
+  that carry input statistics, e.g. fps and act-sample, scale each entry's step; random / magnitude / gps masks
+  carry none). ``scale="none"``: every entry at the learning rate (``--step-scale none``, the behaviour before
+  issue 16). ``scale="input"`` (repro.py's bench-side candidate, unclipped) reparametrises each delta as ``c_i * theta_i`` with
   ``c_i = median_j E|x_j| / E|x_col(i)|`` over the layer's input features (candidate (a) of issue 16: with Adam an
   entry then moves its output by about the same amount whatever its input's scale): ``InputScaledSparse``.
 * ``lora``: ``LoraAdapter`` (PEFT) on the blocks' Linear layers, rank per module; the seq-cls head as
@@ -18,8 +21,6 @@ training), as ``fit`` measures them for every method.
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ import torch
 
 from fps_graph.data.text import TextOptions
 from fps_graph.training import (Adapter, DataConfig, DataContext, FullAdapter, LoraAdapter, OptimConfig, RunConfig,
-                                SparseAdapter, TrainsConfig, evaluate, fit, get_task, prepare)
+                                SparseAdapter, TrainsConfig, get_task)
+from fps_graph.training.config import StepScale
 from fps_graph.training.models import load_hf_model
 from fps_graph.training.sparse import SparseDelta
+from fps_graph.compare.runs import train_run
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +59,8 @@ class Spec:
     lr: float = 1e-3
     seed: int = 0
     masks: str | None = None
-    scale: str | None = None  # sparse: None | "input"
+    scale: str | None = None  # sparse: None (the library's default step scale) | "none" (--step-scale none) |
+                              # "input" (the bench's own unclipped reparametrisation, repro.py; needs stats)
     stats: str | None = None  # sparse with scale: the stats file select wrote (--stats-out)
     lora_ranks: dict[str, int] = field(default_factory=dict)
     lora_alpha_ratio: float = 2.0
@@ -121,7 +125,9 @@ def adapter_for(spec: Spec, seq_cls: bool) -> Adapter:
     trains = TrainsConfig(train_bias=False, train_head=seq_cls)
     if spec.kind == "sparse":
         if spec.scale == "input":
-            return InputScaledSparse(spec.masks, trains, stats=str(spec.stats))
+            return InputScaledSparse(spec.masks, trains, stats=str(spec.stats), step_scale=StepScale.NONE)
+        if spec.scale == "none":
+            return SparseAdapter(spec.masks, trains, step_scale=StepScale.NONE)
         return SparseAdapter(spec.masks, trains)
     if spec.kind == "lora":
         ranks = spec.lora_ranks
@@ -148,45 +154,23 @@ def load_task_data(folder: Path, task: Task, test: bool = True) -> tuple[Any, An
 
 
 def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: bool = True,
-        progress: bool = False) -> dict[str, Any]:
-    """Train one spec on one task through ``fit``; returns the record (metrics, counts, time, memory)."""
-    t_setup = time.perf_counter()
+        progress: bool = False, evaluate_val: bool = True, with_val: bool = True) -> dict[str, Any]:
+    """Train one spec on one task through ``fit`` (``fps_graph.compare.runs.train_run``); returns the record
+    (metrics, counts, time, memory)."""
     t, model, cfg, (train, val, tst), _ = load_task_data(folder, task, test)
-    rec: dict[str, Any] = {"method": spec.method, "kind": spec.kind, "lr": spec.lr, "seed": spec.seed,
-                           "task": task.name, "model": folder.name}
-    total = sum(p.numel() for p in model.parameters())
     block = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS)
-    rec.update(total_params=int(total), block_linear_params=int(block))
+    del model
+    rec: dict[str, Any] = {"method": spec.method, "kind": spec.kind, "lr": spec.lr, "seed": spec.seed,
+                           "task": task.name, "model": folder.name, "block_linear_params": int(block)}
     run_cfg = RunConfig(output=None, seed=spec.seed, threads=threads, plot=False, stop_on_divergence=True)
-    if spec.kind == "none":           # the seq-cls head set up as every method has it, nothing trained
-        trained = prepare(model, SparseAdapter(None, TrainsConfig(train_bias=False, train_head=True)), t, train,
-                          spec.seed).handle.model
-        rec.update(selected=0, trainable=0)
-    else:
-        adapter = adapter_for(spec, task.kind == "seq-cls")
-        optim = OptimConfig(optimizer="adamw", lr=spec.lr, weight_decay=0.0, batch_size=task.batch_size,
-                            epochs=task.epochs, warmup_epochs=0.3, min_lr=0.0)
-        res = fit(model, adapter, t, train, None, optim, run_cfg, [_Progress()] if progress else None,
-                  data_config=cfg)
-        m, trained = res.metrics, res.handle.model
-        tr = m["trainable"]
-        rec.update(selected=tr["trainable"] if tr["kind"] == "full" else tr["adapter_values"], trainable=tr["trainable"], head=tr["full_tensors"],
-                   memory=m["memory"], steps=m["time"]["steps"],
-                   seconds_per_step=m["time"]["seconds_per_step_median"] or None,
-                   train_seconds=round(m["time"]["seconds_per_step"] * m["time"]["steps"], 2),
-                   train_loss_last=m["epochs"][-1]["train_loss"] if m["epochs"] else None,
-                   machine=m["machine"])
-        if m["diverged"]:
-            rec["diverged"] = True
-    rec["setup_seconds"] = round(time.perf_counter() - t_setup, 2)
-    ev = {}
-    for split, data in (("val", val), ("test", tst)):
-        if data is None:
-            continue
-        t0 = time.perf_counter()
-        ev[split] = evaluate(trained, t, data, 32, "cpu")
-        ev[split]["seconds"] = round(time.perf_counter() - t0, 2)
-    rec["metrics"] = ev
+    optim = OptimConfig(optimizer="adamw", lr=spec.lr, weight_decay=0.0, batch_size=task.batch_size,
+                        epochs=task.epochs, warmup_epochs=0.3, min_lr=0.0)
+    adapter = None if spec.kind == "none" else adapter_for(spec, task.kind == "seq-cls")
+    evals = {**({"val": val} if with_val else {}), **({"test": tst} if tst is not None else {})} \
+        if evaluate_val else {}
+    rec.update(train_run(folder, t, train, evals, adapter, optim, run_cfg, data_config=cfg,
+                         callbacks=[_Progress()] if progress else None,
+                         trains=TrainsConfig(train_bias=False, train_head=True)))
     return rec
 
 
@@ -207,11 +191,3 @@ class _Progress:
 
     def on_end(self, handle: Any, folder: Any, metrics: dict[str, Any]) -> dict[str, str]:
         return {}
-
-
-def score(rec: dict[str, Any], split: str) -> float:
-    """The number a method is judged by: accuracy (seq-cls), minus loss per token (causal-lm); higher is better."""
-    m = rec["metrics"][split]
-    if rec.get("diverged") or not math.isfinite(m["loss"]):
-        return float("-inf") if "ppl" in m else 0.0
-    return m["acc"] if "ppl" not in m else -m["loss"]

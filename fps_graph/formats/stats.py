@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -50,6 +50,7 @@ class Stats:
     num_samples: int = 0
     model_sha256: str = ""
     kinds: tuple[str, ...] = ("abs",)
+    data: dict[str, Any] = field(default_factory=dict)   # how the data was prepared (Source.record()); saved too
 
     def add(self, node: str, kind: str, values: np.ndarray) -> None:
         """Add float64 sums for one layer and one statistic."""
@@ -100,7 +101,8 @@ class Stats:
             raise DataError("statistics files come from different models (sha256 differs)")
         out = Stats(num_samples=self.num_samples + other.num_samples,
                     model_sha256=self.model_sha256 or other.model_sha256,
-                    kinds=tuple(k for k in self.kinds if k in other.kinds))
+                    kinds=tuple(k for k in self.kinds if k in other.kinds),
+                    data=dict(self.data or other.data))   # shards of one run share their preparation
         for src in (self, other):
             for node, slot in src.sums.items():
                 for kind, arr in slot.items():
@@ -120,6 +122,8 @@ class Stats:
             tensors[f"{node}::count"] = np.array([count] if np.ndim(count) == 0 else count, dtype=np.float64)
         meta = {"format": STATS_FORMAT, "format_version": STATS_VERSION, "num_samples": str(self.num_samples),
                 "model_sha256": self.model_sha256, "kinds": json.dumps(list(self.kinds))}
+        if self.data:
+            meta["data"] = json.dumps(self.data, sort_keys=True)
         save_safetensors(tensors, path, meta)
 
     @staticmethod
@@ -134,7 +138,8 @@ class Stats:
                 if meta.get("format") != STATS_FORMAT:
                     raise DataError(f"{path} is not an fps-graph statistics file")
                 st = Stats(num_samples=int(meta["num_samples"]), model_sha256=meta.get("model_sha256", ""),
-                           kinds=tuple(json.loads(meta.get("kinds", '["abs"]'))))
+                           kinds=tuple(json.loads(meta.get("kinds", '["abs"]'))),
+                           data=json.loads(meta["data"]) if meta.get("data") else {})
                 for key in f.keys():
                     node, kind = key.rsplit("::", 1)
                     arr = f.get_tensor(key)

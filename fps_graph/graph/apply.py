@@ -9,6 +9,7 @@ touched: the graph and its speed stay as they were. External data stays external
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,16 +59,32 @@ def _inverse(perm: list[int]) -> list[int]:
     return inv
 
 
-def _old_shape(key: str, shape: tuple[int, ...], df: DeltaFile) -> tuple[int, ...]:
-    """The key tensor's shape in the base model (a replaced head had old_classes rows)."""
+def _head_key(key: str, df: DeltaFile) -> bool:
+    """True for a tensor of a replaced (or new) classification head."""
     head = df.head or {}
-    if head.get("replaced") and (key == head["name"] or key.startswith(head["name"] + ".")) and shape:
-        return (int(head["old_classes"]), *shape[1:])
+    return bool(head.get("replaced")) and (key == head["name"] or key.startswith(head["name"] + "."))
+
+
+def _old_shape(key: str, shape: tuple[int, ...], df: DeltaFile) -> tuple[int | None, ...]:
+    """The key tensor's shape in the base model: a replaced head had old_classes rows; a head the checkpoint did
+    not have (old_classes unknown) any number of rows (None)."""
+    if _head_key(key, df) and shape:
+        old = (df.head or {}).get("old_classes")
+        return (int(old) if old is not None else None, *shape[1:])
     return shape
 
 
+def _fits(stored: tuple[int, ...], shape: tuple[int | None, ...]) -> bool:
+    return len(stored) == len(shape) and all(w is None or s == w for s, w in zip(stored, shape))
+
+
 def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str, list[Target]]:
-    """For every trained tensor, its stored copies in the graph (raises naming a tensor that has none)."""
+    """For every trained tensor, its stored copies in the graph (raises naming a tensor that has none).
+
+    A tensor is found under its key and under the other names of a tied tensor (the delta's ``aliases``): by the
+    masks' record, by the names resolved for the scored layers, by initializer name (in bodies too), as a folded
+    constant; then every other constant of the same values, in the key's layout or transposed (a tied LM head's
+    embedding table, a folded transposed copy), unless the graph names it as another tensor."""
     per_layer: dict[str, Any] = {}
     for layer in layers:
         if layer.weight not in per_layer:
@@ -75,15 +92,18 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
     folded = folded_from(model)
     in_bodies = body_constants(model)
     out: dict[str, list[Target]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for key in df.keys:
         rec = df.tensors.get(key, {})
         shape = _old_shape(key, tuple(int(d) for d in rec.get("shape", [])), df)
+        shapes[key] = shape
+        names = _names_of(key, rec, df)
         found: dict[str, Target] = {}
 
         def add(name: str, perm: list[int] | None, how: str) -> None:
             if name in found or not model.is_constant(name):
                 return
-            if _shape_after(model.tensor_shape(name), perm) != shape:
+            if not _fits(_shape_after(model.tensor_shape(name), perm), shape):
                 return
             found[name] = Target(name, list(perm) if perm else None, how)
 
@@ -92,31 +112,97 @@ def find_targets(model: OnnxModel, df: DeltaFile, layers: list[Any]) -> dict[str
             perm = (rec.get("layout") or {}).get("transpose")
             if not model.is_constant(onnx_name):
                 pass   # another export of the same model: found by the other sources
-            elif _shape_after(model.tensor_shape(onnx_name), perm) != shape:
+            elif not _fits(_shape_after(model.tensor_shape(onnx_name), perm), shape):
                 raise DataError(f"{key}: initializer {onnx_name!r} has shape {list(model.tensor_shape(onnx_name))}"
                                     f", which with layout {perm} does not give the trained shape {list(shape)}")
             else:
                 add(onnx_name, perm, "masks-record")
         for weight, info in per_layer.items():
-            if info.torch == key:
+            if info.torch in names:
                 add(weight, info.perm, f"graph ({info.how})")
-        add(key, None, "initializer-name")
-        for name in in_bodies.get(key, ()):      # stored inside If/Loop/Scan bodies under that name
-            add(name, None, "initializer-name (in a subgraph)")
+        for name in names:
+            add(name, None, "initializer-name")
+            for body_name in in_bodies.get(name, ()):      # stored inside If/Loop/Scan bodies under that name
+                add(body_name, None, "initializer-name (in a subgraph)")
         for name, sources in folded.items():
-            if sources == [key] and model.is_constant(name) and name not in found:
+            if len(sources) == 1 and sources[0] in names and model.is_constant(name) and name not in found:
                 stored = model.tensor_shape(name)
-                if stored == shape:
+                if _fits(stored, shape):
                     add(name, None, "folded-copy")
-                elif len(stored) == 2 and stored[::-1] == shape:
+                elif len(stored) == 2 and _fits(stored[::-1], shape):
                     add(name, [1, 0], "folded-copy")
+        if not found and _head_key(key, df):
+            head = df.head or {}
+            kind = "a new head: the checkpoint had none" if head.get("old_classes") is None else "a replaced head"
+            raise DataError(f"{model.path} has no classification head {head['name']!r} to write the trained "
+                                f"{key} into ({kind}; was the model exported without a head, as causal-lm or "
+                                "feature-extraction?); export the base model with its head (fps-graph export hf:DIR "
+                                "--task seq-cls -o FOLDER) and apply to that")
         if not found:
             raise DataError(f"cannot find {key} (shape {list(shape)}) in {model.path}: no initializer holds it "
                                 "(by recorded layout, graph metadata, node scope or name); was the model exported "
                                 "from the network that was trained, without folding it into other constants (e.g. "
                                 "BatchNorm folded into a Conv by the legacy exporter)?")
         out[key] = list(found.values())
+    _value_copies(model, df, out, shapes, per_layer)
     return out
+
+
+def _names_of(key: str, rec: dict[str, Any], df: DeltaFile) -> list[str]:
+    """The PyTorch names a trained tensor may have in the graph: its key, the other names of a tied tensor, and the
+    key with or without the training model's base-model prefix (a task model trained, its base model exported:
+    `bert.encoder...` vs `encoder...`). Every copy found is checked against the values training started from."""
+    names = [key, *[a for a in rec.get("aliases", []) if a != key]]
+    prefix = str(df.metadata.get("base_model_prefix") or "")
+    if prefix:
+        for n in list(names):
+            names.append(n[len(prefix) + 1:] if n.startswith(prefix + ".") else f"{prefix}.{n}")
+    return list(dict.fromkeys(names))
+
+
+def _value_copies(model: OnnxModel, df: DeltaFile, out: dict[str, list[Target]], shapes: dict[str, tuple[int, ...]],
+                  per_layer: dict[str, Any]) -> None:
+    """Add to each trained matrix every other constant that holds the same values, as stored or transposed (a
+    tied embedding table beside its LM-head copy, however the exporter named them). A constant the graph names as
+    another tensor (scored layers' names) or that another key claims is left alone; matrices whose entries are all
+    equal carry no identity and are not searched."""
+    claimed = {t.name for ts in out.values() for t in ts}
+    other_name = {w: info.torch for w, info in per_layer.items() if info.torch}
+    digests: dict[str, str] = {}
+
+    def digest(a: np.ndarray) -> str:
+        a = np.ascontiguousarray(a)
+        return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name in [*model.initializers, *model.constant_nodes]:
+        if name not in claimed and name not in model.derived:
+            by_shape.setdefault(tuple(model.tensor_shape(name)), []).append(name)
+    for key, targets in out.items():
+        shape = shapes[key]
+        names = set(_names_of(key, df.tensors.get(key, {}), df))
+        if len(shape) < 2 or None in shape or not targets:
+            continue
+        first = targets[0]
+        ref = _key_view(model.tensor(first.name), first.perm)
+        if ref.size == 0 or np.all(ref.reshape(-1) == ref.reshape(-1)[0]):
+            continue
+        want = {digest(ref): None}
+        if ref.ndim == 2:
+            want[digest(ref.T)] = [1, 0]
+        for cand_shape in {shape, shape[::-1]} if len(shape) == 2 else {shape}:
+            for name in by_shape.get(cand_shape, []):
+                if name in claimed or (other_name.get(name) and other_name[name] not in names):
+                    continue
+                if name not in digests:
+                    value = model.tensor(name)
+                    if value.dtype != ref.dtype:
+                        continue
+                    digests[name] = digest(value)
+                if digests[name] in want:
+                    perm = want[digests[name]]
+                    targets.append(Target(name, perm, f"a copy of {first.name} by value"))
+                    claimed.add(name)
 
 
 def body_constants(model: OnnxModel) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ copy by name.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fps_graph.errors import OptionError
 from fps_graph.graph.inventory import Inventory, inventory, layer_record, name_the_rest
 from fps_graph.graph.discover import find_layers
 from fps_graph.graph.layers import Layer, Skipped
@@ -89,6 +91,23 @@ def _matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
+def _check_patterns(include: Sequence[str], exclude: Sequence[str], ids: list[list[str]]) -> None:
+    """Refuse an include/exclude glob that matches no scored layer (a pattern must match a whole name: the
+    PyTorch name, the ONNX weight or the node), naming a near match or a pattern that would match."""
+    every = sorted({n for group in ids for n in group if n})
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pat in patterns:
+            if any(fnmatch.fnmatchcase(n, pat) for n in every):
+                continue
+            loose = f"*{pat.strip('*')}*"
+            hits = [n for n in every if fnmatch.fnmatchcase(n, loose)]
+            close = difflib.get_close_matches(pat, every, n=1, cutoff=0.5)
+            hint = (f"; did you mean {loose!r} (matches {hits[0]}{' ...' if len(hits) > 1 else ''})?" if hits
+                    else f"; did you mean {close[0]!r}?" if close else "")
+            raise OptionError(f"{flag} {pat!r} matches no scored layer: a pattern must match a whole name (PyTorch "
+                              f"name, ONNX weight or node; fps-graph inspect lists them){hint}")
+
+
 def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
               state_dict: dict[str, np.ndarray] | None = None) -> Plan:
     """Load a model and find, filter and name its scored layers.
@@ -104,6 +123,7 @@ def make_plan(model_path: str | Path, include: Sequence[str] = (), exclude: Sequ
     model = load_model(model_path)
     layers, skipped = find_layers(model)
     names = resolve_names(model, layers, state_dict)
+    _check_patterns(include, exclude, [[names[layer.weight].key, layer.weight, layer.node] for layer in layers])
     kept = []
     for layer in layers:
         ids = [names[layer.weight].key, layer.weight, layer.node]

@@ -11,7 +11,7 @@ unselected positions (row-major): they change nothing, so the adapter's outputs 
 bit for bit (trained further with PEFT, the padding would train too). K-per-neuron top-K on a layer with
 ``out`` rows selects ``out * K``; with ``in == out`` (square projections) that is ``r = ceil(K / 2)``.
 Not representable (one-line error each): a delta on a Conv, Embedding or other non-Linear weight; a weight tied
-to another module (a tied LM head/input embedding: exclude ``lm_head`` from the selection); a layer too small
+to another module (a tied LM head/input embedding: exclude its mask key from the selection); a layer too small
 for the common ``r``; a tensor trained in full whose module is also adapted sparsely (a bias: ``--no-train-bias``)
 or that belongs to no submodule. Tensors trained in full go to ``modules_to_save`` (whole modules).
 """
@@ -61,8 +61,10 @@ def shira_plan(handle: Any) -> ShiraPlan:
         owners = handle.owners(key)
         if len(owners) > 1:
             tied = ", ".join(f"{names[id(m)]}.{a}" for m, a in owners)
+            masks = getattr(handle, "masks", None)
+            selected_as = ((masks.info.get(key) or {}).get("mask_key") if masks is not None else None) or key
             raise ModelError(f"SHiRA cannot hold the delta on {key}: it is tied ({tied}) and SHiRA adapts one "
-                                "Linear module at a time; select without it (e.g. --exclude lm_head)")
+                                f"Linear module at a time; select without it (--exclude '{selected_as}')")
         module, attr = owners[0]
         if not isinstance(module, nn.Linear) or attr != "weight":
             raise ModelError(f"SHiRA cannot hold the delta on {key}: it adapts nn.Linear weights only, this is "

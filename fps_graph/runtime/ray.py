@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import resource
 import socket
-import sys
 import time
 import uuid
 from types import ModuleType
@@ -36,6 +34,7 @@ from fps_graph.data.sources import Source
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel, load_model
 from fps_graph.graph.observe import plan_observers
+from fps_graph.runtime.memory import peak_rss_mb
 from fps_graph.runtime.calibrate import BatchStats, CalibrationInfo, Progress, check_finite
 from fps_graph.runtime.config import RuntimeConfig
 from fps_graph.runtime.shards import (JOB_FORMAT, JOB_VERSION, ClusterOptions, Shard, Workdir, order_digest,
@@ -58,10 +57,6 @@ def require_ray() -> ModuleType:
     except ImportError as exc:   # the optional extra
         raise RuntimeFailure("Ray is not installed: pip install 'fps-graph[ray]'") from exc
     return ray
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
 class ShardWorker:
@@ -122,7 +117,7 @@ class ShardWorker:
     def finish(self) -> dict[str, Any]:
         """What the worker measured: peak resident memory (MB), largest micro-batch (0: batches ran whole)."""
         micro = getattr(self.step, "micro", None)
-        return {"peak_rss_mb": _peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
+        return {"peak_rss_mb": peak_rss_mb(), "micro_batch": micro.slice_size() if micro is not None else 0}
 
 
 class ProgressBoard:
@@ -248,8 +243,14 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
     saved = workdir.open() if workdir else set()
     todo = [s for s in shards if s.id not in saved]
     t0 = time.perf_counter()
-    started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    try:
+        started = _connect(cluster.address) if todo else False     # everything saved already: no Ray needed
+    except BaseException:
+        if workdir is not None:
+            workdir.close(discard=True)      # nothing ran: leave no job file or lock behind
+        raise
     connect_s = time.perf_counter() - t0
+    failed = True
     actors: list[Any] = []
     board = None
     infos: list[dict[str, Any]] = []
@@ -273,6 +274,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         stats, order, rerun, seconds = _run_shards(actors, board, shards, todo, saved, workdir, layers, model,
                                                    kinds, cluster, total_samples, progress)
         finished = [ray.get(a.finish.remote(), timeout=30) for a in actors]
+        failed = False
     finally:
         for a in actors + ([board] if board is not None else []):
             try:
@@ -282,7 +284,7 @@ def collect_stats_ray(model: OnnxModel, layers: list[Layer], open_data: Callable
         if started:
             ray.shutdown()
         if workdir is not None:
-            workdir.close()
+            workdir.close(discard=failed)     # a run that saved shards keeps them (resume); else nothing stays
     providers = sorted({i["provider"] for i in infos}) or [runtime.provider]
     report = {"workers": n, "cpus_per_worker": cpu_share, "gpus_per_worker": gpu, "shards": len(shards),
               "shard_samples": shards[0].samples if shards else 0, "resumed": len(saved), "rerun": rerun,

@@ -148,6 +148,7 @@ class Workdir:
         self.shards = shards
         self.resume = resume
         self._lock: Any = None
+        self._made: list[Path] = []       # what open() created (a failed start removes it again: discard)
 
     def open(self) -> set[int]:
         """Create the folder (new run) or check it (resumed run); return the ids of the shards already saved."""
@@ -166,9 +167,13 @@ class Workdir:
         else:
             if not self.root.parent.is_dir():
                 raise OptionError(f"folder of the work folder does not exist: {self.root.parent}")
+            self._made = [p for p in (self.root, self.dir) if not p.exists()]
             self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_output(job_path, force=True) as tmp:
                 tmp.write_text(json.dumps(self.job, indent=1, sort_keys=True) + "\n")
+            self._made.append(job_path)
+            if not (self.dir / ".lock").exists():
+                self._made.append(self.dir / ".lock")
         self._take_lock()
         for stale in self.dir.glob(".shard-*.tmp"):       # left by a driver killed while writing
             stale.unlink(missing_ok=True)
@@ -186,11 +191,20 @@ class Workdir:
             self._lock = None
             raise RuntimeFailure(f"work folder {self.root} is in use by another run") from exc
 
-    def close(self) -> None:
-        """Release the folder."""
+    def close(self, discard: bool = False) -> None:
+        """Release the folder. With discard (a run that failed before saving any shard, e.g. Ray did not start),
+        also remove what open() created, so that the same command works again."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if discard and not any(self.dir.glob("shard-*.safetensors")):
+            for p in reversed(self._made):
+                if p.is_dir():
+                    if not any(p.iterdir()):
+                        p.rmdir()
+                else:
+                    p.unlink(missing_ok=True)
+            self._made = []
 
     def _check_job(self, job_path: Path) -> None:
         try:

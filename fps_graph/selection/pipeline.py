@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import resource
-import sys
 import time
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ from fps_graph._version import __version__
 from fps_graph.runtime.calibrate import CalibrationInfo, Progress, collect_stats
 from fps_graph.runtime.config import RuntimeConfig
 from fps_graph.runtime.ray import collect_stats_ray   # imports Ray itself only when called
+from fps_graph.runtime.memory import peak_rss_mb
 from fps_graph.runtime.shards import DEFAULT_SHARD_SIZE, ClusterOptions, batch_groups, shard_batches
 from fps_graph.data.static import WithStatic, load_static, with_static_hint
 from fps_graph.data.dispatch import open_source
@@ -287,6 +286,8 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
     if opts.stats_in:
         stats = load_merged(list(opts.stats_in))
         _check_stats_file(stats, plan, ", ".join(opts.stats_in))
+        if stats.data:            # the data record of the run that collected them (train follows it)
+            plan.data["calibration"] = dict(stats.data)
         need = {"mean-abs": "abs", "l2": "sq"}.get(stat or "")
         if need and need not in stats.kinds:
             raise DataError(f"statistics files hold {list(stats.kinds)} sums; --stat {stat} needs {need}")
@@ -294,6 +295,7 @@ def _gather_stats(plan: Plan, data: str | None, opts: SelectOptions, stat: str |
         if data is None:
             raise OptionError(f"--score {opts.score} needs calibration DATA (or --stats-in FILE)")
         stats, calib = calibrate(plan, data, opts, kinds, progress, "calibration", warnings)
+        stats.data = dict(plan.data.get("calibration", {}))     # kept in a --stats-out file (--stats-in reads it)
     anchor: Stats | None = None
     if get_score(opts.score).anchor:
         if opts.anchor_stats_in:
@@ -358,9 +360,6 @@ def _metadata(model_path: str | Path, plan: Plan, opts: SelectOptions, stat: str
     }
 
 
-def peak_rss_mb() -> float:
-    """High-water resident memory of this process, in MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
 UNREACHED_NAMED = 20    # weights named in the warning; the masks header's skipped list holds them all

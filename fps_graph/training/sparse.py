@@ -55,6 +55,7 @@ class MaskSet:
     sha256: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     scales: dict[str, np.ndarray] = field(default_factory=dict)   # per key: each entry's input statistic (select)
+    notes: list[str] = field(default_factory=list)      # what align_masks changed (attach reports them)
 
 
 def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> MaskSet:
@@ -88,28 +89,83 @@ def load_mask_set(masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> Mas
 
 
 def canonical_masks(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | MaskSet) -> MaskSet:
-    """The masks with tied tensors under one key (the model's first name for the tensor; indices united)."""
-    ms = load_mask_set(masks)
+    """The masks under this model's names (``align_masks``): a tied tensor under one key, indices united."""
+    return align_masks(model, load_mask_set(masks))
+
+
+def tied_aliases(model: nn.Module, keys: Iterable[str]) -> dict[str, list[str]]:
+    """For each key naming a tied tensor (one Parameter under several names), its other names."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for key in keys:
+        if key in params and len(names[id(params[key])]) > 1:
+            out[key] = [n for n in names[id(params[key])] if n != key]
+    return out
+
+
+def align_masks(model: nn.Module, ms: MaskSet) -> MaskSet:
+    """Mask keys as this model names its tensors (the one key every stage uses for a tied tensor):
+
+    * a tied tensor takes its first name in ``named_parameters(remove_duplicate=False)`` (for a tied LM head,
+      the input embedding, ``model.embed_tokens.weight``); masks under several of its names are united;
+    * a transformers model: a key of the base model (``encoder.layer.0...``, a feature-extraction export) gets the
+      model's ``base_model_prefix`` (``bert.encoder.layer.0...``) when only that names a parameter, and loses it in
+      the other direction;
+    * a transformers model without an LM head (seq-cls, base): masks selected on the LM head of a causal-LM export
+      (a MatMul/Gemm over the vocabulary matrix: ``lm_head.weight``, or the tied embedding used as the head) are
+      left out, with a note: the model replaced that head with its own.
+    Keys naming nothing stay as they are (``attach`` then refuses them by name). What changed is said in the
+    returned set's ``notes`` (``attach`` adds them to the handle's)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     first: dict[int, str] = {}
-    alias: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-        alias[name] = first[id(p)]
-    keys: dict[str, list[str]] = {}
+    canon: dict[str, str] = {}
+    for n, p in params.items():
+        canon[n] = first.setdefault(id(p), n)
+    transformers_model = is_transformers(model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "") if transformers_model else ""
+    no_lm_head = transformers_model and model.get_output_embeddings() is None
+    emb = model.get_input_embeddings() if transformers_model else None
+    emb_name = next((n for n, p in params.items() if emb is not None and p is getattr(emb, "weight", None)), None)
+    vocab = int(getattr(emb, "num_embeddings", 0) or 0)
+    groups: dict[str, list[str]] = {}
+    dropped: list[str] = []
     for key in ms.indices:
-        keys.setdefault(alias.get(key, key), []).append(key)
-    if all(len(v) == 1 and v[0] == k for k, v in keys.items()):
+        k = key
+        if k not in params and prefix:
+            if f"{prefix}.{k}" in params:
+                k = f"{prefix}.{k}"
+            elif k.startswith(prefix + ".") and k[len(prefix) + 1:] in params:
+                k = k[len(prefix) + 1:]
+        rec = ms.info.get(key) or {}
+        as_head = rec.get("op") in ("MatMul", "Gemm") and (ms.shapes.get(key) or (0,))[0] == vocab and vocab > 0
+        if no_lm_head and as_head and (k not in params or canon[k] == emb_name):
+            dropped.append(key)
+            continue
+        groups.setdefault(canon.get(k, k), []).append(key)
+    notes = list(ms.notes)
+    if dropped:
+        notes.append(f"left out {', '.join(dropped)}: selected on the LM head of a causal-LM export; this "
+                     f"{type(model).__name__} has no LM head (its own head trains instead)")
+    if not dropped and all(len(v) == 1 and v[0] == k for k, v in groups.items()):
         return ms
     indices, shapes, info, scales = {}, {}, {}, {}
-    for canon, group in keys.items():
-        indices[canon], first = np.unique(np.concatenate([ms.indices[k] for k in group]), return_index=True)
-        if all(k in ms.scales for k in group):     # a united entry keeps the statistic of its first occurrence
-            scales[canon] = np.concatenate([ms.scales[k] for k in group])[first]
-        shapes[canon] = next((ms.shapes[k] for k in group if ms.shapes.get(k) is not None), None)
-        # keep the ONNX record of the key `select` wrote (apply finds the stored copy through it)
-        info[canon] = ms.info.get(group[0], {}) if len(group) == 1 else \
-            next((ms.info[k] for k in group if ms.info.get(k)), {})
-    return MaskSet(indices, shapes, info, ms.source, ms.sha256, ms.metadata, scales)
+    for k, group in groups.items():
+        indices[k], first_at = np.unique(np.concatenate([ms.indices[g] for g in group]), return_index=True)
+        if all(g in ms.scales for g in group):     # a united entry keeps the statistic of its first occurrence
+            scales[k] = np.concatenate([ms.scales[g] for g in group])[first_at]
+        shapes[k] = next((ms.shapes[g] for g in group if ms.shapes.get(g) is not None), None)
+        info[k] = dict(next((ms.info[g] for g in group if ms.info.get(g)), {}))
+        if group != [k]:
+            info[k]["mask_key"] = group[0]       # the name select wrote (what --include/--exclude match)
+    moved = sorted(f"{g} -> {k}" for k, group in groups.items() for g in group if g != k)
+    if moved:
+        notes.append(f"mask keys renamed to this model's names: {', '.join(moved[:3])}"
+                     + (f" (and {len(moved) - 3} more)" if len(moved) > 3 else ""))
+    return MaskSet(indices, shapes, info, ms.source, ms.sha256, ms.metadata, scales, notes)
+
 
 
 # ---------------------------------------------------------------------------------------- parametrization
@@ -178,6 +234,7 @@ class SparseFineTune:
         self._hooks: list[Any] = []
         self._own_order: dict[int, list[str]] = {}
         self._frozen_norms: list[nn.Module] = []
+        self.aliases: dict[str, list[str]] = {}     # key of a tied tensor -> its other names (align_masks)
         self.merged = False
         self.attached = True
 
@@ -315,12 +372,16 @@ class SparseFineTune:
             rec = {"kind": "sparse", "shape": list(w.shape), "dtype": str(w.dtype).replace("torch.", ""),
                    "selected": int(d.delta.numel()), "total": int(w.numel())}
             rec.update(_onnx_record(info.get(key)))
+            if key in self.aliases:
+                rec["aliases"] = list(self.aliases[key])
             recs[key] = rec
         for key, p in self.full.items():
             rec = {"kind": "full", "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
                    "selected": int(p.numel()), "total": int(p.numel()), "reason": self.full_reason.get(key, ""),
                    "has_base": key in self._base_full}
             rec.update(_onnx_record(info.get(key)))
+            if key in self.aliases:
+                rec["aliases"] = list(self.aliases[key])
             recs[key] = rec
         return recs
 
@@ -336,6 +397,9 @@ class SparseFineTune:
             meta.setdefault("model_sha256", str(self.masks.metadata.get("model_sha256", "")))
             meta.setdefault("masks_model", str(self.masks.metadata.get("model", "")))
         meta.setdefault("fps_graph_version", __version__)
+        prefix = getattr(self.model, "base_model_prefix", "") if is_transformers(self.model) else ""
+        if prefix:      # apply matches `bert.encoder...` keys to a base-model export's `encoder...` and back
+            meta.setdefault("base_model_prefix", str(prefix))
         write_delta(path, sparse, full, self.tensor_records(), self.head.to_json() if self.head else {}, meta)
 
     def write_files(self, folder: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -399,9 +463,12 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
     if masks is not None and not ms.indices:
         raise DataError(f"{ms.source}: holds no masks")
     handle = SparseFineTune(model)
+    ms = align_masks(model, ms)                  # one key per tensor, this model's names
+    handle.notes.extend(ms.notes)
     handle.masks = ms if masks is not None else None
     _check_masks(model, ms, head.name if isinstance(head, HeadInfo) and head.replaced else None)
     check_globs(model, train_full)
+    tied = tied_aliases(model, [n for n, _ in model.named_parameters(remove_duplicate=False)])  # before parametrizing
 
     # the head, replaced when the number of classes changes
     if isinstance(head, HeadInfo):
@@ -431,17 +498,30 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
             seen.add(id(p))
             handle.full_finetune_params += p.numel()
     order = {n: i for i, n in enumerate(params)}
-    for n in full:
+    first_name: dict[int, str] = {}
+    for n, p in params.items():
+        first_name.setdefault(id(p), n)
+    for n0 in full:
+        n = first_name[id(params[n0])]          # a tied tensor: under its first name, once
+        if n in handle.full:
+            continue
         p = params[n]
         p.requires_grad_(True)
         handle.full[n] = p
-        handle.full_reason[n] = full[n]
-        if not (handle.head is not None and handle.head.replaced and full[n] == "head"):
+        handle.full_reason[n] = full[n0]
+        if not (handle.head is not None and handle.head.replaced and full[n0] == "head"):
             handle._base_full[n] = p.detach().clone()
 
     # deltas on the masked weights not trained in full (shared tensors: one delta for every owner)
     full_ids = {id(p) for p in handle.full.values()}
     steps: list[torch.Tensor] = []
+    recorded = str((ms.metadata or {}).get("input_scale", "none"))
+    if step_scale is StepScale.INPUT and recorded != "none":
+        missing = sorted(k for k in ms.indices if ms.indices[k].size and k not in ms.scales)
+        if missing:
+            raise DataError(f"{ms.source}: the header says each entry's input scale ({recorded}) was recorded, but "
+                            f"the file holds none for {len(missing)} tensors ({', '.join(missing[:3])}): re-run "
+                            "`fps-graph select` to write them, or train with --step-scale none")
     for key in sorted(ms.indices, key=order.__getitem__):
         p = params[key]
         if id(p) in full_ids:
@@ -466,6 +546,7 @@ def attach(model: nn.Module, masks: str | os.PathLike | Mapping[str, Any] | Mask
         handle._originals[key] = p
         handle._owners[key] = owners
         handle._base_sparse[key] = p.detach().reshape(-1).index_select(0, idx).clone()
+    handle.aliases = {k: tied[k] for k in [*handle.deltas, *handle.full] if k in tied}
     if handle.superseded:
         handle.notes.append(f"trained in full instead of sparsely: {', '.join(handle.superseded)}")
     if steps:
