@@ -142,12 +142,56 @@ def padding_row() -> tuple[str, str, str] | None:
             f"{m['padded']['pass_s_median']:.0f} s padded, load {res['load_start']:.0f})", "[text](docs/text.md)")
 
 
-GENERATORS: list[Callable[[], tuple[str, str, str] | None]] = [vit_row, llm_row, conv_row, padding_row, pack_row]
+QUALITY_LM = "quality_lm"
+TASK_NAMES = {"trec": "TREC accuracy %", "shakespeare": "tiny-shakespeare perplexity", "sms": "SMS spam accuracy %"}
+SHORT = {"fps": "fps", "random": "random", "lora": "LoRA", "full": "full", "head": "head only", "none": "pretrained"}
+
+
+def quality_lm_row() -> tuple[str, str, str] | None:
+    """The LM study (bench/quality_lm): per task, test scores at the middle budget (mean over seeds at each
+    method's rate chosen on validation), fps minus random paired over seeds, and the default recipe against the
+    floor. None while the study's report is partial."""
+    res = _load(QUALITY_LM)
+    if res is None or res.get("partial") or not res.get("experiments"):
+        return None
+    middle = res["plan"]["budgets"][len(res["plan"]["budgets"]) // 2]
+    label = f"{middle * 100:g}%"
+    parts = []
+    for name, sec in res["experiments"].items():
+        model, task = name.split("/")
+        cells = sec["cells"]
+        mean = lambda key: sum(cells[key]["values"]) / len(cells[key]["values"])   # noqa: E731
+        causal = task == "shakespeare"
+        fmt = (lambda v: f"{v:.1f}") if causal else (lambda v: f"{v:.1f}")         # noqa: E731
+        scores = [f"{SHORT[m]} {fmt(mean(f'{m}@{label}'))}" for m in ("fps", "random", "lora")
+                  if cells.get(f"{m}@{label}", {}).get("values")]
+        scores += [f"{SHORT[m]} {fmt(mean(m))}" for m in ("full", "head", "none") if cells.get(m, {}).get("values")]
+        pr = sec["paired"].get("fps", {}).get("random", {})
+        diff = ""
+        if pr.get("n", 0) >= 2:
+            unit = "(loss x100, + = better)" if causal else "pp"
+            diff = f"; fps minus random {pr['mean_pp']:+.1f} ± {pr['sem_pp']:.1f} {unit} over {pr['n']} seeds"
+        floor = sec.get("never_below_floor") or {}
+        worst = floor.get("worst")
+        fl = ""
+        if worst:
+            below = worst[2] > 0 if causal else worst[2] < 0
+            fl = "; default recipe **below** the floor once" if below else "; default never below the floor"
+        parts.append(f"{TASK_NAMES.get(task, task)} ({label}/layer): " + ", ".join(scores) + diff + fl)
+    seeds = res["plan"].get("seeds")
+    text = (f"pretrained LM (SmolLM2-135M), test, {seeds} seeds, each method at its own best rate: "
+            + "; ".join(parts) + ". Small models: FPS +1.5 / +1.0 pp over random on CREPE, -1.6 on a CNN")
+    return "quality, same trainable count", text, "[quality](docs/quality.md)"
+
+
+GENERATORS: list[Callable[[], tuple[str, str, str] | None]] = [vit_row, llm_row, conv_row, padding_row, pack_row,
+                                                              quality_lm_row]
 # the first cell of the row each generator replaces, when the README's wording was different
 REPLACES = {"vit_row": ("selection memory, ViT-B/16, batch 32", "selection time, same runs",
                         "selection memory and time, ViT-B/16, batch 32"),
             "llm_row": ("1.1B Llama decoder",), "conv_row": ("conv nets at batch 1",),
-            "padding_row": ("text padding",), "pack_row": ("long documents",)}
+            "padding_row": ("text padding",), "pack_row": ("long documents",),
+            "quality_lm_row": ("quality, same trainable count",)}
 
 
 def _cells(line: str) -> list[str]:

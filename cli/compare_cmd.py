@@ -74,8 +74,8 @@ def compare(model: str, methods: str, budgets: str, lrs: str, quiet: bool, **kw:
     cfg = CompareConfig(model=model, methods=_list(methods, "--methods", str), budgets=_list(budgets, "--budget",
                         _budget), lrs=_list(lrs, "--lrs", float), **kw)
     require("torch", "compare", TORCH_INSTALL)
-    require("transformers", "compare", "pip install 'fps-graph[torch]'")
-    require("peft", "compare", "pip install 'fps-graph[torch]'")
+    require("transformers", "compare", "pip install 'fps-graph[compare]'")
+    require("peft", "compare", "pip install 'fps-graph[compare]'")
     from fps_graph.compare.job import run_compare
 
     res = run_compare(cfg, Printer(quiet))

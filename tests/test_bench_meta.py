@@ -84,3 +84,16 @@ def test_every_benchmark_writing_results_records_the_block():
             continue
         assert uses_meta, f"{rel} writes results without bench.meta"
     assert "bench/selection.py" in writers and "bench/llm.py" in writers and len(writers) >= 7
+
+
+def test_every_results_file_names_its_commit():
+    """Every results JSON in bench/results records the git commit it ran at (bench/meta.py's block, or a writer's own
+    git_commit), or, for files written before that existed, a provenance block naming the commit that holds them."""
+    import json
+
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        doc = json.loads(path.read_text())
+        text = json.dumps(doc)
+        prov = doc.get("provenance") or {}
+        assert '"commit"' in text or '"git_commit": "' in text or len(prov.get("committed_in") or "") == 40, \
+            f"{path.name}: no git commit recorded"

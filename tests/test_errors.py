@@ -183,4 +183,4 @@ def test_without_torch_train_is_listed_and_says_what_to_install():
                "sys.exit(entry(['--help']))")
     assert p.returncode == 0, p.stderr
     listed = {line.split()[0] for line in p.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert listed == {"apply", "export", "inspect", "select", "train"}
+    assert listed == {"apply", "compare", "export", "inspect", "select", "train"}

@@ -38,3 +38,19 @@ def test_every_listed_package_exists():
     for pkg in cfg["packages"]:
         top, *rest = pkg.split(".")
         assert (ROOT / dirs.get(top, Path(top)) / Path(*rest) / "__init__.py").is_file(), pkg
+
+
+def test_every_extra_the_docs_install_exists():
+    """`pip install 'fps-graph[X]'` in README, docs and messages names an extra pyproject defines (pip only warns about
+    an unknown extra and installs without it)."""
+    import re
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        extras = set(tomllib.load(f)["project"]["optional-dependencies"])
+    named = set()
+    for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "fps_graph").rglob("*.py"),
+                 *(ROOT / "cli").rglob("*.py")]:
+        for group in re.findall(r"fps-graph\[([a-z0-9_,-]+)\]", path.read_text()):
+            named.update(group.split(","))
+    assert named and "compare" in named
+    assert named <= extras, f"extras named but not defined in pyproject.toml: {sorted(named - extras)}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fps_graph.errors import DataError, OptionError
-from fps_graph.selection.scores import SCORES
+from fps_graph.selection.scores import SCORES, get_score
 
 __all__ = ["CompareConfig", "TASKS", "OTHER_METHODS", "DEFAULT_METHODS", "DEFAULT_SCORE", "sparse_methods"]
 
@@ -19,12 +19,11 @@ TASKS = ("seq-cls", "causal-lm")
 DEFAULT_SCORE = "fps"                     # `select`'s default --score: what a user gets without choosing
 OTHER_METHODS = ("lora", "head")          # beside the selections: LoRA at the same count, the head-only floor
 DEFAULT_METHODS = (DEFAULT_SCORE, "random", "lora", "head")
-_ANCHORED = ("gd-fps",)                   # scores that need anchor data compare cannot supply
 
 
 def sparse_methods() -> tuple[str, ...]:
     """The selection scores compare can train (select's registry, less those needing anchor data)."""
-    return tuple(s for s in SCORES if s not in _ANCHORED)
+    return tuple(s for s in SCORES if not get_score(s).anchor)   # anchor data: compare has none to give
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:

@@ -47,6 +47,7 @@ from fps_graph.integrations.hf_export import HfExportOptions, Task as ExportTask
 from fps_graph.integrations.lora_match import LoraMatch, match_lora
 from fps_graph.selection.pipeline import SelectOptions, run_select, write_result, write_stats
 from fps_graph.selection.ranking import Budget
+from fps_graph.selection.scores import get_score
 from fps_graph.training.adapters import Adapter, LoraAdapter, SparseAdapter
 from fps_graph.training.config import DataConfig, OptimConfig, RunConfig, TrainsConfig
 from fps_graph.training.loop import Callbacks
@@ -58,7 +59,6 @@ __all__ = ["CompareCallbacks", "CompareResult", "run_compare", "FILES"]
 
 FILES = {"md": "compare.md", "json": "compare.json", "plot": "compare.png", "runs": "runs.jsonl",
          "onnx": "onnx", "stats": "stats.safetensors", "masks": "masks"}
-SEEDED = ("random", "fps-sample", "act-sample")      # scores whose selection depends on --seed
 LORA_ALPHA_RATIO = 2.0                               # lora_alpha = 2 r: the scale alpha / r is 2 in every module
 
 
@@ -112,6 +112,11 @@ class _Data:
     evals: dict[str, TaskData]
     n_train: int
 
+
+
+def _seeded(method: str) -> bool:
+    """Whether a selection method's masks depend on --seed (the score registry says), so each seed draws its own."""
+    return get_score(method).seeded
 
 def _read_data(cfg: CompareConfig, folder: Path, task_name: str) -> _Data:
     """Every split read and tokenized as training reads it: wrong fields, labels or lengths are refused here,
@@ -181,13 +186,13 @@ def _selections(cfg: CompareConfig, out: Path, cb: CompareCallbacks) -> _Selecti
     for budget in cfg.budgets:
         label = budget_label(budget)
         for m in cfg.sparse or ("magnitude",):      # no selection asked for: one to count LoRA's budget from
-            for seed in (range(cfg.seeds) if m in SEEDED else (0,)):
+            for seed in (range(cfg.seeds) if _seeded(m) else (0,)):
                 path = mdir / f"{m}_{label}_s{seed}.safetensors"
                 cb.on_stage(f"select --score {m} --budget {label} --granularity layer"
-                            + (f" --seed {seed}" if m in SEEDED else "") + f" -> {path.name}")
+                            + (f" --seed {seed}" if _seeded(m) else "") + f" -> {path.name}")
                 write_result(run_select(onnx_dir, None, _options(cfg, m, budget, seed, (str(stats),))), path,
                              force=True)
-                for s in (range(cfg.seeds) if m not in SEEDED else (seed,)):
+                for s in (range(cfg.seeds) if not _seeded(m) else (seed,)):
                     masks[(m, label, s)] = path
         first = masks[((cfg.sparse or ("magnitude",))[0], label, 0)]
         counts = {k: len(v) for k, v in load_indices(first).items()}
