@@ -9,7 +9,8 @@ metrics; seq-cls: a fresh head seeded by the run's seed) and AdamW with linear w
   count equals LoRA's on the same modules), with the library's default step scale (``--step-scale input``: masks
   that carry input statistics, e.g. fps and act-sample, scale each entry's step; random / magnitude / gps masks
   carry none). ``scale="none"``: every entry at the learning rate (``--step-scale none``, the behaviour before
-  issue 16). ``scale="input"`` (repro.py's bench-side candidate, unclipped) reparametrises each delta as ``c_i * theta_i`` with
+  issue 16). ``scale="input"`` (repro.py's bench-side candidate, unclipped) reparametrises each delta as
+  ``c_i * theta_i`` with
   ``c_i = median_j E|x_j| / E|x_col(i)|`` over the layer's input features (candidate (a) of issue 16: with Adam an
   entry then moves its output by about the same amount whatever its input's scale): ``InputScaledSparse``.
 * ``lora``: ``LoraAdapter`` (PEFT) on the blocks' Linear layers, rank per module; the seq-cls head as
@@ -163,8 +164,9 @@ def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: 
     rec: dict[str, Any] = {"method": spec.method, "kind": spec.kind, "lr": spec.lr, "seed": spec.seed,
                            "task": task.name, "model": folder.name, "block_linear_params": int(block)}
     run_cfg = RunConfig(output=None, seed=spec.seed, threads=threads, plot=False, stop_on_divergence=True)
-    optim = OptimConfig(optimizer="adamw", lr=spec.lr, weight_decay=0.0, batch_size=task.batch_size,
-                        epochs=task.epochs, warmup_epochs=0.3, min_lr=0.0)
+    optim = OptimConfig(optimizer="adamw", lr=spec.lr if spec.kind != "none" else 1e-3,   # none: nothing trains
+                        weight_decay=0.0, batch_size=task.batch_size, epochs=task.epochs, warmup_epochs=0.3,
+                        min_lr=0.0)
     adapter = None if spec.kind == "none" else adapter_for(spec, task.kind == "seq-cls")
     evals = {**({"val": val} if with_val else {}), **({"test": tst} if tst is not None else {})} \
         if evaluate_val else {}
