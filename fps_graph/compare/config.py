@@ -56,7 +56,7 @@ class CompareConfig:
     budgets: tuple[float, ...] = _opt((0.005,), "Fraction of each block Linear's weights the selections train, "
                                       "e.g. 0.5% (several, comma-separated: the sweep runs at the middle one).",
                                       "--budget")
-    lrs: tuple[float, ...] = _opt((3e-4, 1e-3, 1e-2), "Learning rates swept per method on seed 0; each method "
+    lrs: tuple[float, ...] = _opt((3e-3, 1e-2, 3e-2), "Learning rates swept per method on seed 0; each method "
                                   "keeps its best on validation.", "--lrs")
     seeds: int = _opt(3, "Seeds per method at its chosen rate (training order, a new head, random masks, LoRA's "
                          "initialisation); paired differences are over seeds.", "--seeds")
