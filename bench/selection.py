@@ -123,10 +123,10 @@ def run_one(method: str, model: str, info: dict, onnx_path: str, data: tuple[str
 
 def agreement(a: str, b: str) -> float | None:
     """Fraction of a's selected indices that b selects too, over the keys both have (None if no common key)."""
-    from safetensors.numpy import load_file
+    from fps_graph.formats.masks import load_indices   # the selected indices only (not the per-entry scales)
 
     try:
-        x, y = load_file(a), load_file(b)
+        x, y = load_indices(a), load_indices(b)
     except Exception:
         return None
     common = sorted(set(x) & set(y))
