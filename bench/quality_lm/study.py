@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                     plan["lrs"][key] = {m: sweep_lrs(m)[1] for m in methods}
                 if not plan["lrs"].get(key):
                     plan["lrs"][key] = sweep(p, task_methods(plan, task), runs_file, args.jobs)
-                plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+                plan_file.write_text(json.dumps({**plan, "meta": meta()}, indent=1, default=str) + "\n")
             lines = grid_lines(p, task_methods(plan, task), budgets, seeds, plan["lrs"][key])
             log(f"[{key}] {len(lines)} runs")
             run_grid(lines, runs_file, args.jobs)
