@@ -162,10 +162,9 @@ def quality_lm_row() -> tuple[str, str, str] | None:
         cells = sec["cells"]
         mean = lambda key: sum(cells[key]["values"]) / len(cells[key]["values"])   # noqa: E731
         causal = task == "shakespeare"
-        fmt = (lambda v: f"{v:.1f}") if causal else (lambda v: f"{v:.1f}")         # noqa: E731
-        scores = [f"{SHORT[m]} {fmt(mean(f'{m}@{label}'))}" for m in ("fps", "random", "lora")
+        scores = [f"{SHORT[m]} {mean(f'{m}@{label}'):.1f}" for m in ("fps", "random", "lora")
                   if cells.get(f"{m}@{label}", {}).get("values")]
-        scores += [f"{SHORT[m]} {fmt(mean(m))}" for m in ("full", "head", "none") if cells.get(m, {}).get("values")]
+        scores += [f"{SHORT[m]} {mean(m):.1f}" for m in ("full", "head", "none") if cells.get(m, {}).get("values")]
         pr = sec["paired"].get("fps", {}).get("random", {})
         diff = ""
         if pr.get("n", 0) >= 2:
