@@ -104,8 +104,9 @@ def summarize(runs: list[dict], models: list[str]) -> dict:
             ok = [r for r in runs if r["model"] == name and r["method"] == method and r["rc"] == 0]
             if not ok:
                 continue
+            keys = ("total_s", "pass_s", "cpu_s", "peak_rss_mb") + (("ort_s", "host_s") if method == "ours" else ())
             row[method] = {k: {"median": float(np.median([r[k] for r in ok])), "min": min(r[k] for r in ok),
-                               "max": max(r[k] for r in ok)} for k in ("total_s", "pass_s", "cpu_s", "peak_rss_mb")}
+                               "max": max(r[k] for r in ok)} for k in keys if all(k in r for r in ok)}
             row[method]["n"] = len(ok)
         out[name] = row
     return out
@@ -120,19 +121,24 @@ def markdown(res: dict) -> str:
              f"{res['load_end'][0]:.2f} at end", "",
              f"{res['samples']} samples per model, batch 1, {res['reps']} repetitions (median, min-max), each method "
              "in its own process. *total*: after the imports to the masks written (plain: to the last output).", "",
+             "*select pass* splits into the time inside ONNX Runtime's run on the observed graph (*in ORT*) and "
+             "the time adding its outputs up on the host (*host sums*: each conv's per-tap window sums, "
+             "runtime/windows.py); the rest is reading the data.", "",
              "| model | plain total s | select total s | select / plain | plain pass s | select pass s | "
-             "pass ratio | plain peak MB | select peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "pass ratio | select: in ORT s | select: host sums s | plain peak MB | select peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["summary"].items():
         if "plain" not in r or "ours" not in r:
             err = next((x.get("error", "") for x in res["runs"] if x["model"] == name and x["rc"] != 0), "")
-            lines.append(f"| {name} | failed: {err[:100]} ||||||||")
+            lines.append(f"| {name} | failed: {err[:100]} ||||||||||")
             continue
         p, o = r["plain"], r["ours"]
         cell = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"   # noqa: E731
         lines.append(f"| {name} | {cell(p['total_s'])} | {cell(o['total_s'])} | "
                      f"{o['total_s']['median'] / p['total_s']['median']:.2f}x | {p['pass_s']['median']:.2f} | "
                      f"{o['pass_s']['median']:.2f} | {o['pass_s']['median'] / p['pass_s']['median']:.2f}x | "
-                     f"{p['peak_rss_mb']['median']:.0f} | {o['peak_rss_mb']['median']:.0f} |")
+                     + " | ".join(f"{o[k]['median']:.2f}" if k in o else "-" for k in ("ort_s", "host_s"))
+                     + f" | {p['peak_rss_mb']['median']:.0f} | {o['peak_rss_mb']['median']:.0f} |")
     lines += ["", "Models: " + "; ".join(f"`{k}`: {MODELS[k][5]}" for k in res["summary"])]
     return "\n".join(lines) + "\n"
 

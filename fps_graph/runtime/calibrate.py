@@ -33,6 +33,8 @@ class CalibrationInfo:
     observers: int
     cluster: dict | None = None     # a distributed run's report (runtime.ray): workers, shards, start-up, memory
     micro_batch: int = 0            # samples per ONNX Runtime run when batches were sliced (runtime.micro); 0: whole
+    runtime_seconds: float = 0.0    # of ``seconds``: inside ONNX Runtime's run (local runs; 0 for a Ray run)
+    host_seconds: float = 0.0       # of ``seconds``: adding the graph's outputs up on the host (conv window sums ...)
 
 
 def _accumulate_features(st: Stats, layers: list[Layer], kinds: tuple[str, ...],
@@ -128,6 +130,8 @@ class BatchStats:
         self.out_names = [o.name for o in self.session.session.get_outputs()]
         self.micro = MicroBatcher(model, self.observers, self.kinds, reduce, self.session.session.get_inputs(),
                                   runtime.micro_batch, runtime.max_memory_mb)
+        self.runtime_seconds = 0.0     # time inside ONNX Runtime's run, and adding its outputs up (CalibrationInfo)
+        self.host_seconds = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Stats:
         """The float64 sums and counts of one batch (``num_samples`` = its first input's leading size)."""
@@ -136,10 +140,13 @@ class BatchStats:
         if parts is not None:   # micro-batches: sums add up, a fraction of the activation memory (runtime.micro)
             return merge_in_order([self(part) for part in parts])
         feeds = {name: batch[name] for name in self.feed_names}
+        t0 = time.perf_counter()
         try:
             results = dict(zip(self.out_names, self.session.session.run(self.out_names, feeds)))
         except ort_errors() as exc:
             raise RuntimeFailure(f"ONNX Runtime failed on a batch: {ort_message(exc)}") from exc
+        t1 = time.perf_counter()
+        self.runtime_seconds += t1 - t0
         st = Stats(model_sha256=self.model_sha256, kinds=self.kinds)
         for obs in self.observers:
             if self.reduce == "host" and not obs.state:
@@ -152,6 +159,7 @@ class BatchStats:
                 else:
                     _accumulate_map(st, self.users[obs.index], self.kinds, sums, int(info[0]))
         st.num_samples = n
+        self.host_seconds += time.perf_counter() - t1
         return st
 
     def close(self) -> None:
@@ -196,4 +204,5 @@ def collect_stats(model: OnnxModel, layers: list[Layer], batches: Iterable[dict[
     if st.num_samples == 0:
         raise DataError("no calibration samples were read")
     return st, CalibrationInfo(step.provider, time.perf_counter() - start, st.num_samples, len(step.observers),
-                               micro_batch=step.micro.slice_size())
+                               micro_batch=step.micro.slice_size(), runtime_seconds=step.runtime_seconds,
+                               host_seconds=step.host_seconds)
