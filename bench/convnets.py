@@ -12,9 +12,10 @@ The models are the real, pretrained ONNX files that ship inside pip wheels, fetc
 * ``ppocr-cls``: PP-OCR mobile v2 text-direction classifier (a MobileNet), the same wheel, input 3x48x192;
 * ``magika``: Google's file-type model (magika 1.0.3), int32 byte features [2048].
 
-Data: seeded random inputs (.npy), the same for both methods. Each method runs in its own process
+Data: seeded random inputs (.npy), the same for every method. Each method runs in its own process
 (bench/worker.py: ``plain`` = an InferenceSession on the model file with fps-graph's session options, one sample
-per run; ``ours`` = `fps-graph select MODEL DATA --batch-size 1`), repetitions interleaved with the order rotated.
+per run; ``plain-nchw`` = the same with ONNX Runtime's NCHWc transformer off, as select runs these graphs;
+``ours`` = `fps-graph select MODEL DATA --batch-size 1`), repetitions interleaved with the order rotated.
 Results: bench/results/convnets_b1-cpu.{json,md,png}.
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 CACHE = Path(os.environ.get("FPS_CONVNETS_CACHE", "/work/cache/convnets"))
 
+# plain ORT inference; the same with ORT's NCHWc layout transformer off (as select runs these graphs: the reason part
+# of select's extra time); fps-graph select
+METHODS = ("plain", "plain-nchw", "ours")
 # name -> (wheel requirement, member in the wheel, per-sample input shape, dtype, value range, description)
 MODELS = {
     "ppocr-rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
@@ -100,7 +104,7 @@ def summarize(runs: list[dict], models: list[str]) -> dict:
     out: dict = {}
     for name in models:
         row: dict = {}
-        for method in ("plain", "ours"):
+        for method in METHODS:
             ok = [r for r in runs if r["model"] == name and r["method"] == method and r["rc"] == 0]
             if not ok:
                 continue
@@ -124,18 +128,23 @@ def markdown(res: dict) -> str:
              "*select pass* splits into the time inside ONNX Runtime's run on the observed graph (*in ORT*) and "
              "the time adding its outputs up on the host (*host sums*: each conv's per-tap window sums, "
              "runtime/windows.py); the rest is reading the data.", "",
-             "| model | plain total s | select total s | select / plain | plain pass s | select pass s | "
-             "pass ratio | select: in ORT s | select: host sums s | plain peak MB | select peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "*plain, NCHWc off*: plain inference with ONNX Runtime's NCHWc layout transformer disabled, as select runs "
+             "a conv net whose inner conv inputs it observes (runtime/calibrate.py: with NCHWc the observed "
+             "activations stay alive to the end of the pass); the difference to *plain pass* is what that layout "
+             "is worth.", "",
+             "| model | plain total s | select total s | select / plain | plain pass s | plain, NCHWc off, pass s | "
+             "select pass s | pass ratio | select: in ORT s | select: host sums s | plain peak MB | select peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["summary"].items():
         if "plain" not in r or "ours" not in r:
             err = next((x.get("error", "") for x in res["runs"] if x["model"] == name and x["rc"] != 0), "")
-            lines.append(f"| {name} | failed: {err[:100]} ||||||||||")
+            lines.append(f"| {name} | failed: {err[:100]} |||||||||||")
             continue
         p, o = r["plain"], r["ours"]
         cell = lambda s: f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"   # noqa: E731
         lines.append(f"| {name} | {cell(p['total_s'])} | {cell(o['total_s'])} | "
                      f"{o['total_s']['median'] / p['total_s']['median']:.2f}x | {p['pass_s']['median']:.2f} | "
+                     f"{r['plain-nchw']['pass_s']['median'] if 'plain-nchw' in r else float('nan'):.2f} | "
                      f"{o['pass_s']['median']:.2f} | {o['pass_s']['median'] / p['pass_s']['median']:.2f}x | "
                      + " | ".join(f"{o[k]['median']:.2f}" if k in o else "-" for k in ("ort_s", "host_s"))
                      + f" | {p['peak_rss_mb']['median']:.0f} | {o['peak_rss_mb']['median']:.0f} |")
@@ -182,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     res = {"name": a.name, "meta": meta, "samples": a.samples, "reps": a.reps, "runs": []}
     t0 = time.time()
-    methods = ["plain", "ours"]
+    methods = list(METHODS)
     for rep in range(a.reps):
         for name in models:
-            for method in methods[rep % 2:] + methods[:rep % 2]:
+            for method in methods[rep % len(methods):] + methods[:rep % len(methods)]:
                 rec = run_one(method, name, *paths[name], a, work, f"{name}-{method}-r{rep}")
                 rec["rep"] = rep
                 rec.pop("timeline", None)
                 res["runs"].append(rec)
-                print(f"[rep {rep}] {name:10s} {method:5s} " + (f"total {rec['total_s']:6.2f} s, pass "
+                print(f"[rep {rep}] {name:10s} {method:10s} " + (f"total {rec['total_s']:6.2f} s, pass "
                       f"{rec['pass_s']:6.2f} s, peak {rec['peak_rss_mb']:5.0f} MB" if rec["rc"] == 0
                       else "FAILED " + rec["error"]) + f" (load {rec['load_before'][0]:.1f})", file=sys.stderr,
                       flush=True)

@@ -154,8 +154,10 @@ def run_ours(a, reduce: str, max_memory_mb: float | str | None = None, whole: bo
             "samples_seen": s["samples"], "micro_batch": s.get("micro_batch", 0), "max_memory_mb": max_memory_mb}
 
 
-def run_plain(a) -> dict:
-    """What a user would write: an InferenceSession on the model file, same options as fps-graph's sessions."""
+def run_plain(a, disabled: tuple[str, ...] = ()) -> dict:
+    """What a user would write: an InferenceSession on the model file, same options as fps-graph's sessions.
+    ``disabled``: ONNX Runtime optimizers turned off (``plain-nchw``: NchwcTransformer, as select runs a conv net
+    whose inner conv inputs it observes: runtime/calibrate.py), to measure what that costs plain inference."""
     import onnxruntime as ort
 
     import numpy as np
@@ -166,7 +168,7 @@ def run_plain(a) -> dict:
 
     so = _options(a.opt_level, a.threads)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if a.device == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(a.onnx, so, providers=providers)
+    sess = ort.InferenceSession(a.onnx, so, providers=providers, disabled_optimizers=list(disabled) or None)
     session_rss = rss_mb()   # weights as ONNX Runtime holds them + the runtime: the floor before any activation
     provider = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     if a.device == "cuda" and provider != "cuda":
@@ -330,7 +332,7 @@ def run_torch(a, method: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", required=True, choices=["ours", "ours-lean", "ours-whole", "host", "hooks", "gps",
-                                                        "plain"])
+                                                        "plain", "plain-nchw"])
     p.add_argument("--max-memory", default=None, help="ours-lean: fps-graph select --max-memory MB|auto")
     p.add_argument("--model", required=True)
     p.add_argument("--onnx", required=True)
@@ -391,6 +393,8 @@ def main(argv=None) -> int:
         res = run_ours(a, "graph", whole=True)
     elif a.method == "plain":
         res = run_plain(a)
+    elif a.method == "plain-nchw":
+        res = run_plain(a, ("NchwcTransformer",))
     else:
         res = run_torch(a, a.method)
     total_s = time.perf_counter() - t0
