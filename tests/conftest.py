@@ -45,6 +45,27 @@ class CNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class WideCNN(nn.Module):
+    """Convs with 16 and 32 channels, which ONNX Runtime runs in its blocked NCHWc layout: a residual add, a strided,
+    a dilated grouped and a pointwise conv, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.c4 = nn.Conv2d(32, 32, 3, padding=2, dilation=2, groups=2)
+        self.c5 = nn.Conv2d(32, 32, 1)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = x + torch.relu(self.c2(x))
+        x = torch.relu(self.c3(x))
+        x = torch.relu(self.c4(x))
+        return self.head(self.c5(x).mean((2, 3)))
+
+
 class Block(nn.Module):
     """A small pre-norm transformer block with a shared-input qkv split into three Linears."""
 
@@ -81,6 +102,7 @@ class Transformer(nn.Module):
 MODELS = {
     "mlp": (MLP3D, (2, 7, 12)),
     "cnn": (CNN, (2, 3, 17, 15)),
+    "widecnn": (WideCNN, (2, 3, 19, 18)),
     "transformer": (Transformer, (2, 6, 10)),
 }
 

@@ -29,15 +29,17 @@ def test_host_time_is_the_window_sums_and_runtime_time_the_run(monkeypatch):
     convs = [la for la in layers if la.op == "Conv" and la.conv and any(k > 1 for k in la.conv["kernel"])]
     assert convs, "the sample needs a non-pointwise conv"
     _, before = collect_stats(model, layers, _batches())
-    real = calibrate.conv_window_sums
     calls = []
 
-    def slow(m, conv):
-        calls.append(1)
-        time.sleep(PAUSE)
-        return real(m, conv)
+    def slowed(real):
+        def slow(*args):
+            calls.append(1)
+            time.sleep(PAUSE)
+            return real(*args)
+        return slow
 
-    monkeypatch.setattr(calibrate, "conv_window_sums", slow)
+    for name in ("conv_window_sums", "conv_col_window_sums"):     # whole maps, or the graph's column sums
+        monkeypatch.setattr(calibrate, name, slowed(getattr(calibrate, name)))
     _, info = collect_stats(model, layers, _batches())
     assert calls and info.host_seconds >= PAUSE * len(calls)
     assert info.runtime_seconds < before.runtime_seconds + PAUSE * len(calls) / 2

@@ -10,10 +10,13 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
-from fps_graph.graph.layers import find_layers
+from fps_graph.graph.discover import find_layers
 from fps_graph.graph.model import load_model
 from fps_graph.selection.pipeline import SelectOptions, run_select
-from fps_graph.selection.stats import conv_window_sums
+from fps_graph.graph.observe import col_borders, plan_observers, pointwise
+from fps_graph.runtime.calibrate import collect_stats
+from fps_graph.runtime.config import RuntimeConfig
+from fps_graph.runtime.windows import conv_col_window_sums, conv_pads, conv_window_sums
 
 from oracle import topk_oracle
 
@@ -195,3 +198,94 @@ def test_conv_windows_on_large_maps_share_runs_exactly():
         want, m = windows(x, kernel, strides, dilations, pads)
         assert n * 2 == m, conv
         np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str((conv, spatial)))
+
+
+def _random_conv(rng, nd, auto=False):
+    kernel = [int(v) for v in rng.integers(1, 6, nd)]
+    strides = [int(v) for v in rng.integers(1, 4, nd)]
+    dilations = [int(v) for v in rng.integers(1, 3, nd)]
+    pads = [int(v) for v in rng.integers(0, 4, 2 * nd)]
+    spatial = [int(v) for v in rng.integers(1, 12, nd)]
+    conv = {"kernel": kernel, "strides": strides, "dilations": dilations, "pads": pads,
+            "auto_pad": str(rng.choice(["SAME_UPPER", "SAME_LOWER", "VALID"])) if auto else "NOTSET"}
+    return conv, spatial
+
+
+def _graph_cols(a, cols):
+    """What observe._col_nodes computes from a batch's |x| [N, C, *spatial] (in float64)."""
+    stride, left, right = cols
+    width = a.shape[-1]
+    whole = width - width % stride
+    res = a[..., :whole].reshape(*a.shape[:-1], -1, stride).sum(axis=(0, a.ndim - 1))
+    parts = [res, a[..., :left].sum(0), a[..., max(0, width - right):].sum(0)]
+    return np.concatenate(parts, axis=-1)
+
+
+def test_conv_col_window_sums_match_sliding_windows_on_random_convs():
+    """Window sums finished from the graph's column reduction (residue classes + border columns) equal the
+    sliding-window reference: 1-D/2-D/3-D, strides wider than the input, inputs narrower than the borders,
+    dilation, asymmetric pads and auto_pad."""
+    rng = np.random.default_rng(11)
+    checked = narrow = 0
+    for i in range(600):
+        conv, spatial = _random_conv(rng, int(rng.integers(1, 4)), auto=i % 3 == 0)
+        nd = len(spatial)
+        pads = conv_pads(conv, spatial)
+        flat = [p[0] for p in pads] + [p[1] for p in pads]
+        if any(sz + flat[j] + flat[j + nd] < (conv["kernel"][j] - 1) * conv["dilations"][j] + 1
+               for j, sz in enumerate(spatial)):
+            continue
+        x = rng.standard_normal((2, 3, *spatial))
+        cols = (conv["strides"][-1], *col_borders(conv))
+        got, n = conv_col_window_sums(_graph_cols(np.abs(x), cols), (2, 3, *spatial), conv, cols)
+        want, m = windows(x, conv["kernel"], conv["strides"], conv["dilations"], flat)
+        assert n * 2 == m, conv
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=str((conv, spatial)))
+        checked += 1
+        narrow += sum(cols[1:]) >= spatial[-1]
+    assert checked > 300 and narrow > 30
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_conv_col_reduction_in_onnx_runtime_matches_sliding_windows(opset, tmp_path):
+    """The same through ONNX Runtime: a conv fed from a Relu (so its input is an activation), the graph's column
+    reduction (float32) and the host's window sums against float64 sliding windows, also for |x| and x*x."""
+    rng = np.random.default_rng(5 + opset)
+    checked = cols = 0
+    for i in range(40):
+        conv, spatial = _random_conv(rng, 1 + i % 3, auto=i % 4 == 0)
+        nd = len(spatial)
+        spatial = [sz + 2 for sz in spatial]
+        pads = conv_pads(conv, spatial)
+        flat = [p[0] for p in pads] + [p[1] for p in pads]
+        if any(sz + flat[j] + flat[j + nd] < (conv["kernel"][j] - 1) * conv["dilations"][j] + 1
+               for j, sz in enumerate(spatial)):
+            continue
+        w = rng.standard_normal((4, 3, *conv["kernel"])).astype(np.float32)
+        attrs = {"strides": conv["strides"], "dilations": conv["dilations"]}
+        if conv["auto_pad"] == "NOTSET":
+            attrs["pads"] = conv["pads"]
+        else:
+            attrs["auto_pad"] = conv["auto_pad"]
+        g = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "w"], ["y"], name="conv", **attrs)],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3] + [None] * nd)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        proto.ir_version = 7
+        onnx.save(proto, tmp_path / "m.onnx")
+        model = load_model(tmp_path / "m.onnx")
+        layers, _ = find_layers(model)
+        kinds = [o.kind for o in plan_observers(layers)[0]]
+        assert kinds == ["features" if pointwise(layers[0].conv) else "cols"]
+        cols += kinds == ["cols"]
+        x = rng.standard_normal((3, 3, *spatial)).astype(np.float32)
+        st, _ = collect_stats(model, layers, [{"x": x}], kinds=("abs", "sq"), runtime=RuntimeConfig(provider="cpu"))
+        r = np.maximum(x, 0).astype(np.float64)
+        want, m = windows(r, conv["kernel"], conv["strides"], conv["dilations"], flat)
+        want_sq, _ = windows(r * r, conv["kernel"], conv["strides"], conv["dilations"], flat)   # |r*r| = r*r
+        assert st.counts["conv"] == m
+        np.testing.assert_allclose(st.sums["conv"]["abs"], want, rtol=2e-6, atol=1e-9, err_msg=str(conv))
+        np.testing.assert_allclose(st.sums["conv"]["sq"], want_sq, rtol=2e-6, atol=1e-9, err_msg=str(conv))
+        checked += 1
+    assert checked > 25 and cols > 20

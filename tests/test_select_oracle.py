@@ -11,7 +11,7 @@ from fps_graph.selection.stats import Stats
 
 from oracle import hook_stats, network_oracle, topk_oracle, torch_scores
 
-CASES = [(m, e) for m in ("mlp", "cnn", "transformer") for e in ("dynamo", "legacy")]
+CASES = [(m, e) for m in ("mlp", "cnn", "transformer") for e in ("dynamo", "legacy")] + [("widecnn", "legacy")]
 
 
 def dense(result) -> dict[str, np.ndarray]:

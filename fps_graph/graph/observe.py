@@ -5,8 +5,13 @@ can be freed at once and only per-feature sums leave the runtime per batch:
 
 * features observer (MatMul, Gemm): x -> Cast(float32) -> Reshape[-1, F] -> Abs / x*x -> ReduceSum over rows,
   plus Size(x) for the count;
-* map observer (Conv, ConvTranspose): x -> Cast(float32) -> Abs / x*x -> ReduceSum over the batch axis, plus Shape(x); the
-  exact window sums are then taken on the host (see runtime/windows.py: conv_window_sums, conv_transpose_window_sums).
+* cols observer (Conv): x -> Cast(float32) -> Abs / x*x, reduced over the batch and along the last spatial axis to
+  what the kernel taps can tell apart there: one sum per stride residue class of the columns, plus the few border
+  columns that some tap's windows leave out, individually ([1, C, *spatial[:-1], stride + left + right]), plus
+  Shape(x); the exact window sums are then finished on the host (runtime/windows.py: conv_col_window_sums);
+* map observer (ConvTranspose; Conv with ``--reduce host`` or an opset below 10): x -> Cast(float32) -> Abs / x*x ->
+  ReduceSum over the batch axis, plus Shape(x); the exact im2col window sums are then taken on the host (see
+  runtime/windows.py: conv_window_sums, conv_transpose_window_sums).
 
 ONNX Runtime must run the reducers as soon as their input exists (runtime._options sets the priority-based
 execution order); otherwise every observed activation lives until the end of the pass.
@@ -16,6 +21,7 @@ activations become outputs instead (the oracle and the fallback).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +41,15 @@ class Observer:
     """A reduction of one activation tensor that one or more layers share (e.g. Q, K and V projections)."""
 
     tensor: str
-    kind: str        # "features" or "map"
-    axis: int        # features: -1 (last) or 0 (Gemm with transA); map: batch axis 0
+    kind: str        # "features", "cols" (Conv input reduced along its last axis in the graph) or "map"
+    axis: int        # features: -1 (last) or 0 (Gemm with transA); map, cols: batch axis 0
     features: int    # F for features observers (0 for maps)
     index: int       # position in the plan, used to name outputs
     graph: str = ""  # path of the (sub)graph holding the tensor ("" = main graph; see graph.walk)
     lead: int = 0    # Loop/Scan bodies around it: its outputs carry one iteration axis per body, summed on the host
-    channels: int = 0   # map observers: input channels (to shape the zeros an untaken If branch yields)
-    rank: int = 0       # map observers: rank of the observed activation
+    channels: int = 0   # map/cols observers: input channels (to shape the zeros an untaken If branch yields)
+    rank: int = 0       # map/cols observers: rank of the observed activation
+    cols: tuple[int, int, int] = ()   # cols observers: (stride, left, right) along the last axis (col_borders)
     state: tuple = ()   # recurrent h_(t-1) observers (graph/recurrent.py): (initial_h, dirs, layout, reverse, direction)
 
     def output(self, what: str) -> str:
@@ -50,16 +57,35 @@ class Observer:
         return f"{PREFIX}_{self.index}_{what}"
 
 
-def observer_key(layer: Layer) -> tuple[str, str, int, int, str]:
-    """Layers with equal keys can share one observer (tensor names are only unique within one graph)."""
+def observer_key(layer: Layer, cols: bool = True) -> tuple:
+    """Layers with equal keys can share one observer (tensor names are only unique within one graph).
+
+    cols=False keeps every Conv input as a whole map reduced over the batch only (``--reduce host``, the oracle)."""
     if hasattr(layer, "observer_key"):          # recurrent layers (graph/recurrent.py)
         return layer.observer_key()
     if layer.op == "Conv":
         if pointwise(layer.conv):   # every tap reads every position: per-channel sums, reduced in the graph
             return (layer.activation, "features", 1, layer.feature_shape[0], layer.graph)
+        if cols:   # convs with the same stride along the last axis share one (borders: the widest of them)
+            return (layer.activation, "cols", 0, int(layer.conv["strides"][-1]), layer.graph)
         return (layer.activation, "map", 0, 0, layer.graph)
     axis = -1 if layer.feature_axis in (-1, 1) else 0
     return (layer.activation, "features", axis, layer.feature_shape[0], layer.graph)
+
+
+def col_borders(conv: dict) -> tuple[int, int]:
+    """How many leading and trailing columns (last spatial axis) a Conv's taps may leave out, for any input width.
+
+    Tap t reads columns t*d - pad_begin + stride*o for the output positions o: each tap's set is one stride residue
+    class of the columns minus some at either end. Those ends lie within the first (k-1)*d - pad_begin and the last
+    (k-1)*d + stride - 1 - pad_end columns (pads unknown before the width is, for auto_pad: taken as 0). The last
+    width % stride columns are kept individually too (the graph's residue sums cover whole stride groups only)."""
+    k, s, d = int(conv["kernel"][-1]), int(conv["strides"][-1]), int(conv["dilations"][-1])
+    n = len(conv["kernel"])
+    begin = end = 0
+    if conv.get("auto_pad", "NOTSET") in ("NOTSET", ""):
+        begin, end = int(conv["pads"][n - 1]), int(conv["pads"][2 * n - 1])
+    return max(0, (k - 1) * d - begin), max(s - 1, (k - 1) * d + s - 1 - end)
 
 
 def pointwise(conv: dict) -> bool:
@@ -72,21 +98,31 @@ def pointwise(conv: dict) -> bool:
     return all(int(k) == 1 for k in conv["kernel"]) and all(int(v) == 1 for v in conv["strides"]) and no_pad
 
 
-def plan_observers(layers: list[Layer]) -> tuple[list[Observer], dict[str, Observer]]:
-    """One observer per distinct (activation, reduction); and the observer of each layer (by node name)."""
-    by_key: dict[tuple, Observer] = {}
-    of_layer: dict[str, Observer] = {}
+def plan_observers(layers: list[Layer], cols: bool = True) -> tuple[list[Observer], dict[str, Observer]]:
+    """One observer per distinct (activation, reduction); and the observer of each layer (by node name).
+
+    cols=False: Conv inputs as whole maps (``map``), as ``--reduce host`` and opsets below 10 need."""
+    keys: dict[tuple, list[Layer]] = {}
     for layer in layers:
-        key = observer_key(layer)
-        if key not in by_key:
-            conv = key[1] == "map"
-            by_key[key] = Observer(tensor=key[0], kind=key[1], axis=key[2], features=key[3], index=len(by_key),
-                                   graph=layer.graph, lead=layer.loops,
-                                   channels=layer.feature_shape[0] if conv else 0,
-                                   rank=len(layer.op_shape) if conv or key[1:3] == ("features", 1) else 0,
-                                   state=key[5] if len(key) > 5 else ())
-        of_layer[layer.node] = by_key[key]
-    return list(by_key.values()), of_layer
+        keys.setdefault(observer_key(layer, cols), []).append(layer)
+    observers: list[Observer] = []
+    of_layer: dict[str, Observer] = {}
+    for key, group in keys.items():
+        layer = group[0]
+        spatial = key[1] in ("map", "cols")
+        borders = ()
+        if key[1] == "cols":
+            ends = [col_borders(g.conv) for g in group]
+            borders = (key[3], max(e[0] for e in ends), max(e[1] for e in ends))
+        obs = Observer(tensor=key[0], kind=key[1], axis=key[2], features=0 if spatial else key[3],
+                       index=len(observers), graph=layer.graph, lead=layer.loops,
+                       channels=layer.feature_shape[0] if spatial else 0,
+                       rank=len(layer.op_shape) if spatial or key[1:3] == ("features", 1) else 0,
+                       state=key[5] if len(key) > 5 else (), cols=borders)
+        observers.append(obs)
+        for g in group:
+            of_layer[g.node] = obs
+    return observers, of_layer
 
 
 _node_inputs = node_reads     # names a node reads, its bodies' outer-scope reads included (graph.walk)
@@ -106,14 +142,66 @@ def needed_nodes(graph: onnx.GraphProto | list[onnx.NodeProto], targets: set[str
 
 
 def _axes_node(name: str, axes: list[int], opset: int, op: str, inp: str, out: str,
-               inits: list[onnx.TensorProto]) -> onnx.NodeProto:
+               inits: list[onnx.TensorProto], keepdims: int = 0) -> onnx.NodeProto:
     """A reduce node with its axes as attribute or input, whichever the opset wants."""
     axes_as_input = opset >= (13 if op == "ReduceSum" else 18)
     if axes_as_input:
         axes_name = f"{name}_axes"
         inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-        return helper.make_node(op, [inp, axes_name], [out], name=name, keepdims=0)
-    return helper.make_node(op, [inp], [out], name=name, axes=axes, keepdims=0)
+        return helper.make_node(op, [inp, axes_name], [out], name=name, keepdims=keepdims)
+    return helper.make_node(op, [inp], [out], name=name, axes=axes, keepdims=keepdims)
+
+
+def _const(name: str, values: list[int], inits: list[onnx.TensorProto]) -> str:
+    inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+
+
+def _col_nodes(obs: Observer, what: str, mapped: str, out: str, opset: int,
+               inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """A Conv input's |x| (or x*x) reduced over the batch and its last axis as ``col_window_sums`` needs it:
+    [1, C, *spatial[:-1], stride + left + right] = the sums of each stride residue class of the columns (whole
+    stride groups only), then the first ``left`` and the last ``right`` columns one by one (fewer when the input
+    is narrower). ReduceSum over the last axis, not ReduceL1: a float32 sum off by 1e-7 instead of 1e-6."""
+    stride, left, right = obs.cols
+    last = obs.rank - 1
+    base = f"{PREFIX}_{obs.index}_{what}"
+    nodes: list[onnx.NodeProto] = []
+    pieces = []
+    if stride == 1:
+        nodes.append(_axes_node(f"{base}_res", [0, last], opset, "ReduceSum", mapped, f"{base}_res", inits, 1))
+    else:   # whole groups of `stride` columns as their own axis (a view), summed per residue
+        width, cut = f"{base}_width", f"{base}_cut"
+        nodes += [
+            helper.make_node("Shape", [mapped], [f"{base}_dims"], name=f"{base}_dims"),
+            helper.make_node("Slice", [f"{base}_dims", _const(f"{base}_m1", [-1], inits), _const(f"{base}_big", [2 ** 62], inits)],
+                             [width], name=f"{base}_width"),
+            helper.make_node("Mod", [width, _const(f"{base}_stride", [stride], inits)], [f"{base}_tail"],
+                             name=f"{base}_tail"),
+            helper.make_node("Sub", [width, f"{base}_tail"], [cut], name=f"{base}_cutw"),
+            helper.make_node("Slice", [mapped, _const(f"{base}_zero", [0], inits), cut,
+                                       _const(f"{base}_lastax", [last], inits)], [f"{base}_whole"], name=f"{base}_whole"),
+            helper.make_node("Reshape", [f"{base}_whole", _const(f"{base}_groups", [0] * last + [-1, stride], inits)],
+                             [f"{base}_grouped"], name=f"{base}_grouped"),
+            _axes_node(f"{base}_ressum", [0, last], opset, "ReduceSum", f"{base}_grouped", f"{base}_ressum", inits, 1),
+            helper.make_node("Reshape", [f"{base}_ressum", _const(f"{base}_resshape", [0] * last + [stride], inits)],
+                             [f"{base}_res"], name=f"{base}_res"),
+        ]
+    pieces.append(f"{base}_res")
+    for side, n in (("left", left), ("right", right)):
+        if not n:
+            continue
+        lo, hi = ([0], [n]) if side == "left" else ([-n], [2 ** 62])
+        nodes += [
+            helper.make_node("Slice", [mapped, _const(f"{base}_{side}_lo", lo, inits),
+                                       _const(f"{base}_{side}_hi", hi, inits),
+                                       _const(f"{base}_{side}_ax", [last], inits)], [f"{base}_{side}_cols"],
+                             name=f"{base}_{side}_cols"),
+            _axes_node(f"{base}_{side}", [0], opset, "ReduceSum", f"{base}_{side}_cols", f"{base}_{side}", inits, 1),
+        ]
+        pieces.append(f"{base}_{side}")
+    nodes.append(helper.make_node("Concat", pieces, [out], name=f"{base}_concat", axis=last))
+    return nodes
 
 
 def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str = ""
@@ -137,7 +225,7 @@ def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str
         src, axes = f32, [0] + list(range(2, obs.rank))
     elif obs.kind == "features":
         src, axes = f32, [1]
-    else:
+    else:   # map (and cols, whose reductions _col_nodes makes)
         src, axes = f32, [0]
     # Abs / Mul then ReduceSum rather than ReduceL1 / ReduceSumSquare: ONNX Runtime's CPU ReduceSum has a fast
     # path for reducing the leading axis; ReduceL1 over [6304, 3072] took 49 ms against 10 ms (bench/README.md).
@@ -148,7 +236,10 @@ def reducer_nodes(obs: Observer, stats: tuple[str, ...], opset: int, suffix: str
             nodes.append(helper.make_node("Abs", [src], [mapped], name=f"{base}_{what}_abs"))
         else:
             nodes.append(helper.make_node("Mul", [src, src], [mapped], name=f"{base}_{what}_mul"))
-        nodes.append(_axes_node(f"{base}_{what}", axes, opset, "ReduceSum", mapped, out, inits))
+        if obs.kind == "cols":
+            nodes += _col_nodes(obs, what, mapped, out, opset, inits)
+        else:
+            nodes.append(_axes_node(f"{base}_{what}", axes, opset, "ReduceSum", mapped, out, inits))
         outs.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, _out_shape(obs, what) if suffix else None))
     what = "size" if obs.kind == "features" else "shape"
     out = obs.output(what) + suffix
@@ -165,6 +256,8 @@ def _out_shape(obs: Observer, what: str) -> list[int | None]:
         return [obs.rank]
     if obs.kind == "features":
         return [obs.features]
+    if obs.kind == "cols":
+        return [1, obs.channels] + [None] * (obs.rank - 2)
     return [obs.channels] + [None] * (obs.rank - 2)
 
 
@@ -176,6 +269,8 @@ def _zero(obs: Observer, what: str) -> np.ndarray:
         return np.zeros(obs.rank, dtype=np.int64)          # batch 0: no values
     if obs.kind == "features":
         return np.zeros(obs.features, dtype=np.float32)
+    if obs.kind == "cols":
+        return np.zeros((1, obs.channels) + (0,) * (obs.rank - 2), dtype=np.float32)
     return np.zeros((obs.channels,) + (0,) * (obs.rank - 2), dtype=np.float32)
 
 
@@ -520,3 +615,45 @@ def state_reducer_nodes(obs: Any, stats: tuple[str, ...], opset: int, suffix: st
         nodes.append(helper.make_node("Size", [yd], [size], name=f"{base}_size"))
     outs.append(helper.make_tensor_value_info(size, onnx.TensorProto.INT64, [] if suffix else None))
     return nodes, inits, outs
+
+
+def reducers_first(graph: onnx.GraphProto) -> None:
+    """Reorder a graph's nodes (in place) so that each observer's reducers run right after their input exists.
+
+    Meant for ONNX Runtime's own optimized copy of an observed graph (runtime.session, ``regroup``): its NCHWc
+    layout transformer appends the ReorderOutput nodes that bring an observed activation back to NCHW for the
+    reducers after every other node, and ONNX Runtime's priority-based order runs the lowest index first, so those
+    conversions, and the blocked activations they read, would wait until the end of the pass (ResNet-like nets:
+    every observed activation alive at once). Here a reducer (a node with an ``fpsg_`` output) and a ReorderOutput
+    or Cast read only by reducers are placed right after the last node they depend on; every other node keeps its
+    relative order (a topological sort by position, Kahn's algorithm)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    inputs = [sorted({producer[name] for name in node_reads(node) if name in producer}) for node in nodes]
+    consumers: list[list[int]] = [[] for _ in nodes]
+    for i, deps in enumerate(inputs):
+        for j in deps:
+            consumers[j].append(i)
+    branch = [any(o.startswith(f"{PREFIX}_") for o in node.output) for node in nodes]
+    for i in range(len(nodes) - 1, -1, -1):   # conversions feeding reducers only (a producer's index is lower)
+        if nodes[i].op_type in ("ReorderOutput", "Cast") and consumers[i] and all(branch[c] for c in consumers[i]):
+            branch[i] = True
+    waiting = [len(deps) for deps in inputs]
+    key = [(-1, 0) if branch[i] and not waiting[i] else (i, 0) for i in range(len(nodes))]
+    ready = [(key[i], i) for i in range(len(nodes)) if not waiting[i]]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for c in consumers[i]:
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                if branch[c]:   # right after the last of its inputs
+                    last = max(key[j] for j in inputs[c])
+                    key[c] = (last[0], last[1] + 1)
+                heapq.heappush(ready, (key[c], c))
+    if len(order) != len(nodes):
+        raise ModelError("internal: the optimized observed graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)

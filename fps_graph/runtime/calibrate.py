@@ -9,16 +9,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from fps_graph.errors import DataError, RuntimeFailure
-from fps_graph.graph.observe import Observer, augment, observer_parts, plan_observers
+from fps_graph.graph.observe import Observer, augment, observer_parts, plan_observers, reducers_first
 from fps_graph.graph.layers import Layer
 from fps_graph.graph.model import OnnxModel
 from fps_graph.graph.versions import ort_errors
+from fps_graph.graph.walk import subgraphs
 from fps_graph.runtime.config import RuntimeConfig, runtime_of
 from fps_graph.runtime.micro import MicroBatcher, merge_in_order
 from fps_graph.runtime.session import create_session, ort_message
 from fps_graph.runtime.shards import sum_shard
 from fps_graph.formats.stats import Stats
-from fps_graph.runtime.windows import conv_transpose_window_sums, conv_window_sums
+from fps_graph.runtime.windows import conv_col_window_sums, conv_transpose_window_sums, conv_window_sums
 
 Progress = Callable[[int], None]   # called with the number of samples just processed
 
@@ -45,8 +46,9 @@ def _accumulate_features(st: Stats, layers: list[Layer], kinds: tuple[str, ...],
         st.add_count(layer.node, count)
 
 
-def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps: dict[str, np.ndarray],
-                    batch: int) -> None:
+def _accumulate_map(st: Stats, obs: Observer, layers: list[Layer], kinds: tuple[str, ...],
+                    maps: dict[str, np.ndarray], shape: np.ndarray) -> None:
+    batch = int(shape[0])
     for layer in layers:
         positions = 0
         if batch == 0:   # an If branch not taken: no values (the map is empty)
@@ -56,12 +58,16 @@ def _accumulate_map(st: Stats, layers: list[Layer], kinds: tuple[str, ...], maps
             st.add_count(layer.node, np.zeros(layer.feature_shape) if layer.op == "ConvTranspose" else 0)
             continue
         for kind in kinds:
-            m = maps[kind]   # float32; the window sums add it up in float64 (stats.conv_window_sums)
+            m = maps[kind]   # float32; the window sums add it up in float64 (runtime/windows.py)
+            if obs.kind == "cols":
+                m = m[0]     # [1, C, ...]: the graph kept the batch axis (observe._col_nodes)
             if m.shape[0] != layer.feature_shape[0]:
                 raise DataError(f"layer {layer.node}: input has {m.shape[0]} channels, weight expects "
                                     f"{layer.feature_shape[0]}")
             if layer.op == "ConvTranspose":   # each tap meets its own number of input positions
                 win, positions = conv_transpose_window_sums(m, layer.conv)
+            elif obs.kind == "cols":
+                win, positions = conv_col_window_sums(m, tuple(shape), layer.conv, obs.cols)
             else:
                 win, positions = conv_window_sums(m, layer.conv)
             st.add(layer.node, kind, win)
@@ -107,24 +113,31 @@ class BatchStats:
         self.kinds = tuple(kinds)
         self.reduce = reduce = runtime.reduce
         self.model_sha256 = model.sha256
-        self.observers, of_layer = plan_observers(layers)
+        # Conv inputs reduced along their last axis in the graph (cols), except for the host oracle and opsets
+        # without Slice's inputs form
+        self.observers, of_layer = plan_observers(layers, cols=reduce == "graph" and model.opset >= 10)
         self.users: dict[int, list[Layer]] = {}
         for layer in layers:
             self.users.setdefault(of_layer[layer.node].index, []).append(layer)
         self.order = [layer.node for layer in layers]
         # A Conv input observed inside the network lives in ORT's NCHWc layout (opt level "all", CPU); the NCHWc
-        # transformer appends the ReorderOutput nodes that bring it back for the reducers last, so they run at the
-        # end of the pass and every such activation stays alive until then (ResNet-50 b32: 2.8 GB against 0.7 GB
-        # for plain inference; bench/README.md). Keep those graphs in NCHW.
+        # transformer appends the ReorderOutput nodes that bring it back for the reducers after every other node,
+        # so ORT's priority-based order runs them at the end of the pass and every such activation stays alive
+        # until then (ResNet-50 b32: 2.8 GB against 0.7 GB for plain inference; bench/README.md). Turning NCHWc off
+        # costs time instead (its convs are ~1.5x faster here). So such graphs are run from ORT's own optimized
+        # graph with each reducer moved right after its activation (session.create_session, regroup); graphs with
+        # control flow, whose optimized copy ORT may not read back, and anything ORT fails on, run without NCHWc.
         graph_inputs = {i.name for i in model.graph.input}
-        disabled = ("NchwcTransformer",) if any(o.tensor not in graph_inputs and any(
-            layer.op == "Conv" for layer in self.users[o.index]) for o in self.observers) else ()
+        inner_convs = any(o.tensor not in graph_inputs and any(layer.op == "Conv" for layer in self.users[o.index])
+                          for o in self.observers)
+        flow = any(subgraphs(node) for node in model.graph.node)
+        nchwc = {"disabled_optimizers": ("NchwcTransformer",)} if inner_convs and flow else \
+            {"regroup": reducers_first, "regroup_fallback": ("NchwcTransformer",)} if inner_convs else {}
         # the observed model is passed without a name, so create_session can free it before ORT loads the file
         self.session = create_session(augment(model.proto, self.observers, mode=reduce, stats=self.kinds),
                                       runtime.provider, base_dir=model.base_dir,
                                       external=model.has_external_data(), opt_level=runtime.opt_level,
-                                      threads=runtime.threads, consume=True,
-                                      disabled_optimizers=disabled)
+                                      threads=runtime.threads, consume=True, **nchwc)
         self.provider = self.session.provider
         self.feed_names = [i.name for i in self.session.session.get_inputs()]
         self.out_names = [o.name for o in self.session.session.get_outputs()]
@@ -157,7 +170,7 @@ class BatchStats:
                 if obs.kind == "features":
                     _accumulate_features(st, self.users[obs.index], self.kinds, sums, float(info) / obs.features)
                 else:
-                    _accumulate_map(st, self.users[obs.index], self.kinds, sums, int(info[0]))
+                    _accumulate_map(st, obs, self.users[obs.index], self.kinds, sums, info)
         st.num_samples = n
         self.host_seconds += time.perf_counter() - t1
         return st

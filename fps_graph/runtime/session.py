@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import helper
@@ -25,13 +26,16 @@ class Session:
     session: "object"
     provider: str
     _tmpdir: str | None = None
+    regrouped: bool = False     # built from ONNX Runtime's optimized graph with its nodes reordered (regroup)
+    _more_tmp: tuple[str, ...] = ()
 
     def close(self) -> None:
         """Release the session and any temporary files it was loaded from."""
         self.session = None
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        for tmp in (self._tmpdir, *self._more_tmp):
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._tmpdir, self._more_tmp = None, ()
 
 
 def _options(opt_level: str, threads: int | None):
@@ -101,13 +105,22 @@ def ort_message(exc: BaseException) -> str:
 
 def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Path | None = None,
                    external: bool = False, opt_level: str = "all", threads: int | None = None,
-                   consume: bool = False, disabled_optimizers: tuple[str, ...] = ()) -> Session:
+                   consume: bool = False, disabled_optimizers: tuple[str, ...] = (),
+                   regroup: Callable[[onnx.GraphProto], None] | None = None,
+                   regroup_fallback: tuple[str, ...] = ()) -> Session:
     """A session on CUDA when asked (or available, for auto) and really usable, else on CPU.
 
     consume=True lets a model whose weights are embedded (over SPILL_BYTES) be written to a temporary folder with
     its weights in a side file, which ONNX Runtime then maps and pre-packs itself: the weights are held once by
     the runtime, not also as serialized bytes (which ORT's Python session keeps for its lifetime) and as ORT's
     own parsed copy: 1.9 GB -> 1.1 GB peak on ViT-B/16 (bench/README.md). The model's tensors are moved out.
+
+    regroup (CPU, opt level "all"): ONNX Runtime optimizes the model once and saves its optimized graph (weights
+    in a side file, never read into Python); ``regroup`` reorders that graph's nodes in place, and the session
+    runs the result as it is (optimizations off: they were applied). Observed conv graphs use it to keep ORT's
+    NCHWc layout with each reducer right after its activation (``graph.observe.reducers_first``). Should ORT fail
+    to load its own optimized graph (it writes nested Loop bodies it cannot read back), the session is made the
+    ordinary way with ``regroup_fallback`` optimizers disabled as well.
     """
     import onnxruntime as ort
 
@@ -141,6 +154,12 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
                 raise RuntimeFailure("CUDA provider requested but not usable here (no GPU, driver or CUDA libraries);"
                                     " use --provider cpu")
         try:
+            if regroup is not None and opt_level == "all":
+                try:
+                    sess, more = _regrouped(source, regroup, threads, base_dir, external, disabled_optimizers)
+                    return Session(sess, "cpu", tmp, regrouped=True, _more_tmp=(more,))
+                except ort_errors():   # ORT cannot read back what it wrote: the ordinary session below
+                    disabled_optimizers = (*disabled_optimizers, *regroup_fallback)
             sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(disabled_optimizers))
         except ort_errors() as exc:
@@ -150,6 +169,35 @@ def create_session(model: onnx.ModelProto, provider: str = "auto", base_dir: Pat
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _regrouped(source: str | bytes, regroup: Callable[[onnx.GraphProto], None], threads: int | None,
+               base_dir: Path | None, external: bool, disabled_optimizers: tuple[str, ...]) -> tuple[object, str]:
+    """A CPU session on ONNX Runtime's optimized graph of the model with its nodes reordered by ``regroup``; and
+    the temporary folder that holds that graph (its weights in a side file), to delete with the session."""
+    import onnxruntime as ort
+
+    tmp = tempfile.mkdtemp(prefix="fpsg_optimized_")
+    try:
+        optimized = os.path.join(tmp, "optimized.onnx")
+        so = _options("all", threads)
+        _external_folder(so, base_dir, external)
+        so.optimized_model_filepath = optimized
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.add_session_config_entry("session.disable_prepacking", "1")   # this session only writes the graph
+        ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(disabled_optimizers))
+        graph = onnx.load(optimized, load_external_data=False)
+        regroup(graph.graph)
+        path = os.path.join(tmp, "regrouped.onnx")
+        onnx.save(graph, path)
+        del graph
+        sess = ort.InferenceSession(path, _options("disable", threads), providers=["CPUExecutionProvider"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sess, tmp
 
 
 def _try_cuda(source: str | bytes, so, disabled_optimizers: tuple[str, ...] = ()) -> object | None:

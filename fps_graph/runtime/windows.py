@@ -1,7 +1,9 @@
 """Exact window sums for Conv and ConvTranspose: each kernel tap's input summed over the positions it meets.
 
-The graph reduces a Conv input over the batch only (graph/observe.py: a [C, *spatial] map); the window sums
-that FPS needs per kernel tap are then taken here on the host, exactly (zero padding, stride, dilation, auto_pad).
+The graph reduces a Conv input over the batch and along its last axis (graph/observe.py, cols observers:
+``conv_col_window_sums`` finishes from there), or, for ConvTranspose and the host oracle, over the batch only (a
+[C, *spatial] map: ``conv_window_sums``, ``conv_transpose_window_sums``); the window sums that FPS needs per kernel
+tap are then taken here on the host, exactly (zero padding, stride, dilation, auto_pad), in float64.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import numpy as np
 
 from fps_graph.errors import DataError
 
-__all__ = ["conv_pads", "conv_window_sums", "conv_transpose_crop", "conv_transpose_window_sums"]
+__all__ = ["conv_pads", "conv_window_sums", "conv_col_window_sums", "conv_transpose_crop",
+           "conv_transpose_window_sums"]
 
 
 def conv_pads(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -33,6 +36,31 @@ def conv_pads(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(int(p[i]), int(p[i + n])) for i in range(n)]
 
 
+def _conv_outs(conv: dict, spatial: tuple[int, ...], pads: list[tuple[int, int]]) -> list[int]:
+    """Output size per spatial axis; a DataError when the input is smaller than the kernel."""
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    outs = []
+    for i, size in enumerate(spatial):
+        o = (size + pads[i][0] + pads[i][1] - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        if o <= 0:
+            raise DataError(f"conv input of spatial size {tuple(spatial)} is smaller than its kernel {tuple(k)}")
+        outs.append(o)
+    return outs
+
+
+def _tap_ranges(size: int, k: int, s: int, d: int, pad: int, out: int) -> list[tuple[int, int]]:
+    """Per kernel tap along one axis: (first input position it reads, how many positions inside the input).
+
+    Tap t reads first + s*j for the output positions j whose input position is not padding (a strided range)."""
+    ranges = []
+    for t in range(k):
+        first = t * d - pad                                   # input index of output position 0 for this tap
+        lo = -(first // s) if first < 0 else 0                # first output position inside the input
+        hi = min(out - 1, (size - 1 - first) // s)            # last one
+        ranges.append((first + lo * s, max(0, hi - lo + 1)))
+    return ranges
+
+
 def conv_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, int]:
     """Sum over output positions of each kernel tap's input, from the batch-summed map [C, *spatial].
 
@@ -45,12 +73,7 @@ def conv_window_sums(summed: np.ndarray, conv: dict) -> tuple[np.ndarray, int]:
     spatial = summed.shape[1:]
     pads = conv_pads(conv, spatial)
     k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
-    outs = []
-    for i, size in enumerate(spatial):
-        o = (size + pads[i][0] + pads[i][1] - d[i] * (k[i] - 1) - 1) // s[i] + 1
-        if o <= 0:
-            raise DataError(f"conv input of spatial size {tuple(spatial)} is smaller than its kernel {tuple(k)}")
-        outs.append(o)
+    outs = _conv_outs(conv, spatial, pads)
     acc = summed
     for i, size in enumerate(spatial):
         acc = _axis_tap_sums(acc, i + 1, size, k[i], s[i], d[i], pads[i][0], outs[i])
@@ -97,6 +120,64 @@ def _axis_tap_sums(acc: np.ndarray, axis: int, size: int, k: int, s: int, d: int
             else:
                 result[tuple(idx)] = common + part(view, first, a - 1) + part(view, b + 1, last)
     return result
+
+
+def conv_col_window_sums(reduced: np.ndarray, shape: tuple[int, ...], conv: dict, cols: tuple[int, int, int]
+                         ) -> tuple[np.ndarray, int]:
+    """``conv_window_sums`` from what a cols observer leaves the graph with (graph/observe.py ``_col_nodes``).
+
+    reduced: [C, *spatial[:-1], q] float32: along the last axis (width W) the sums over the first W - W % stride
+    columns of each residue class mod stride, then the first min(left, W) and the last min(right, W) columns one
+    by one; shape: the observed input's [N, C, *spatial]. Each tap's columns are one residue class less the few at
+    either end that its windows leave out, which lie in those border columns (``observe.col_borders``): its sum is
+    the class sum plus the class's trailing columns (width % stride) minus the left-out ones, in float64 (all
+    terms non-negative: no cancellation beyond float32's rounding of the class sum). The other axes are then
+    summed per tap as in ``conv_window_sums``. Returns ([C, *kernel] float64 sums, output positions per sample).
+    """
+    spatial = tuple(int(v) for v in shape[2:])
+    pads = conv_pads(conv, spatial)
+    k, s, d = conv["kernel"], conv["strides"], conv["dilations"]
+    outs = _conv_outs(conv, spatial, pads)
+    stride, left, right = cols
+    width = spatial[-1]
+    nl, nr = min(left, width), min(right, width)
+    red = np.asarray(reduced, dtype=np.float64)
+    if red.shape[-1] != stride + nl + nr or stride != s[-1]:
+        raise DataError(f"conv statistics of shape {red.shape} do not fit an input of shape {tuple(shape)}")
+    known = {j: red[..., stride + j] for j in range(nl)}
+    known.update({width - nr + j: red[..., stride + nl + j] for j in range(nr)})
+    whole = width - width % stride                       # the residue sums cover columns [0, whole)
+    taps = []
+    for start, n in _tap_ranges(width, k[-1], stride, d[-1], pads[-1][0], outs[-1]):
+        if n == 0:
+            taps.append(np.zeros(red.shape[:-1], dtype=np.float64))
+            continue
+        reads = range(start, start + (n - 1) * stride + 1, stride)
+        if len(known) == width:                          # a narrow input: every column came one by one
+            taps.append(np.sum([known[c] for c in reads], axis=0))
+            continue
+        rho, end = start % stride, start + (n - 1) * stride
+        if (start - stride >= nl and start >= stride) or (end + stride < width - nr and end + stride < width):
+            # col_borders guarantees this never happens; a wrong cols tuple must not give wrong sums silently
+            raise DataError(f"conv statistics: columns left out by a tap of {conv['kernel']} were not kept")
+        total = red[..., rho].copy()                     # the class over [0, whole)
+        for c, v in known.items():
+            if c % stride != rho:
+                continue
+            read = start <= c <= end
+            if c < whole and not read:                   # left out by this tap: taken off the class sum
+                total -= v
+            elif c >= whole and read:                    # a trailing column the class sum does not hold
+                total += v
+        taps.append(total)
+    # taps lead, the axis being summed is last (numpy sums a last axis ~10x faster than a middle one):
+    # [k_last, C, *spatial[:-1]] -> ... -> [k_0, ..., k_last, C]
+    acc = np.stack(taps, axis=0)
+    for i in range(len(spatial) - 2, -1, -1):
+        acc = np.stack([acc[..., start:start + (n - 1) * s[i] + 1:s[i]].sum(axis=-1) if n else
+                        np.zeros(acc.shape[:-1], dtype=np.float64)
+                        for start, n in _tap_ranges(spatial[i], k[i], s[i], d[i], pads[i][0], outs[i])], axis=0)
+    return np.ascontiguousarray(np.moveaxis(acc, -1, 0)), int(np.prod(outs))
 
 
 def conv_transpose_crop(conv: dict, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
