@@ -2,7 +2,8 @@
 
     python -m bench.quality_lm.grid SPECS.jsonl OUT.jsonl [--jobs 2]
 
-Each line of SPECS.jsonl: {"model": DIR, "task": {Task fields}, "spec": {Spec fields}, "test": bool}. Runs already
+Each line of SPECS.jsonl: {"model": DIR, "task": {Task fields}, "spec": {Spec fields}, "splits": ["val", "test"]}
+(the splits scored after training; default both). Runs already
 in OUT.jsonl (same model, task, method, lr, seed, budget) are skipped, so a grid can be stopped and resumed.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _one(line: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.time()
     try:
-        rec = run(Path(line["model"]), Task(**line["task"]), Spec(**line["spec"]), test=line.get("test", True),
-                  evaluate_val=line.get("evaluate", True), with_val=line.get("val", True))
+        rec = run(Path(line["model"]), Task(**line["task"]), Spec(**line["spec"]),
+                  splits=tuple(line.get("splits", ("val", "test"))))
     except Exception as exc:   # a failed run is recorded, not fatal to the grid
         rec = {"error": f"{type(exc).__name__}: {exc}"}
     rec["key"] = key(line)

@@ -154,11 +154,15 @@ def load_task_data(folder: Path, task: Task, test: bool = True) -> tuple[Any, An
     return t, model, cfg, (train, val, tst), classes
 
 
-def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: bool = True,
-        progress: bool = False, evaluate_val: bool = True, with_val: bool = True) -> dict[str, Any]:
+def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, progress: bool = False,
+        splits: tuple[str, ...] = ("val", "test")) -> dict[str, Any]:
     """Train one spec on one task through ``fit`` (``fps_graph.compare.runs.train_run``); returns the record
-    (metrics, counts, time, memory)."""
-    t, model, cfg, (train, val, tst), _ = load_task_data(folder, task, test)
+    (metrics, counts, time, memory). ``splits``: which of "val" and "test" are scored after training (none: a
+    cost-only run)."""
+    unknown = set(splits) - {"val", "test"}
+    if unknown:
+        raise ValueError(f"unknown splits {sorted(unknown)} (use val, test)")
+    t, model, cfg, (train, val, tst), _ = load_task_data(folder, task, "test" in splits)
     block = sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS)
     del model
     rec: dict[str, Any] = {"method": spec.method, "kind": spec.kind, "lr": spec.lr, "seed": spec.seed,
@@ -168,8 +172,7 @@ def run(folder: Path, task: Task, spec: Spec, threads: int | None = None, test: 
                         weight_decay=0.0, batch_size=task.batch_size, epochs=task.epochs, warmup_epochs=0.3,
                         min_lr=0.0)
     adapter = None if spec.kind == "none" else adapter_for(spec, task.kind == "seq-cls")
-    evals = {**({"val": val} if with_val else {}), **({"test": tst} if tst is not None else {})} \
-        if evaluate_val else {}
+    evals = {name: data for name, data in (("val", val), ("test", tst)) if name in splits}
     rec.update(train_run(folder, t, train, evals, adapter, optim, run_cfg, data_config=cfg,
                          callbacks=[_Progress()] if progress else None,
                          trains=TrainsConfig(train_bias=False, train_head=True)))

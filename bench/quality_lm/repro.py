@@ -93,7 +93,7 @@ def specs() -> list[dict[str, Any]]:
             s["masks"] = str(work / f"masks_{masks or method}.safetensors")
             if method == "fps-scaled":
                 s.update(masks=str(work / "masks_fps.safetensors"), scale="input", stats=str(work / stats))
-        return {"model": model, "task": task, "spec": s, "test": False}
+        return {"model": model, "task": task, "spec": s, "splits": ["val"]}
 
     t = lambda *a, **k: sp(trec, TREC_DIR, "stats_trec.safetensors", *a, **k)   # noqa: E731
     s_ = lambda *a, **k: sp(shak, LM_DIR, "stats.safetensors", *a, **k)         # noqa: E731

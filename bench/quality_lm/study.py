@@ -191,7 +191,8 @@ class Prepared:
 # ----------------------------------------------------------------------------------------------------- runs
 
 
-def spec_line(p: Prepared, method: str, budget: float | None, seed: int, lr: float, test: bool = True) -> dict:
+def spec_line(p: Prepared, method: str, budget: float | None, seed: int, lr: float,
+              splits: tuple[str, ...] = ("val", "test")) -> dict:
     t = p.task_obj()
     task = {k: getattr(t, k) for k in ("name", "kind", "train", "val", "test", "max_length", "epochs", "batch_size",
                                         "max_train")}
@@ -207,7 +208,7 @@ def spec_line(p: Prepared, method: str, budget: float | None, seed: int, lr: flo
         spec.update(kind="none", method="none", lr=0.0)
     else:
         spec.update(kind=method)
-    return {"model": str(p.folder), "task": task, "spec": spec, "test": test}
+    return {"model": str(p.folder), "task": task, "spec": spec, "splits": list(splits)}
 
 
 def run_grid(lines: list[dict], runs_file: Path, jobs: int) -> list[dict]:
@@ -626,7 +627,8 @@ def grid_lines(p: "Prepared", methods: list[str], budgets: tuple[float, ...], se
                     continue       # references do not depend on the budget; some methods run at the middle one
                 lr = lrs.get(m, lrs.get("none", sweep_lrs(m)[1]))
                 line = spec_line(p, m, b if budgeted(m) else None, seed, lr)
-                line["val"] = seed == 0 and b == middle      # validation only where rates are chosen (the sweep)
+                # validation only where rates are chosen (the sweep's point); test everywhere
+                line["splits"] = ["val", "test"] if seed == 0 and b == middle else ["test"]
                 lines.append(line)
     return lines
 
@@ -643,7 +645,7 @@ def cost_lines(p: "Prepared", methods: list[str], steps: int, reps: int, lrs: di
                 continue
             line["task"].update(epochs=1, max_train=steps * line["task"]["batch_size"])
             line["task"]["name"] += "-cost"
-            line["evaluate"] = False
+            line["splits"] = []
             out.append(line)
     return out
 
