@@ -148,35 +148,37 @@ SHORT = {"fps": "fps", "random": "random", "lora": "LoRA", "full": "full", "head
 
 
 def quality_lm_row() -> tuple[str, str, str] | None:
-    """The LM study (bench/quality_lm): per task, test scores at the middle budget (mean over seeds at each
-    method's rate chosen on validation), fps minus random paired over seeds, and the default recipe against the
-    floor. None while the study's report is partial."""
+    """The LM study (bench/quality_lm): per task, test scores at every budget (mean over seeds at each method's
+    rate chosen on validation; "-" where a method did not run), fps minus random paired over seeds (mean of the
+    budgets), and the default recipe against the floor. None while the study's report is partial."""
     res = _load(QUALITY_LM)
     if res is None or res.get("partial") or not res.get("experiments"):
         return None
-    middle = res["plan"]["budgets"][len(res["plan"]["budgets"]) // 2]
-    label = f"{middle * 100:g}%"
+    labels = [f"{b * 100:g}%" for b in res["plan"]["budgets"]]
+    label = "/".join(x.rstrip("%") for x in labels) + "%"
     parts = []
     for name, sec in res["experiments"].items():
         model, task = name.split("/")
         cells = sec["cells"]
         mean = lambda key: sum(cells[key]["values"]) / len(cells[key]["values"])   # noqa: E731
         causal = task == "shakespeare"
-        scores = [f"{SHORT[m]} {mean(f'{m}@{label}'):.1f}" for m in ("fps", "random", "lora")
-                  if cells.get(f"{m}@{label}", {}).get("values")]
+        scores = [f"{SHORT[m]} " + "/".join(f"{mean(f'{m}@{b}'):.1f}" if cells.get(f"{m}@{b}", {}).get("values")
+                                             else "-" for b in labels)
+                  for m in ("fps", "random", "lora") if any(cells.get(f"{m}@{b}", {}).get("values") for b in labels)]
         scores += [f"{SHORT[m]} {mean(m):.1f}" for m in ("full", "head", "none") if cells.get(m, {}).get("values")]
         pr = sec["paired"].get("fps", {}).get("random", {})
         diff = ""
         if pr.get("n", 0) >= 2:
             unit = "(loss x100, + = better)" if causal else "pp"
-            diff = f"; fps minus random {pr['mean_pp']:+.1f} ± {pr['sem_pp']:.1f} {unit} over {pr['n']} seeds"
+            diff = (f"; fps minus random {pr['mean_pp']:+.1f} ± {pr['sem_pp']:.1f} {unit} over {pr['n']} seeds "
+                    "(mean of the budgets)")
         floor = sec.get("never_below_floor") or {}
         worst = floor.get("worst")
         fl = ""
         if worst:
             below = worst[2] > 0 if causal else worst[2] < 0
             fl = "; default recipe **below** the floor once" if below else "; default never below the floor"
-        parts.append(f"{TASK_NAMES.get(task, task)} ({label}/layer): " + ", ".join(scores) + diff + fl)
+        parts.append(f"{TASK_NAMES.get(task, task)} ({label} per layer): " + ", ".join(scores) + diff + fl)
     seeds = res["plan"].get("seeds")
     text = (f"pretrained LM (SmolLM2-135M), test, {seeds} seeds, each method at its own best rate: "
             + "; ".join(parts) + ". Small models: FPS +1.5 / +1.0 pp over random on CREPE, -1.6 on a CNN")

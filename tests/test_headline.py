@@ -16,7 +16,8 @@ from bench import headline  # noqa: E402
 def _report(partial: bool = False) -> dict:
     cells = {"fps@0.3%": {"values": [80.0, 82.0, 78.0]}, "random@0.3%": {"values": [81.0, 80.0, 79.0]},
              "lora@0.3%": {"values": [70.0, 72.0, 71.0]}, "head": {"values": [60.0, 62.0, 61.0]},
-             "full": {"values": [85.0, 86.0, 87.0]}}
+             "full": {"values": [85.0, 86.0, 87.0]}, "fps@0.05%": {"values": [50.0, 51.0, 52.0]},
+             "fps@1.2%": {"values": [90.0, 91.0, 95.0]}}
     lm = {"fps@0.3%": {"values": [30.0, 31.0, 32.0]}, "random@0.3%": {"values": [33.0, 33.0, 33.0]},
           "none": {"values": [45.0, 45.0, 45.0]}}
     return {"partial": {"main_runs_done": 1} if partial else False,
@@ -35,9 +36,10 @@ def test_quality_row_quotes_the_reports_numbers(tmp_path, monkeypatch):
     (tmp_path / "quality_lm.json").write_text(json.dumps(_report()))
     what, text, where = headline.quality_lm_row()
     assert what == "quality, same trainable count" and where == "[quality](docs/quality.md)"
-    assert "fps 80.0, random 80.0, LoRA 71.0, full 86.0, head only 61.0" in text
-    assert "fps minus random +0.2 ± 0.5 pp over 3 seeds; default never below the floor" in text
-    assert "fps 31.0, random 33.0, pretrained 45.0" in text
+    assert "(0.05/0.3/1.2% per layer)" in text
+    assert "fps 51.0/80.0/92.0, random -/80.0/-, LoRA -/71.0/-, full 86.0, head only 61.0" in text
+    assert "fps minus random +0.2 ± 0.5 pp over 3 seeds (mean of the budgets); default never below the floor" in text
+    assert "fps -/31.0/-, random -/33.0/-, pretrained 45.0" in text
     assert "default recipe **below** the floor once" in text      # perplexity 1.5 above the pretrained model's
 
 
