@@ -53,6 +53,29 @@ def test_k_larger_than_fan_in_is_clamped_with_a_warning():
     assert warnings and "smallest: 3 in #0" in warnings[0]
 
 
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_workers_rank_weights_in_parallel_with_the_same_positions(k):
+    """--k ranks several weights at a time (select's ``workers``): the positions, their order per weight and the
+    warnings equal one worker's, and each weight's equal the sorted reference (ties included)."""
+    rng = np.random.default_rng(4)
+    shapes = [(int(rng.integers(1, 40)), int(rng.integers(1, 30))) for _ in range(23)]
+    scores = [np.round(rng.random(s), 1) for s in shapes]            # rounded: many ties
+    calls = []
+
+    def argmax(i):
+        calls.append(i)
+        return scores[i].argmax(axis=1) if k == 1 else None
+
+    one, w1 = select(len(shapes), shapes, lambda i: scores[i], k=k, row_argmax=argmax, workers=1)
+    many, w4 = select(len(shapes), shapes, lambda i: scores[i], k=k, row_argmax=argmax, workers=4)
+    assert w1 == w4 and len(one) == len(many) == len(shapes)
+    for i, (a, b) in enumerate(zip(one, many)):
+        assert np.array_equal(a, b)
+        want = topk_rows(scores[i], k)
+        assert np.array_equal(np.sort(a), np.sort(want)), i
+    assert sorted(calls) == (sorted(list(range(len(shapes))) * 2) if k == 1 else [])
+
 @pytest.mark.parametrize("text,frac,count", [("0.005", 0.005, None), ("0.5%", 0.005, None), ("1000", None, 1000),
                                              ("1.0", 1.0, None), ("100%", 1.0, None)])
 def test_parse_budget(text, frac, count):

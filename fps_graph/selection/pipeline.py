@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -407,7 +408,8 @@ def run_select(model_path: str | Path, data: str | None, opts: SelectOptions,
         return WeightScores(groups[i], plan.model, opts.score, stats, stat, anchor, opts.seed, opts.eps)
 
     chooser = select_cover if score.cover else \
-        functools.partial(select, min_per_layer=opts.min_per_layer, row_argmax=lambda i: scorer(i).argmax_rows())
+        functools.partial(select, min_per_layer=opts.min_per_layer, row_argmax=lambda i: scorer(i).argmax_rows(),
+                          workers=opts.runtime.threads or os.cpu_count() or 1)
     if opts.min_per_layer and chooser is select_cover:
         raise OptionError(f"--min-per-layer does not apply to --score {opts.score}")
     chosen, select_warnings = chooser(len(groups), [g.primary.canonical_shape for g in groups],

@@ -7,6 +7,7 @@ is found by a radix select over the float64 bit patterns (four histogram passes)
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -131,12 +132,15 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
            budget: Budget | None = None, granularity: str = "neuron",
            names: Sequence[str] | None = None,
            row_blocks: RowBlocksFn | None = None, min_per_layer: int = 0,
-           row_argmax: Callable[[int], np.ndarray | None] | None = None) -> tuple[list[np.ndarray], list[str]]:
+           row_argmax: Callable[[int], np.ndarray | None] | None = None,
+           workers: int = 1) -> tuple[list[np.ndarray], list[str]]:
     """Sorted flat canonical positions per weight, and warnings (e.g. K clamped to a layer's fan-in).
 
     With row_blocks, the per-neuron rankings (--k, or a budget per neuron) read each weight's scores block by
     block, so no whole-weight float64 score array is made; the result is the same. With row_argmax (each row's
     best position, ties to the lowest, or None), K=1 takes it instead, the same result read in the stored layout.
+    ``workers`` > 1 ranks that many weights at a time for --k (NumPy releases the GIL in its loops; each weight's
+    ranking is independent and the results are kept in weight order, so the positions are the same).
     """
     warnings: list[str] = []
     if (k is None) == (budget is None):
@@ -149,17 +153,20 @@ def select(n_weights: int, shapes: Sequence[tuple[int, int]], score_fn: ScoreFn,
     if k is not None:
         if k < 1:
             raise OptionError(f"--k must be at least 1 (got {k})")
-        out = []
-        clamped = []
-        for i in range(n_weights):
+        clamped = [(shapes[i][1], names[i] if names else f"#{i}") for i in range(n_weights) if k > shapes[i][1]]
+
+        def one(i: int) -> np.ndarray:
             rows, cols = shapes[i]
-            if k > cols:
-                clamped.append((cols, names[i] if names else f"#{i}"))
             best = row_argmax(i) if (k == 1 and row_argmax is not None) else None
             if best is not None:
-                out.append(best.astype(np.int64) + np.arange(rows, dtype=np.int64) * cols)
-                continue
-            out.append(topk_blocks(row_blocks(i), cols, k) if row_blocks else topk_rows(score_fn(i), k))
+                return best.astype(np.int64) + np.arange(rows, dtype=np.int64) * cols
+            return topk_blocks(row_blocks(i), cols, k) if row_blocks else topk_rows(score_fn(i), k)
+
+        if workers > 1 and n_weights > 1:
+            with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+                out = list(pool.map(one, range(n_weights)))
+        else:
+            out = [one(i) for i in range(n_weights)]
         if clamped:
             cols, name = min(clamped)
             warnings.append(f"K={k} exceeds the fan-in of {len(clamped)} tensor(s) (smallest: {cols} in {name}); "
