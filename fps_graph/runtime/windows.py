@@ -89,14 +89,9 @@ def _axis_tap_sums(acc: np.ndarray, axis: int, size: int, k: int, s: int, d: int
     class's common part is summed once and each tap adds only its own few positions at either end: about one pass
     over the map for all taps, instead of one per tap (3x3 convs: 3 passes per axis)."""
     runs: dict[int, list[tuple[int, int, int]]] = {}       # residue -> [(tap, first, last) in the class's indices]
-    for t in range(k):
-        first = t * d - pad                               # input position of output position 0 for this tap
-        lo = max(0, -(-(-first) // s)) if first < 0 else 0   # first output position inside the input
-        hi = min(out - 1, (size - 1 - first) // s)           # last one
-        if hi >= lo:
-            r = first % s
-            q = (first - r) // s
-            runs.setdefault(r, []).append((t, q + lo, q + hi))
+    for t, (start, n) in enumerate(_tap_ranges(size, k, s, d, pad, out)):
+        if n:
+            runs.setdefault(start % s, []).append((t, start // s, start // s + n - 1))
     shape = list(acc.shape)
     shape[axis] = k
     result = np.zeros(shape, dtype=np.float64)
@@ -174,9 +169,7 @@ def conv_col_window_sums(reduced: np.ndarray, shape: tuple[int, ...], conv: dict
     # [k_last, C, *spatial[:-1]] -> ... -> [k_0, ..., k_last, C]
     acc = np.stack(taps, axis=0)
     for i in range(len(spatial) - 2, -1, -1):
-        acc = np.stack([acc[..., start:start + (n - 1) * s[i] + 1:s[i]].sum(axis=-1) if n else
-                        np.zeros(acc.shape[:-1], dtype=np.float64)
-                        for start, n in _tap_ranges(spatial[i], k[i], s[i], d[i], pads[i][0], outs[i])], axis=0)
+        acc = np.moveaxis(_axis_tap_sums(acc, acc.ndim - 1, spatial[i], k[i], s[i], d[i], pads[i][0], outs[i]), -1, 0)
     return np.ascontiguousarray(np.moveaxis(acc, -1, 0)), int(np.prod(outs))
 
 
